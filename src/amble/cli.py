@@ -1,0 +1,82 @@
+"""The ``amble`` command: ``run`` an experiment, ``report`` a finished run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from amble.errors import AmbleError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amble", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run every strategy of a config on the same data, fleet and seed")
+    run.add_argument("config", type=Path, help="experiment YAML, e.g. examples/quickstart.yaml")
+    run.add_argument("--out", type=Path, default=None, help="output directory (default runs/<name>)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set rounds=10 --set strategies.1.lr_scaling=sqrt",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = commands.add_parser("report", help="rebuild plots and report.html from a run's output files")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from amble.config import load_config
+    from amble.sim import run_experiment
+
+    config = load_config(args.config, args.overrides)
+    out_dir = args.out or Path("runs") / config.name
+    summary = run_experiment(config, out_dir, progress=not args.no_progress)
+    print(f"\nwrote {out_dir}/ (metrics.jsonl, devices.jsonl, summary.json, report.html, plots)")
+    _print_summary(summary["strategies"])
+    return 0
+
+
+def _print_summary(results: dict[str, dict[str, object]]) -> None:
+    header = f"{'strategy':<14}{'final acc':>10}{'best acc':>10}{'time to target':>16}{'virtual time':>14}"
+    print(header)
+    for label, s in results.items():
+        ttt = s.get("time_to_target_s")
+        ttt_text = "not reached" if ttt is None else f"{float(str(ttt)):,.0f} s"
+        print(
+            f"{label:<14}{float(str(s['final_accuracy'])):>10.4f}{float(str(s['best_accuracy'])):>10.4f}"
+            f"{ttt_text:>16}{float(str(s['virtual_time_s'])):>12,.0f} s"
+        )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from amble.report import build_report
+
+    path = build_report(args.run_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _report(args)
+    except AmbleError as exc:
+        print(f"amble: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amble: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,85 @@
+"""Local training on one device: run a plan from a start model, return the update (delta)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from amble.strategies.base import Params, Plan
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    delta: Params
+    """``local - start`` for every floating-point entry of the state dict."""
+    steps: int
+    samples: int
+    mean_loss: float
+
+
+def batch_indices(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """``steps x batch_size`` indices drawn epoch by epoch (a fresh permutation per epoch).
+
+    Every step sees exactly ``batch_size`` samples; an epoch boundary may fall inside a step.
+    """
+    needed = steps * batch_size
+    epochs = -(-needed // num_samples)
+    stream = torch.cat([torch.randperm(num_samples, generator=generator) for _ in range(epochs)])
+    return stream[:needed].view(steps, batch_size)
+
+
+class LocalTrainer:
+    """Reuses one model object for every device, loading each round's start state into it."""
+
+    def __init__(self, model: nn.Module, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.model = model
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def train(self, start: Params, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int) -> LocalResult:
+        model = self.model
+        model.load_state_dict(start)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else []
+        optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        batch_size = min(plan.batch_size, len(y))
+        generator = torch.Generator().manual_seed(seed)
+        order = batch_indices(len(y), batch_size, plan.local_steps, generator)
+        total_loss = torch.zeros(())
+        for step, index in enumerate(order):
+            if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
+                ramp = (step + 1) / plan.lr_warmup_steps
+                optimizer.param_groups[0]["lr"] = plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * ramp
+            elif plan.lr_warmup_steps:
+                optimizer.param_groups[0]["lr"] = plan.lr
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(model(x[index]), y[index])
+            total_loss += loss.detach()
+            if anchor:  # FedProx: mu/2 ||w - w_start||^2
+                loss = loss + 0.5 * plan.prox_mu * sum(
+                    ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                )
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            delta = {
+                name: value - start[name] for name, value in model.state_dict().items() if value.is_floating_point()
+            }
+        return LocalResult(delta, len(order), len(order) * batch_size, float(total_loss) / max(len(order), 1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``(x, y)``."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for begin in range(0, len(y), batch_size):
+        logits = model(x[begin : begin + batch_size])
+        target = y[begin : begin + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    return correct / len(y), loss_sum / len(y)

@@ -1,0 +1,280 @@
+"""The experiment config: typed, validated on load, overridable with ``--set a.b=value``.
+
+A config is YAML. Every section is a frozen pydantic model that forbids unknown keys, so a typo
+fails at load time with a message naming the key, instead of silently running the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from amble.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartitionConfig(_Section):
+    """How the training set is split over devices (SPEC 7)."""
+
+    kind: Literal["iid", "shards", "dirichlet", "quantity"] = "iid"
+    shards_per_device: int = Field(2, ge=1)
+    alpha: float = Field(0.5, gt=0)
+    quantity_sigma: float = Field(1.0, ge=0)
+    min_samples: int = Field(1, ge=1)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion-mnist", "mnist", "synthetic"] = "fashion-mnist"
+    root: str = "auto"
+    partition: PartitionConfig = PartitionConfig()
+    num_devices: int = Field(100, ge=1)
+
+
+class TierConfig(_Section):
+    share: float = Field(gt=0, le=1)
+    slowdown: float = Field(gt=0)
+
+
+class FleetConfig(_Section):
+    """Device heterogeneity (SPEC 4). Slowdowns multiply the reference device's step time."""
+
+    kind: Literal["uniform", "lognormal", "tiers", "trace"] = "tiers"
+    tiers: list[TierConfig] = [
+        TierConfig(share=0.5, slowdown=1.0),
+        TierConfig(share=0.3, slowdown=3.0),
+        TierConfig(share=0.2, slowdown=10.0),
+    ]
+    slowdown_range: tuple[float, float] = (1.0, 10.0)
+    sigma: float = Field(1.0, ge=0)
+    trace: str | None = None
+    bandwidth_mbps: tuple[float, float] = (5.0, 50.0)
+    latency_s: float = Field(0.05, ge=0)
+    step_overhead_s: float = Field(0.0, ge=0)
+    jitter: float = Field(0.05, ge=0)
+    p_dropout: float = Field(0.0, ge=0, lt=1)
+    availability: float = Field(1.0, gt=0, le=1)
+    t_ref: dict[int, float] | None = None
+    """Per-step seconds of the reference device by batch size; calibrated on this machine when absent."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FleetConfig:
+        if self.kind == "trace" and not self.trace:
+            raise ValueError("fleet.kind 'trace' needs fleet.trace: a CSV path with one device per row")
+        if self.kind == "tiers" and abs(sum(t.share for t in self.tiers) - 1.0) > 1e-6:
+            raise ValueError("fleet.tiers shares must sum to 1")
+        lo, hi = self.bandwidth_mbps
+        if not 0 < lo <= hi:
+            raise ValueError("fleet.bandwidth_mbps must be [low, high] with 0 < low <= high")
+        lo, hi = self.slowdown_range
+        if not 0 < lo <= hi:
+            raise ValueError("fleet.slowdown_range must be [low, high] with 0 < low <= high")
+        if self.t_ref is not None and (not self.t_ref or min(self.t_ref.values()) <= 0):
+            raise ValueError("fleet.t_ref must map batch sizes to positive seconds per step")
+        return self
+
+
+class TrainConfig(_Section):
+    """The base local work ``(B0, E0, lr0)`` that FedAvg uses and AMBLE scales from."""
+
+    batch_size: int = Field(32, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+Aggregator = Literal["fedavg", "fednova"]
+
+
+class FedAvgConfig(_Section):
+    name: Literal["fedavg"]
+    label: str | None = None
+    aggregator: Aggregator | None = None
+
+
+class AmbleConfig(_Section):
+    """AMBLE planner knobs (SPEC 3); defaults are the safe ones the prototype evidence points to."""
+
+    name: Literal["amble"]
+    label: str | None = None
+    aggregator: Aggregator | None = None
+    deadline_quantile: float = Field(1.0, gt=0, le=1)
+    deadline_s: float | None = Field(None, gt=0)
+    batch_min: int = Field(16, ge=1)
+    batch_max: int = Field(256, ge=1)
+    batch_multiple: int = Field(8, ge=1)
+    epochs_max: float = Field(5.0, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    lr_max_factor: float = Field(2.0, ge=1)
+    lr_warmup_steps: int = Field(0, ge=0)
+    speed_decay: float = Field(0.7, gt=0, le=1)
+    speed_window: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AmbleConfig:
+        if self.batch_min > self.batch_max:
+            raise ValueError("batch_min must be <= batch_max")
+        return self
+
+
+StrategyConfig = Annotated[FedAvgConfig | AmbleConfig, Field(discriminator="name")]
+STRATEGY_NAMES = ("fedavg", "amble")
+
+
+def _default_strategies() -> list[FedAvgConfig | AmbleConfig]:
+    return [FedAvgConfig(name="fedavg")]
+
+
+class ServerConfig(_Section):
+    """The serverless parameter server (SPEC 5)."""
+
+    store: Literal["memory"] = "memory"
+    runtime: Literal["local"] = "local"
+    keep_alive_s: float = Field(60.0, ge=0)
+    max_instances: int = Field(4, ge=1)
+    reuse: bool = True
+    cold_start_s: float = Field(0.25, ge=0)
+    """Virtual seconds a cold instance spends starting before it runs (a provisioned container)."""
+    quorum: float = Field(0.5, gt=0, le=1)
+    max_update_mb: float = Field(256.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)
+    target_accuracy: float = Field(0.75, gt=0, le=1)
+    test_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(2000, ge=1)
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: Literal["mlp", "cnn", "lenet", "resnet20"] = "lenet"
+    fleet: FleetConfig = FleetConfig()
+    rounds: int = Field(50, ge=1)
+    devices_per_round: int = Field(10, ge=1)
+    train: TrainConfig = TrainConfig()
+    strategies: list[StrategyConfig] = Field(default_factory=_default_strategies)
+    aggregator: Aggregator = "fedavg"
+    server: ServerConfig = ServerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _names_to_tables(cls, value: Any) -> Any:
+        """Allow ``- fedavg`` as shorthand for ``- {name: fedavg}``."""
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        if not self.strategies:
+            raise ValueError("strategies must list at least one strategy")
+        labels = [strategy_label(s) for s in self.strategies]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"strategies must have distinct labels, got {labels}; set 'label' on repeats")
+        if self.devices_per_round > self.data.num_devices:
+            raise ValueError(
+                f"devices_per_round ({self.devices_per_round}) exceeds data.num_devices ({self.data.num_devices})"
+            )
+        return self
+
+
+def strategy_label(strategy: FedAvgConfig | AmbleConfig) -> str:
+    """The name a strategy's results are filed under."""
+    return strategy.label or strategy.name
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors()[:5]:
+        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        where = f"key '{key}'" if key else "config"
+        got = item.get("input")
+        shown = f" (got {got!r})" if item["type"] != "missing" and not isinstance(got, dict) else ""
+        lines.append(f"{where}: {item['msg']}{shown}")
+    more = f"\n  ... and {len(error.errors()) - 5} more" if len(error.errors()) > 5 else ""
+    joined = "\n  ".join(lines)
+    return f"invalid config {source}:\n  {joined}{more}\nFix the key(s) above; see examples/quickstart.yaml."
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (for example rounds=10), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``; list items are addressed by index."""
+    node: Any = raw
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        dotted = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {'.'.join(path)}: '{dotted}' is not an index of a {len(node)}-item list")
+            index = int(part)
+            if isinstance(node[index], str) and not last:
+                node[index] = {"name": node[index]}
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {'.'.join(path)}: '{dotted}' is inside a value that is not a table")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply ``--set`` overrides and validate everything."""
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file {config_path} not found; pass a YAML file such as examples/quickstart.yaml")
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path} must hold a YAML mapping at the top level")
+        raw = loaded
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "(dict)") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (what summary.json records)."""
+    return config.model_dump(mode="json")

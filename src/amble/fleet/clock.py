@@ -1,0 +1,156 @@
+"""The virtual clock: how long a device's round takes, from its profile and real step timings.
+
+Compute time for ``tau`` steps at batch ``B`` is ``tau * (slowdown * t_ref(B) + step_overhead_s) *
+noise``: ``t_ref(B)`` is the model's per-step time on the reference device, measured once by timing
+real training steps of that model on this machine (cached), so larger batches are cheaper per sample
+exactly as they are on real hardware. Communication is ``latency + bytes / bandwidth`` each way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from amble.fleet.profiles import DeviceProfile
+
+CALIBRATION_BATCHES = (8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """``t_ref(B)``: piecewise-linear through measured points, linear beyond them."""
+
+    points: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[int, float]) -> StepTime:
+        ordered = sorted((int(b), float(t)) for b, t in values.items())
+        # Timing noise must not make a bigger batch faster per step.
+        monotone, best = [], 0.0
+        for batch, seconds in ordered:
+            best = max(best, seconds)
+            monotone.append((batch, best))
+        return cls(tuple(monotone))
+
+    def __call__(self, batch_size: float) -> float:
+        pts = self.points
+        if len(pts) == 1:
+            return pts[0][1] * batch_size / pts[0][0]
+        batches = [b for b, _ in pts]
+        i = min(max(bisect.bisect_left(batches, batch_size), 1), len(pts) - 1)
+        (b0, t0), (b1, t1) = pts[i - 1], pts[i]
+        return max(t0 + (t1 - t0) * (batch_size - b0) / (b1 - b0), 1e-9)
+
+    def to_json(self) -> dict[str, float]:
+        return {str(b): t for b, t in self.points}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "amble"
+
+
+def calibrate(
+    build: Callable[[], nn.Module],
+    model_name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    cache_dir: Path | None = None,
+    batches: tuple[int, ...] = CALIBRATION_BATCHES,
+    repeats: int = 5,
+) -> StepTime:
+    """Time real SGD steps of the model at several batch sizes (median of ``repeats``); cached on disk."""
+    cache = (cache_dir or default_cache_dir()) / "calibration.json"
+    parts = [model_name, "x".join(map(str, input_shape)), str(num_classes), torch.__version__, platform.machine()]
+    parts += [f"threads={torch.get_num_threads()}", f"batches={','.join(map(str, batches))}"]
+    key = "|".join(parts)
+    cached: dict[str, dict[str, float]] = {}
+    if cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+        if key in cached:
+            return StepTime.from_mapping({int(b): t for b, t in cached[key].items()})
+
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(0)
+    measured: dict[int, float] = {}
+    for batch in batches:
+        x = torch.randn((batch, *input_shape), generator=generator)
+        y = torch.randint(0, num_classes, (batch,), generator=generator)
+        times = []
+        for rep in range(repeats + 1):
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            if rep:  # the first step warms up allocators and kernels
+                times.append(time.perf_counter() - began)
+        measured[batch] = float(np.median(times))
+    step_time = StepTime.from_mapping(measured)
+    cached[key] = step_time.to_json()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home only costs re-calibration next time
+    return step_time
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    download_s: float
+    compute_s: float
+    upload_s: float
+    dropped_at_s: float | None
+    """Seconds into the round at which the device dropped out, or None."""
+
+    @property
+    def total_s(self) -> float:
+        return self.download_s + self.compute_s + self.upload_s
+
+
+class VirtualClock:
+    """Turns (profile, plan) into seconds. Deterministic in ``(seed, round, device)``."""
+
+    def __init__(self, step_time: StepTime, model_bytes: int, seed: int) -> None:
+        self.step_time = step_time
+        self.model_bytes = model_bytes
+        self.seed = seed
+
+    def rng(self, round_index: int, device: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, round_index, device, 0xC10C])
+
+    def is_available(self, profile: DeviceProfile, round_index: int, device: int) -> bool:
+        if profile.availability >= 1.0:
+            return True
+        draw = np.random.default_rng([self.seed, round_index, device, 0xA7A1]).random()
+        return bool(draw < profile.availability)
+
+    def step_s(self, profile: DeviceProfile, batch_size: int) -> float:
+        return profile.slowdown * self.step_time(batch_size) + profile.step_overhead_s
+
+    def timing(self, profile: DeviceProfile, round_index: int, device: int, batch_size: int, steps: int) -> RoundTiming:
+        rng = self.rng(round_index, device)
+        noise = float(np.exp(rng.normal(0.0, profile.jitter))) if profile.jitter > 0 else 1.0
+        download_s = profile.latency_s + self.model_bytes * 8 / profile.down_bps
+        upload_s = profile.latency_s + self.model_bytes * 8 / profile.up_bps
+        compute_s = steps * self.step_s(profile, batch_size) * noise
+        dropped_at_s = None
+        if profile.p_dropout > 0 and rng.random() < profile.p_dropout:
+            dropped_at_s = rng.uniform(0.0, download_s + compute_s + upload_s)
+        return RoundTiming(download_s, compute_s, upload_s, dropped_at_s)

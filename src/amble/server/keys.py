@@ -1,0 +1,45 @@
+"""Where each piece of parameter-server state lives in the Store (one place, so backends agree)."""
+
+from __future__ import annotations
+
+SETTINGS = "run/settings"
+TEMPLATE = "model/template"
+LATEST = "model/latest"
+PUBLISHED_TOPIC = "published"
+
+
+def model(version: int) -> str:
+    return f"model/{version:08d}"
+
+
+def device_info(device: int) -> str:
+    return f"device/{device}/info"
+
+
+def device_reports(device: int) -> str:
+    return f"device/{device}/reports"
+
+
+def round_state(round_index: int) -> str:
+    return f"round/{round_index:06d}/state"
+
+
+def round_plans(round_index: int) -> str:
+    return f"round/{round_index:06d}/plans"
+
+
+def round_partial(round_index: int) -> str:
+    return f"round/{round_index:06d}/partial"
+
+
+def round_update(round_index: int, device: int) -> str:
+    return f"round/{round_index:06d}/update/{device}"
+
+
+def round_rejected(round_index: int) -> str:
+    """A set of ``device:reason`` members."""
+    return f"round/{round_index:06d}/rejected"
+
+
+def round_rejection(round_index: int, device: int) -> str:
+    return f"round/{round_index:06d}/rejection/{device}"

@@ -1,0 +1,127 @@
+"""The parameter server as its callers see it: set up a run, start rounds, accept uploads.
+
+Devices (simulated or real) only download models and plans and upload updates; everything else
+happens in functions triggered by events. In simulation this object is also the gateway: devices
+call :meth:`ParameterServer.upload` directly instead of over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from amble.errors import AmbleError
+from amble.server import keys
+from amble.server.events.base import EventLog
+from amble.server.functions import RunSettings, load_model, plans_from_json, read_json, record_rejection
+from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
+from amble.server.store.base import Store
+from amble.server.tensors import encode, template_of, template_to_json
+from amble.strategies.base import Params, Plan, Report
+
+DRIVER_GROUP = "driver"
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    status: str
+    """``finalized`` or ``failed`` (below quorum at the deadline)."""
+    version: int
+    """The model version devices train from next."""
+    ended_at_s: float
+    """Virtual time the outcome was published (after aggregation and finalisation)."""
+    counted: list[int]
+    rejected: dict[int, str]
+
+
+class ParameterServer:
+    def __init__(self, store: Store, events: EventLog, runtime: Runtime) -> None:
+        self.store = store
+        self.events = events
+        self.runtime = runtime
+
+    def initialize(self, params: Params, num_samples: Mapping[int, int], settings: RunSettings) -> None:
+        """Publish model version 0, the update template and the devices. Idempotent."""
+        if self.store.get(keys.LATEST) is not None:
+            return
+        floating = {name: t for name, t in params.items() if t.is_floating_point()}
+        self.store.put(keys.SETTINGS, settings.to_json())
+        self.store.put(keys.TEMPLATE, template_to_json(template_of(floating)).encode())
+        for device, count in num_samples.items():
+            self.store.put(keys.device_info(device), json.dumps({"num_samples": int(count)}).encode())
+        self.store.put(keys.model(0), encode(params))
+        self.store.put(keys.LATEST, json.dumps({"version": 0}).encode())
+
+    def latest_version(self) -> int:
+        return int(read_json(self.store, keys.LATEST)["version"])
+
+    def model(self, version: int | None = None) -> Params:
+        return load_model(self.store, self.latest_version() if version is None else version)
+
+    def start_round(self, round_index: int, available: list[int], at_s: float) -> tuple[dict[int, Plan], float]:
+        """Trigger ``plan_round``; returns the plans it wrote and the virtual time they were ready."""
+        self.events.publish(FUNCTIONS_TOPIC, "round_start", {"round": round_index, "available": available}, at_s)
+        self.runtime.drain()
+        planned_at_s = self._take_published().get(round_index, ("planned", -1, at_s))[2]
+        blob = self.store.get(keys.round_plans(round_index))
+        if blob is None:
+            raise AmbleError(f"round {round_index} was not planned: {self._function_errors()}")
+        return plans_from_json(blob), planned_at_s
+
+    def upload(self, report: Report, update: bytes, at_s: float) -> None:
+        """Store an update and emit the event that triggers its aggregation."""
+        settings = RunSettings.from_json(self.store.get(keys.SETTINGS) or b"{}")
+        if len(update) > settings.max_update_bytes:
+            record_rejection(
+                self.store,
+                report.round,
+                report.device,
+                "too_large",
+                f"update is {len(update):,} bytes, over the limit of {settings.max_update_bytes:,}",
+            )
+            return
+        self.store.put(keys.round_update(report.round, report.device), update)
+        self.events.publish(
+            FUNCTIONS_TOPIC,
+            "update_uploaded",
+            {"round": report.round, "device": report.device, "report": report.to_dict()},
+            at_s,
+        )
+
+    def close_round(self, round_index: int, deadline_at_s: float) -> RoundOutcome:
+        """Run the functions; if the round is still open, its deadline fires at ``deadline_at_s``."""
+        self.runtime.drain()
+        outcome = self._take_published().get(round_index)
+        if outcome is None or outcome[0] == "planned":
+            self.events.publish(FUNCTIONS_TOPIC, "round_deadline", {"round": round_index}, deadline_at_s)
+            self.runtime.drain()
+            outcome = self._take_published().get(round_index)
+        if outcome is None or outcome[0] == "planned":
+            raise AmbleError(f"round {round_index} neither finalised nor failed: {self._function_errors()}")
+        status, version, ended_at_s = outcome
+        state = read_json(self.store, keys.round_state(round_index))
+        rejected = {
+            int(member.split(":")[0]): member.split(":", 1)[1]
+            for member in self.store.set_members(keys.round_rejected(round_index))
+        }
+        return RoundOutcome(round_index, status, version, ended_at_s, list(state.get("counted", [])), rejected)
+
+    def _take_published(self) -> dict[int, tuple[str, int, float]]:
+        """Outcomes announced on the published topic since the last call, by round."""
+        outcomes = {}
+        for event in self.events.read(keys.PUBLISHED_TOPIC, DRIVER_GROUP, "driver", count=1_000_000):
+            if event.type == "model_published":
+                outcomes[int(event.payload["round"])] = ("finalized", int(event.payload["version"]), event.at_s)
+            elif event.type == "round_failed":
+                outcomes[int(event.payload["round"])] = ("failed", int(event.payload["version"]), event.at_s)
+            elif event.type == "round_planned":
+                outcomes[int(event.payload["round"])] = ("planned", -1, event.at_s)
+            self.events.ack(keys.PUBLISHED_TOPIC, DRIVER_GROUP, event.id)
+        return outcomes
+
+    def _function_errors(self) -> str:
+        errors = [(self.store.get(k) or b"").decode() for k in self.store.keys("runtime/dead_letter/")]
+        errors += [(self.store.get(k) or b"").decode() for k in self.store.keys("runtime/last_error/")[-3:]]
+        return "; ".join(errors) or "no function error was recorded"

@@ -1,0 +1,116 @@
+"""The embedded Runtime: functions run in the caller's thread, on a simulated instance pool.
+
+Running in-process keeps simulations deterministic (updates are folded in upload order, so a
+seed reproduces the same floating-point sums). The pool is simulated on the virtual clock: an event
+emitted at virtual time ``t`` lands on an idle warm instance if one was freed within
+``keep_alive_s`` (and ``reuse`` is on), else on a new cold instance if fewer than ``max_instances``
+are alive, else it queues for the first instance to free up. Execution time is measured for real.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from amble.server.events.base import Event, EventLog
+from amble.server.runtime.base import (
+    FUNCTIONS_GROUP,
+    FUNCTIONS_TOPIC,
+    Handler,
+    Invocation,
+    PoolSettings,
+    Runtime,
+    record_invocation,
+)
+from amble.server.store.base import Store
+
+
+@dataclass
+class _Instance:
+    id: int
+    free_at_s: float
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalRuntime(Runtime):
+    def __init__(
+        self,
+        store: Store,
+        events: EventLog,
+        handlers: Mapping[str, Handler],
+        settings: PoolSettings | None = None,
+        consumer: str = "local",
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.handlers = dict(handlers)
+        self.settings = settings or PoolSettings()
+        self.consumer = consumer
+        self._idle: list[_Instance] = []
+        self._next_id = 0
+        self.last_end_s = 0.0
+
+    def _acquire(self, at_s: float) -> tuple[_Instance, float, bool]:
+        """Pick the instance for an event at ``at_s``: (instance, start time, cold?)."""
+        s = self.settings
+        self._idle = [i for i in self._idle if i.free_at_s > at_s or at_s - i.free_at_s <= s.keep_alive_s]
+        if not s.reuse:  # a finished instance is never invoked again
+            self._idle = [i for i in self._idle if i.free_at_s > at_s]
+        ready = [i for i in self._idle if i.free_at_s <= at_s]
+        if ready:
+            instance = max(ready, key=lambda i: i.free_at_s)
+            self._idle.remove(instance)
+            return instance, at_s, False
+        if len(self._idle) < s.max_instances:
+            self._next_id += 1
+            return _Instance(self._next_id, at_s), at_s, True
+        # Every instance is busy: queue for the first to free up.
+        instance = min(self._idle, key=lambda i: i.free_at_s)
+        self._idle.remove(instance)
+        if s.reuse:
+            return instance, instance.free_at_s, False
+        self._next_id += 1
+        return _Instance(self._next_id, instance.free_at_s), instance.free_at_s, True
+
+    def _run(self, event: Event) -> None:
+        handler = self.handlers.get(event.type)
+        if handler is None:
+            self._dead_letter(event, f"no function handles events of type '{event.type}'")
+            return
+        instance, start_s, cold = self._acquire(event.at_s)
+        invocation = Invocation(instance.id, cold, instance.cache)
+        began = time.perf_counter()
+        try:
+            handler(event, invocation)
+        except Exception as exc:  # a crashed function: its instance is lost, the event stays pending
+            busy_s = time.perf_counter() - began
+            record_invocation(self.store, cold=cold, busy_s=busy_s, failed=True)
+            self.store.put(f"runtime/last_error/{event.id}", f"{type(exc).__name__}: {exc}".encode())
+            if event.deliveries >= self.settings.max_attempts:
+                self._dead_letter(event, f"failed {event.deliveries} times; last error {type(exc).__name__}: {exc}")
+            return
+        busy_s = time.perf_counter() - began
+        record_invocation(self.store, cold=cold, busy_s=busy_s, failed=False)
+        end_s = start_s + (self.settings.cold_start_s if cold else 0.0) + busy_s
+        instance.free_at_s = end_s
+        self._idle.append(instance)
+        self.last_end_s = max(self.last_end_s, end_s)
+        for topic, type_, payload in invocation.emitted:
+            self.events.publish(topic, type_, payload, at_s=end_s)
+        self.events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
+
+    def _dead_letter(self, event: Event, reason: str) -> None:
+        self.store.incr("runtime/dead_letters")
+        self.store.put(f"runtime/dead_letter/{event.id}", f"{event.type}: {reason}".encode())
+        self.events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
+
+    def drain(self) -> float:
+        while True:
+            batch = self.events.claim_stale(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, min_idle_s=0.0)
+            batch += self.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer)
+            if not batch:
+                return self.last_end_s
+            for event in batch:
+                self._run(event)

@@ -1,0 +1,62 @@
+"""The Store: where all parameter-server state lives, so functions can stay stateless.
+
+Values are bytes (safetensors for tensors, JSON for the rest). Every key carries a version that
+increases on each write, so a read-modify-write can be committed with :meth:`Store.compare_and_set`
+only if nobody wrote in between: this is what makes a fold exactly-once in effect.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Versioned:
+    value: bytes
+    version: int
+
+
+class Store(ABC):
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The value at ``key``, or None."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> Versioned | None:
+        """The value and its version (versions start at 1 and grow on every write)."""
+
+    @abstractmethod
+    def put(self, key: str, value: bytes) -> int:
+        """Write unconditionally; returns the new version."""
+
+    @abstractmethod
+    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+        """Write only if the key's version is still ``expected_version`` (0 means: absent)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a key (and its version); absent keys are ignored."""
+
+    @abstractmethod
+    def incr(self, key: str, amount: float = 1.0) -> float:
+        """Atomically add ``amount`` to a numeric counter (absent counts as 0); returns the new total."""
+
+    @abstractmethod
+    def counter(self, key: str) -> float:
+        """A counter's value, 0 when absent."""
+
+    @abstractmethod
+    def add_to_set(self, key: str, member: str) -> bool:
+        """Add to a set; True if the member was new."""
+
+    @abstractmethod
+    def set_members(self, key: str) -> set[str]:
+        """All members of a set (empty when absent)."""
+
+    @abstractmethod
+    def keys(self, prefix: str) -> list[str]:
+        """Sorted value keys starting with ``prefix`` (counters and sets are separate namespaces)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook; the embedded store holds nothing to release
+        """Release connections."""

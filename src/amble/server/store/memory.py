@@ -1,0 +1,69 @@
+"""The embedded Store: a dict behind a lock. Nothing to install; lives and dies with the process."""
+
+from __future__ import annotations
+
+import threading
+
+from amble.server.store.base import Store, Versioned
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, Versioned] = {}
+        self._counters: dict[str, float] = {}
+        self._sets: dict[str, set[str]] = {}
+
+    def get(self, key: str) -> bytes | None:
+        item = self._values.get(key)
+        return None if item is None else item.value
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        return self._values.get(key)
+
+    def put(self, key: str, value: bytes) -> int:
+        with self._lock:
+            return self._write(key, value)
+
+    def _write(self, key: str, value: bytes) -> int:
+        previous = self._values.get(key)
+        version = 1 if previous is None else previous.version + 1
+        self._values[key] = Versioned(bytes(value), version)
+        return version
+
+    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+        with self._lock:
+            current = self._values.get(key)
+            if (0 if current is None else current.version) != expected_version:
+                return False
+            self._write(key, value)
+            return True
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
+    def incr(self, key: str, amount: float = 1.0) -> float:
+        with self._lock:
+            total = self._counters.get(key, 0.0) + amount
+            self._counters[key] = total
+            return total
+
+    def counter(self, key: str) -> float:
+        return self._counters.get(key, 0.0)
+
+    def add_to_set(self, key: str, member: str) -> bool:
+        with self._lock:
+            members = self._sets.setdefault(key, set())
+            if member in members:
+                return False
+            members.add(member)
+            return True
+
+    def set_members(self, key: str) -> set[str]:
+        with self._lock:
+            return set(self._sets.get(key, ()))
+
+    def keys(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._values if k.startswith(prefix))

@@ -1,0 +1,96 @@
+"""Tensors that cross the Store travel as safetensors, never pickle, and are checked on the way in."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from amble.errors import UpdateRejected
+
+Tensors = dict[str, torch.Tensor]
+
+
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise tensors (made contiguous, on the CPU) to safetensors bytes."""
+    clean = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return st_save(clean, metadata=dict(metadata) if metadata else None)
+
+
+def decode(blob: bytes) -> Tensors:
+    """Parse safetensors bytes; anything unparsable is rejected as ``malformed``."""
+    try:
+        return st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise UpdateRejected("malformed", f"update is not a valid safetensors blob: {exc}") from None
+
+
+def read_metadata(blob: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors blob (its JSON header's ``__metadata__``)."""
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def template_of(params: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """The shape and dtype of every tensor a valid update must carry."""
+    return {name: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in params.items()}
+
+
+def template_to_json(template: Mapping[str, TensorSpec]) -> str:
+    return json.dumps({name: {"shape": list(s.shape), "dtype": s.dtype} for name, s in template.items()})
+
+
+def template_from_json(text: str | bytes) -> dict[str, TensorSpec]:
+    data = json.loads(text)
+    return {name: TensorSpec(tuple(spec["shape"]), spec["dtype"]) for name, spec in data.items()}
+
+
+def validate_update(blob: bytes, template: Mapping[str, TensorSpec], max_bytes: int) -> Tensors:
+    """Decode an update and check it against the model: size, names, shapes, dtypes, finiteness.
+
+    Raises :class:`UpdateRejected` with a reason code (``too_large``, ``malformed``,
+    ``missing_tensor``, ``unexpected_tensor``, ``shape``, ``dtype``, ``non_finite``) and a message
+    that names the tensor at fault.
+    """
+    if len(blob) > max_bytes:
+        raise UpdateRejected(
+            "too_large",
+            f"update is {len(blob):,} bytes, over the limit of {max_bytes:,} (server.max_update_mb)",
+        )
+    tensors = decode(blob)
+    missing = sorted(set(template) - set(tensors))
+    if missing:
+        raise UpdateRejected("missing_tensor", f"update lacks tensor(s) {missing[:5]} of the model")
+    unexpected = sorted(set(tensors) - set(template))
+    if unexpected:
+        raise UpdateRejected("unexpected_tensor", f"update has tensor(s) {unexpected[:5]} the model does not")
+    for name, spec in template.items():
+        tensor = tensors[name]
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != spec.dtype:
+            raise UpdateRejected("dtype", f"tensor '{name}' has dtype {dtype}, the model expects {spec.dtype}")
+        if tuple(tensor.shape) != spec.shape:
+            raise UpdateRejected(
+                "shape", f"tensor '{name}' has shape {list(tensor.shape)}, the model expects {list(spec.shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UpdateRejected("non_finite", f"tensor '{name}' holds NaN or infinite values")
+    return tensors
+
+
+def finite_float(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -1,0 +1,6 @@
+"""The simulation driver: rounds on a virtual clock through the parameter server."""
+
+from amble.sim.driver import Experiment, run_experiment
+from amble.sim.factory import build_embedded_server, build_strategy
+
+__all__ = ["Experiment", "build_embedded_server", "build_strategy", "run_experiment"]

@@ -1,0 +1,264 @@
+"""The simulation driver: rounds on a virtual clock, every update through the parameter server.
+
+Per round: the driver asks the server to start the round (``plan_round`` selects devices and writes
+plans), trains each planned device for real on its own data, charges the virtual clock from the
+device's hidden profile, uploads each update at its virtual arrival time (each upload is an event
+that triggers ``aggregate``), then lets ``finalize`` publish the next model. The driver owns all
+waiting and clocks; the strategies and functions never see the profiles.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from amble.client import LocalTrainer, evaluate
+from amble.config import AmbleConfig, ExperimentConfig, FedAvgConfig, config_to_dict, strategy_label
+from amble.data import Dataset, load_dataset, partition_indices
+from amble.fleet import DeviceProfile, StepTime, VirtualClock, calibrate, generate_fleet
+from amble.models import build_model
+from amble.report import RunWriter, build_report
+from amble.server import RunSettings
+from amble.server.tensors import encode
+from amble.sim.factory import build_embedded_server, build_strategy
+from amble.strategies import Params, Report
+
+Progress = Callable[[str], None]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (for per-device, per-round randomness)."""
+    return int(np.random.default_rng(list(parts)).integers(2**63 - 1))
+
+
+@dataclass
+class StrategyRun:
+    label: str
+    summary: dict[str, Any]
+
+
+class Experiment:
+    """What every strategy of one config shares: data, partition, fleet, clock and initial model."""
+
+    def __init__(self, config: ExperimentConfig, cache_dir: Path | None = None) -> None:
+        self.config = config
+        seed = config.seed
+        self.dataset: Dataset = load_dataset(config.data.dataset, config.data.root, seed=seed)
+        part = config.data.partition
+        indices = partition_indices(
+            self.dataset.y_train.numpy(),
+            config.data.num_devices,
+            part.kind,
+            seed=seed,
+            shards_per_device=part.shards_per_device,
+            alpha=part.alpha,
+            quantity_sigma=part.quantity_sigma,
+            min_samples=part.min_samples,
+        )
+        # Pre-sliced per-device tensors: no DataLoader, no per-step indexing into the full set.
+        self.device_data = [
+            (self.dataset.x_train[torch.as_tensor(i)], self.dataset.y_train[torch.as_tensor(i)]) for i in indices
+        ]
+        self.fleet: list[DeviceProfile] = generate_fleet(config.fleet, config.data.num_devices, seed)
+
+        torch.manual_seed(seed)
+        self.model = build_model(config.model, self.dataset.input_shape, self.dataset.num_classes)
+        self.initial: Params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        update_bytes = sum(v.numel() * v.element_size() for v in self.initial.values() if v.is_floating_point())
+
+        if config.fleet.t_ref is not None:
+            step_time = StepTime.from_mapping(config.fleet.t_ref)
+        else:
+            step_time = calibrate(
+                lambda: build_model(config.model, self.dataset.input_shape, self.dataset.num_classes),
+                config.model,
+                self.dataset.input_shape,
+                self.dataset.num_classes,
+                cache_dir,
+            )
+        self.step_time = step_time
+        self.clock = VirtualClock(step_time, update_bytes, seed)
+
+        test_x, test_y = self.dataset.x_test, self.dataset.y_test
+        if config.eval.test_samples is not None and config.eval.test_samples < len(test_y):
+            keep = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(seed))[
+                : config.eval.test_samples
+            ]
+            test_x, test_y = test_x[keep], test_y[keep]
+        self.test = (test_x, test_y)
+
+    def run(self, writer: RunWriter, progress: bool = True) -> dict[str, dict[str, Any]]:
+        results = {}
+        for strategy in self.config.strategies:
+            outcome = self.run_strategy(strategy, writer, progress)
+            results[outcome.label] = outcome.summary
+        return results
+
+    def run_strategy(
+        self, strategy_config: FedAvgConfig | AmbleConfig, writer: RunWriter, progress: bool
+    ) -> StrategyRun:
+        config = self.config
+        label = strategy_label(strategy_config)
+        strategy = build_strategy(strategy_config, config)
+        server = build_embedded_server(strategy, config.server)
+        num_samples = {k: len(y) for k, (_, y) in enumerate(self.device_data)}
+        server.initialize(
+            self.initial,
+            num_samples,
+            RunSettings(
+                seed=config.seed,
+                devices_per_round=config.devices_per_round,
+                quorum=config.server.quorum,
+                max_update_bytes=int(config.server.max_update_mb * 2**20),
+            ),
+        )
+        trainer = LocalTrainer(copy.deepcopy(self.model), config.train.momentum, config.train.weight_decay)
+        eval_model = copy.deepcopy(self.model)
+        target = config.eval.target_accuracy
+
+        began = time.perf_counter()
+        train_compute_s = 0.0
+        now_s = 0.0
+        accuracies: list[tuple[int, float, float]] = []  # (round, virtual time, accuracy)
+        updates_aggregated = updates_rejected = rounds_failed = samples_total = 0
+        latencies: list[float] = []
+        accuracy: float | None = None
+        bar = tqdm(range(config.rounds), desc=f"{label:>10}", unit="round", disable=not progress, leave=True)
+        for r in bar:
+            available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
+            plans, start_s = server.start_round(r, available, now_s)
+            start_params = server.model()
+            uploads: list[tuple[float, Report, bytes]] = []
+            device_rows: list[dict[str, Any]] = []
+            drop_times: list[float] = []
+            samples_round = 0
+            for k, plan in sorted(plans.items()):
+                profile = self.fleet[k]
+                timing = self.clock.timing(profile, r, k, plan.batch_size, plan.local_steps)
+                x, y = self.device_data[k]
+                row: dict[str, Any] = {
+                    "strategy": label,
+                    "round": r,
+                    "device": k,
+                    "batch_size": plan.batch_size,
+                    "local_steps": plan.local_steps,
+                    "epochs": plan.local_steps * plan.batch_size / len(y),
+                    "lr": plan.lr,
+                    "compute_s": timing.compute_s,
+                    "comm_s": timing.download_s + timing.upload_s,
+                }
+                if timing.dropped_at_s is not None:
+                    drop_times.append(start_s + timing.dropped_at_s)
+                    device_rows.append({**row, "compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "status": "dropped"})
+                    continue
+                tic = time.perf_counter()
+                result = trainer.train(start_params, x, y, plan, derive_seed(config.seed, r, k))
+                train_compute_s += time.perf_counter() - tic
+                samples_round += result.samples
+                report = Report(
+                    round=r,
+                    device=k,
+                    num_samples=len(y),
+                    local_steps=result.steps,
+                    batch_size=plan.batch_size,
+                    compute_s=timing.compute_s,
+                    download_s=timing.download_s,
+                    upload_s=timing.upload_s,
+                )
+                arrival_s = start_s + timing.total_s
+                uploads.append((arrival_s, report, encode(result.delta)))
+                device_rows.append({**row, "status": "ok", "_finished_s": arrival_s})
+            uploads.sort(key=lambda item: (item[0], item[1].device))
+            for arrival_s, report, blob in uploads:
+                server.upload(report, blob, arrival_s)
+            last_event_s = max([a for a, _, _ in uploads] + drop_times, default=start_s)
+            outcome = server.close_round(r, last_event_s)
+            end_s = max(outcome.ended_at_s, last_event_s)
+            if uploads:
+                latencies.append(outcome.ended_at_s - max(a for a, _, _ in uploads))
+            for row in device_rows:
+                finished = row.pop("_finished_s", None)
+                if finished is not None:
+                    row["idle_s"] = end_s - finished
+                    if row["device"] in outcome.rejected:
+                        row["status"] = "failed"
+            updates_aggregated += len(outcome.counted)
+            updates_rejected += len(outcome.rejected)
+            rounds_failed += outcome.status == "failed"
+            samples_total += samples_round
+            now_s = end_s
+
+            loss: float | None = None
+            evaluated = (r + 1) % config.eval.every == 0 or r == config.rounds - 1
+            if evaluated:
+                eval_model.load_state_dict(server.model(outcome.version))
+                accuracy, loss = evaluate(eval_model, *self.test, batch_size=config.eval.batch_size)
+                accuracies.append((r, now_s, accuracy))
+                bar.set_postfix(acc=f"{accuracy:.3f}", vtime=f"{now_s:,.0f}s")
+            writer.write_round(
+                {
+                    "strategy": label,
+                    "round": r,
+                    "virtual_time_s": now_s,
+                    "wall_time_s": time.perf_counter() - began,
+                    "accuracy": accuracy if evaluated else None,
+                    "loss": loss,
+                    "participants": len(plans),
+                    "completed": len(outcome.counted),
+                    "dropped": sum(1 for row in device_rows if row["status"] == "dropped"),
+                    "samples_processed": samples_round,
+                    "status": outcome.status,
+                }
+            )
+            writer.write_devices(device_rows)
+        bar.close()
+
+        stats = server.runtime.stats()
+        reached = next(((r, t) for r, t, a in accuracies if a >= target), None)
+        summary = {
+            "final_accuracy": accuracies[-1][2] if accuracies else None,
+            "best_accuracy": max((a for _, _, a in accuracies), default=None),
+            "target_accuracy": target,
+            "time_to_target_s": reached[1] if reached else None,
+            "rounds_to_target": reached[0] + 1 if reached else None,
+            "virtual_time_s": now_s,
+            "wall_time_s": time.perf_counter() - began,
+            "train_compute_s": train_compute_s,
+            "rounds": config.rounds,
+            "rounds_failed": rounds_failed,
+            "samples_processed": samples_total,
+            "updates_aggregated": updates_aggregated,
+            "updates_rejected": updates_rejected,
+            "function_invocations": stats.invocations,
+            "cold_starts": stats.cold_starts,
+            "warm_starts": stats.warm_starts,
+            "function_busy_s": stats.busy_s,
+            "function_failures": stats.failures,
+            "aggregation_latency_s": float(np.mean(latencies)) if latencies else None,
+        }
+        return StrategyRun(label, summary)
+
+
+def run_experiment(
+    config: ExperimentConfig, out_dir: Path, progress: bool = True, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Run every strategy of ``config`` on the identical partition, fleet and seed; write the outputs."""
+    experiment = Experiment(config, cache_dir)
+    with RunWriter(out_dir) as writer:
+        results = experiment.run(writer, progress)
+        summary = {
+            "config": config_to_dict(config),
+            "calibration": {"t_ref_s": experiment.step_time.to_json()},
+            "strategies": results,
+        }
+        writer.write_summary(summary)
+    build_report(out_dir)
+    return summary

@@ -1,0 +1,103 @@
+"""The AMBLE planner (SPEC 3): mini-batch, local steps and learning rate from measured speed.
+
+This is the project's reconstruction of the thesis' rule. Per round, over the selected devices:
+
+1. fit each device's per-step time ``t_k(B)`` and communication ``c_k`` from its own reports;
+2. deadline ``T_r`` = the q-quantile of the devices' FedAvg times ``c_k + E0 ceil(n_k/B0) t_k(B0)``;
+3. batch ``B_k = clip(B0 v_k / v_ref)`` with ``v_k = B0 / t_k(B0)`` and ``v_ref`` the deadline device's;
+4. steps ``tau_k = floor((T_r - c_k) / t_k(B_k))`` clipped to ``[1, E_max ceil(n_k / B_k)]``;
+5. ``lr_k = min(lr0 (B_k / B0)^gamma, lr_max)``.
+
+A device with no reports yet gets the base plan: that round is its profiling round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
+from amble.strategies.fedavg import FedAvgAggregator
+from amble.strategies.speed import SpeedModel, fit_speed
+
+LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
+
+
+@dataclass(frozen=True)
+class AmbleSettings:
+    deadline_quantile: float = 1.0
+    deadline_s: float | None = None
+    batch_min: int = 16
+    batch_max: int = 256
+    batch_multiple: int = 8
+    epochs_max: float = 5.0
+    lr_scaling: str = "linear"
+    lr_max_factor: float = 2.0
+    lr_warmup_steps: int = 0
+    speed_decay: float = 0.7
+    speed_window: int = 8
+
+
+def quantile_index(values: Sequence[float], q: float) -> int:
+    """Index of the q-quantile element (inverted CDF: always an actual element; q=1 is the max)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    rank = max(math.ceil(q * len(values)) - 1, 0)
+    return order[rank]
+
+
+class Amble(Strategy):
+    name = "amble"
+
+    def __init__(self, base: BaseWork, settings: AmbleSettings, aggregator: Aggregator | None = None) -> None:
+        if settings.lr_scaling not in LR_EXPONENTS:
+            raise ValueError(f"lr_scaling must be one of {sorted(LR_EXPONENTS)}, got {settings.lr_scaling!r}")
+        self.base = base
+        self.settings = settings
+        self.aggregator = aggregator or FedAvgAggregator()
+
+    def _round_batch(self, raw: float, num_samples: int) -> int:
+        s = self.settings
+        rounded = max(s.batch_multiple, round(raw / s.batch_multiple) * s.batch_multiple)
+        return min(max(rounded, s.batch_min), s.batch_max, num_samples)
+
+    def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
+        s, base = self.settings, self.base
+        plans = {
+            d.device: Plan(
+                batch_size=min(base.batch_size, d.num_samples),
+                local_steps=base.steps_for(d.num_samples),
+                lr=base.lr,
+            )
+            for d in devices
+            if not d.reports
+        }
+        seen = [d for d in devices if d.reports]
+        if not seen:
+            return plans
+
+        speeds: list[SpeedModel] = [fit_speed(d.reports, s.speed_decay, s.speed_window) for d in seen]
+        fedavg_s = [
+            m.comm_s + base.steps_for(d.num_samples) * m.step_s(base.batch_size)
+            for d, m in zip(seen, speeds, strict=True)
+        ]
+        ref = quantile_index(fedavg_s, s.deadline_quantile)
+        deadline_s = fedavg_s[ref] if s.deadline_s is None else min(fedavg_s[ref], s.deadline_s)
+        ref_throughput = speeds[ref].throughput(base.batch_size)
+        lr_max = base.lr * s.lr_max_factor
+        gamma = LR_EXPONENTS[s.lr_scaling]
+
+        for d, m in zip(seen, speeds, strict=True):
+            batch = self._round_batch(base.batch_size * m.throughput(base.batch_size) / ref_throughput, d.num_samples)
+            max_steps = max(1, math.floor(s.epochs_max * -(-d.num_samples // batch)))
+            steps = math.floor((deadline_s - m.comm_s) / m.step_s(batch))
+            lr = min(base.lr * (batch / base.batch_size) ** gamma, lr_max)
+            plans[d.device] = Plan(
+                batch_size=batch,
+                local_steps=min(max(steps, 1), max_steps),
+                lr=lr,
+                deadline_s=deadline_s,
+                lr_warmup_steps=s.lr_warmup_steps,
+                lr_warmup_from=base.lr if s.lr_warmup_steps else None,
+            )
+        return plans

@@ -1,0 +1,52 @@
+"""FedAvg (McMahan et al. 2017): fixed local work, updates averaged by sample count."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from amble.strategies.base import (
+    Aggregator,
+    BaseWork,
+    Contribution,
+    DeviceState,
+    Params,
+    Plan,
+    Report,
+    Strategy,
+)
+
+
+class FedAvgAggregator(Aggregator):
+    """``x_{r+1} = x_r + sum_k p_k Delta_k`` with ``p_k = n_k / sum n``."""
+
+    name = "fedavg"
+
+    def contribution(self, report: Report) -> Contribution:
+        return Contribution(weight=float(report.num_samples), stats={"num_samples": float(report.num_samples)})
+
+    def apply(self, global_params: Params, weighted_sum: Params, stats: Mapping[str, float]) -> Params:
+        total = stats["num_samples"]
+        return {
+            name: value + (weighted_sum[name] / total).to(value.dtype) if name in weighted_sum else value.clone()
+            for name, value in global_params.items()
+        }
+
+
+class FedAvg(Strategy):
+    """Every device runs ``E0`` epochs at ``B0`` with ``lr0``; the round waits for the slowest."""
+
+    name = "fedavg"
+
+    def __init__(self, base: BaseWork, aggregator: Aggregator | None = None) -> None:
+        self.base = base
+        self.aggregator = aggregator or FedAvgAggregator()
+
+    def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
+        return {
+            d.device: Plan(
+                batch_size=min(self.base.batch_size, d.num_samples),
+                local_steps=self.base.steps_for(d.num_samples),
+                lr=self.base.lr,
+            )
+            for d in devices
+        }
