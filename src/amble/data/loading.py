@@ -1,0 +1,52 @@
+"""One entry point, ``load_dataset(name)``, dispatching to each dataset's loader.
+
+A new dataset (CIFAR-10 next) plugs in by adding one function with the :class:`DatasetLoader`
+signature to ``_LOADERS``; ``DATASET_NAMES`` and the error message follow automatically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeAlias
+
+from amble.data.dataset import Dataset
+from amble.data.idx import load_idx_dataset
+from amble.data.synthetic import make_synthetic
+from amble.errors import DataError
+
+Root: TypeAlias = str | os.PathLike[str] | None
+# A loader takes the root ("auto"/None to search, or a path) and the experiment seed.
+DatasetLoader: TypeAlias = Callable[[Root, int], Dataset]
+
+
+def _load_fashion_mnist(root: Root, seed: int) -> Dataset:
+    return load_idx_dataset("fashion-mnist", root)
+
+
+def _load_mnist(root: Root, seed: int) -> Dataset:
+    return load_idx_dataset("mnist", root)
+
+
+def _load_synthetic(root: Root, seed: int) -> Dataset:
+    return make_synthetic(seed=seed)
+
+
+_LOADERS: dict[str, DatasetLoader] = {
+    "fashion-mnist": _load_fashion_mnist,
+    "mnist": _load_mnist,
+    "synthetic": _load_synthetic,
+}
+
+DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+
+
+def load_dataset(name: str, root: Root = "auto", *, seed: int = 0) -> Dataset:
+    """Load dataset ``name`` whole into memory; ``root`` is a folder or ``"auto"`` to search for it.
+
+    ``seed`` only matters for generated data (``synthetic``); real datasets ignore it.
+    """
+    loader = _LOADERS.get(name)
+    if loader is None:
+        raise DataError(f"unknown dataset {name!r}; data.dataset must be one of: {', '.join(DATASET_NAMES)}")
+    return loader(root, seed)

@@ -1,0 +1,163 @@
+"""The AMBLE planner, FedAvg and the aggregators against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amble.strategies import (
+    Amble,
+    AmbleSettings,
+    BaseWork,
+    DeviceState,
+    FedAvg,
+    FedAvgAggregator,
+    FedNovaAggregator,
+    Report,
+    fit_speed,
+)
+
+BASE = BaseWork(batch_size=32, local_epochs=1, lr=0.1)
+
+
+def report(device: int, compute_s: float, comm_s: float, batch: int = 32, steps: int = 10, round_: int = 0) -> Report:
+    return Report(round_, device, 320, steps, batch, compute_s, comm_s / 2, comm_s / 2)
+
+
+# Three devices with 320 samples (10 steps per epoch at B0 = 32), one report each at B = 32:
+#   device 0: 0.1 s/step, comm 0.4 s -> FedAvg time 0.4 + 10 * 0.1 = 1.4 s, throughput 320 samples/s
+#   device 1: 0.3 s/step, comm 0.5 s -> 3.5 s, 106.7 samples/s
+#   device 2: 1.0 s/step, comm 1.0 s -> 11 s, 32 samples/s (the straggler)
+DEVICES = [
+    DeviceState(0, 320, (report(0, 1.0, 0.4),)),
+    DeviceState(1, 320, (report(1, 3.0, 0.5),)),
+    DeviceState(2, 320, (report(2, 10.0, 1.0),)),
+]
+
+
+def test_amble_q1_plans_match_hand_computation() -> None:
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0, batch_min=16, batch_max=256, epochs_max=5))
+
+    plans = planner.plan(3, DEVICES)
+
+    # T = 11 s (device 2). Device 0: B = 32 * 320/32 = 320 -> 256 (B_max); t(256) = 0.8 s;
+    # tau = floor((11 - 0.4) / 0.8) = 13 -> capped at 5 epochs * ceil(320/256) = 10; lr = min(0.8, 0.2).
+    assert (plans[0].batch_size, plans[0].local_steps) == (256, 10)
+    assert plans[0].lr == pytest.approx(0.2)
+    # Device 1: B = 32 * 106.67/32 = 106.67 -> 104 (multiple of 8); t(104) = 0.975 s;
+    # tau = floor(10.5 / 0.975) = 10; lr = min(0.1 * 104/32 = 0.325, 0.2) = 0.2.
+    assert (plans[1].batch_size, plans[1].local_steps) == (104, 10)
+    assert plans[1].lr == pytest.approx(0.2)
+    # Device 2 is the reference: B0, tau = floor((11 - 1) / 1.0) = 10, lr0.
+    assert (plans[2].batch_size, plans[2].local_steps) == (32, 10)
+    assert plans[2].lr == pytest.approx(0.1)
+    assert [p.deadline_s for p in plans.values()] == pytest.approx([11.0, 11.0, 11.0])
+
+
+def test_amble_sqrt_scaling_below_the_cap() -> None:
+    planner = Amble(BASE, AmbleSettings(lr_scaling="sqrt", lr_max_factor=2.0))
+
+    plans = planner.plan(3, DEVICES)
+
+    assert plans[1].lr == pytest.approx(0.1 * (104 / 32) ** 0.5)  # 0.180, under the 0.2 cap
+    assert plans[0].lr == pytest.approx(0.2)  # 0.1 * sqrt(8) = 0.283 capped
+
+
+def test_amble_median_deadline_gives_the_straggler_partial_work() -> None:
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5, batch_min=16))
+
+    plans = planner.plan(3, DEVICES)
+
+    # T = 3.5 s (device 1, the median), v_ref = 106.67 samples/s.
+    # Device 0: B = 32 * 320 / 106.67 = 96; t(96) = 0.3; tau = floor(3.1 / 0.3) = 10.
+    assert (plans[0].batch_size, plans[0].local_steps) == (96, 10)
+    # Device 2: B = 9.6 -> 8 -> B_min 16; t(16) = 0.5; tau = floor(2.5 / 0.5) = 5: half an epoch.
+    assert (plans[2].batch_size, plans[2].local_steps) == (16, 5)
+    assert plans[2].lr == pytest.approx(0.05)  # linear scaling down with the smaller batch
+
+
+def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
+    planner = Amble(BASE, AmbleSettings())
+    devices = [DeviceState(5, 100), DEVICES[0], DEVICES[2]]
+
+    plans = planner.plan(0, devices)
+
+    assert (plans[5].batch_size, plans[5].local_steps, plans[5].lr) == (32, 4, 0.1)  # ceil(100/32) = 4
+    assert plans[5].deadline_s is None
+    assert plans[0].batch_size == 256
+
+
+def test_amble_deadline_cap_shortens_work() -> None:
+    planner = Amble(BASE, AmbleSettings(deadline_s=5.0))
+
+    plans = planner.plan(3, DEVICES)
+
+    assert plans[2].local_steps == 4  # floor((5 - 1) / 1.0)
+    assert plans[2].deadline_s == pytest.approx(5.0)
+
+
+def test_fedavg_plans_fixed_work() -> None:
+    plans = FedAvg(BASE).plan(0, DEVICES + [DeviceState(9, 20)])
+    assert {(p.batch_size, p.local_steps, p.lr) for d, p in plans.items() if d != 9} == {(32, 10, 0.1)}
+    assert (plans[9].batch_size, plans[9].local_steps) == (20, 1)  # a batch never exceeds the data
+
+
+def test_speed_fit_proportional_from_one_report() -> None:
+    model = fit_speed([report(0, 2.0, 0.6)])
+    assert model.step_s(32) == pytest.approx(0.2)
+    assert model.step_s(64) == pytest.approx(0.4)
+    assert model.comm_s == pytest.approx(0.6)
+
+
+def test_speed_fit_recovers_intercept_and_slope() -> None:
+    # t(B) = 0.05 + 0.01 B, observed exactly at B = 16 and 64.
+    reports = [report(0, 10 * (0.05 + 0.01 * 16), 1.0, 16, 10, 0), report(0, 10 * (0.05 + 0.01 * 64), 1.0, 64, 10, 1)]
+    model = fit_speed(reports, decay=0.5)
+    assert model.step_intercept_s == pytest.approx(0.05)
+    assert model.step_per_sample_s == pytest.approx(0.01)
+
+
+def test_speed_fit_weights_recent_reports_more() -> None:
+    reports = [report(0, 1.0, 0.0, round_=0), report(0, 3.0, 0.0, round_=1)]  # 0.1 then 0.3 s/step
+    model = fit_speed(reports, decay=0.5)
+    # weights 0.5 (old) and 1 (new): b*32 = (0.5*0.1 + 1*0.3) / 1.5
+    assert model.step_s(32) == pytest.approx((0.05 + 0.3) / 1.5)
+
+
+def _two_updates() -> tuple[list[Report], list[dict[str, torch.Tensor]]]:
+    reports = [
+        Report(0, 0, 1, 2, 32, 1.0, 0.0, 0.0),  # n = 1, tau = 2
+        Report(0, 1, 3, 6, 32, 1.0, 0.0, 0.0),  # n = 3, tau = 6
+    ]
+    return reports, [{"w": torch.tensor([2.0])}, {"w": torch.tensor([3.0])}]
+
+
+def _fold(aggregator: FedAvgAggregator | FedNovaAggregator) -> torch.Tensor:
+    reports, deltas = _two_updates()
+    total = {"w": torch.zeros(1)}
+    stats: dict[str, float] = {}
+    for rep, delta in zip(reports, deltas, strict=True):
+        c = aggregator.contribution(rep)
+        total = {"w": total["w"] + c.weight * delta["w"]}
+        for k, v in c.stats.items():
+            stats[k] = stats.get(k, 0.0) + v
+    return aggregator.apply({"w": torch.tensor([1.0])}, total, stats)["w"]
+
+
+def test_fedavg_aggregation_by_sample_count() -> None:
+    # x = 1 + 0.25 * 2 + 0.75 * 3 = 3.75
+    assert _fold(FedAvgAggregator()).item() == pytest.approx(3.75)
+
+
+def test_fednova_aggregation_hand_computed_tau_2_and_6() -> None:
+    # p = (0.25, 0.75); sum p tau = 0.5 + 4.5 = 5; sum p Delta/tau = 0.25 * 1 + 0.75 * 0.5 = 0.625
+    # x = 1 + 5 * 0.625 = 4.125
+    assert _fold(FedNovaAggregator()).item() == pytest.approx(4.125)
+
+
+def test_aggregator_does_not_mutate_inputs() -> None:
+    params = {"w": torch.tensor([1.0]), "count": torch.tensor(3)}
+    summed = {"w": torch.tensor([2.0])}
+    out = FedAvgAggregator().apply(params, summed, {"num_samples": 2.0})
+    assert params["w"].item() == 1.0 and summed["w"].item() == 2.0
+    assert out["w"].item() == 2.0 and out["count"].item() == 3
