@@ -36,13 +36,14 @@ DEVICES = [
 
 
 def test_amble_q1_plans_match_hand_computation() -> None:
-    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0, batch_min=16, batch_max=256, epochs_max=5))
+    settings = AmbleSettings(deadline_quantile=1.0, batch_min=16, batch_max=256, epochs_max=5, deadline_slack=0.0)
+    planner = Amble(BASE, settings)
 
     plans = planner.plan(3, DEVICES)
 
     # T = 11 s (device 2). Device 0: B = 32 * 320/32 = 320 -> 256 (B_max); t(256) = 0.8 s;
-    # tau = floor((11 - 0.4) / 0.8) = 13 -> capped at 5 epochs * ceil(320/256) = 10; lr = min(0.8, 0.2).
-    assert (plans[0].batch_size, plans[0].local_steps) == (256, 10)
+    # tau = floor((11 - 0.4) / 0.8) = 13 -> capped at floor(5 epochs * 320 / 256) = 6; lr = min(0.8, 0.2).
+    assert (plans[0].batch_size, plans[0].local_steps) == (256, 6)
     assert plans[0].lr == pytest.approx(0.2)
     # Device 1: B = 32 * 106.67/32 = 106.67 -> 104 (multiple of 8); t(104) = 0.975 s;
     # tau = floor(10.5 / 0.975) = 10; lr = min(0.1 * 104/32 = 0.325, 0.2) = 0.2.
@@ -52,6 +53,29 @@ def test_amble_q1_plans_match_hand_computation() -> None:
     assert (plans[2].batch_size, plans[2].local_steps) == (32, 10)
     assert plans[2].lr == pytest.approx(0.1)
     assert [p.deadline_s for p in plans.values()] == pytest.approx([11.0, 11.0, 11.0])
+
+
+def test_amble_slack_leaves_room_for_noise_except_on_the_deadline_device() -> None:
+    planner = Amble(BASE, AmbleSettings(deadline_slack=0.1))
+
+    plans = planner.plan(3, DEVICES)
+
+    # Budget 0.9 * 11 = 9.9 s: device 1 gets floor((9.9 - 0.5) / 0.975) = 9 steps (10 without slack).
+    assert plans[1].local_steps == 9
+    assert plans[2].local_steps == 10  # the deadline device keeps the whole T_r
+
+
+def test_a_straggler_slowed_by_its_link_does_not_shrink_the_batches() -> None:
+    # Device 3 computes as fast as device 0 but needs 20 s to communicate: it sets T = 21 s,
+    # while v_ref stays the slowest compute throughput (device 2, 32 samples/s).
+    devices = [*DEVICES, DeviceState(3, 320, (report(3, 1.0, 20.0),))]
+    planner = Amble(BASE, AmbleSettings(deadline_slack=0.0))
+
+    plans = planner.plan(3, devices)
+
+    assert plans[0].deadline_s == pytest.approx(21.0)
+    assert (plans[0].batch_size, plans[1].batch_size, plans[2].batch_size) == (256, 104, 32)
+    assert plans[2].local_steps == 20  # floor((21 - 1) / 1.0): the slow computer fills the wait too
 
 
 def test_amble_sqrt_scaling_below_the_cap() -> None:
@@ -64,15 +88,17 @@ def test_amble_sqrt_scaling_below_the_cap() -> None:
 
 
 def test_amble_median_deadline_gives_the_straggler_partial_work() -> None:
-    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5, batch_min=16))
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5, batch_min=16, deadline_slack=0.1))
 
     plans = planner.plan(3, DEVICES)
 
-    # T = 3.5 s (device 1, the median), v_ref = 106.67 samples/s.
-    # Device 0: B = 32 * 320 / 106.67 = 96; t(96) = 0.3; tau = floor(3.1 / 0.3) = 10.
-    assert (plans[0].batch_size, plans[0].local_steps) == (96, 10)
-    # Device 2: B = 9.6 -> 8 -> B_min 16; t(16) = 0.5; tau = floor(2.5 / 0.5) = 5: half an epoch.
-    assert (plans[2].batch_size, plans[2].local_steps) == (16, 5)
+    # T = 3.5 s (device 1, the median), v_ref = 106.67 samples/s; others plan to 0.9 T = 3.15 s.
+    # Device 1: B0, tau = floor((3.5 - 0.5) / 0.3) = 10 exactly (no floating-point 9.999...).
+    assert (plans[1].batch_size, plans[1].local_steps) == (32, 10)
+    # Device 0: B = 32 * 320 / 106.67 = 96; t(96) = 0.3; tau = floor(2.75 / 0.3) = 9.
+    assert (plans[0].batch_size, plans[0].local_steps) == (96, 9)
+    # Device 2: B = 9.6 -> 8 -> B_min 16; t(16) = 0.5; tau = floor(2.15 / 0.5) = 4: 0.2 of an epoch.
+    assert (plans[2].batch_size, plans[2].local_steps) == (16, 4)
     assert plans[2].lr == pytest.approx(0.05)  # linear scaling down with the smaller batch
 
 

@@ -110,6 +110,7 @@ class AmbleConfig(_Section):
     batch_max: int = Field(256, ge=1)
     batch_multiple: int = Field(8, ge=1)
     epochs_max: float = Field(5.0, gt=0)
+    deadline_slack: float = Field(0.1, ge=0, lt=1)
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     lr_max_factor: float = Field(2.0, ge=1)
     lr_warmup_steps: int = Field(0, ge=0)
@@ -197,7 +198,9 @@ def strategy_label(strategy: FedAvgConfig | AmbleConfig) -> str:
 def _format_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors()[:5]:
-        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        parts = [str(p) for p in item["loc"] if not str(p).startswith("function-")]
+        # Drop the discriminator tag pydantic inserts after a strategy's index ("strategies.1.amble.lr").
+        key = ".".join(p for i, p in enumerate(parts) if not (i and parts[i - 1].isdigit() and p in STRATEGY_NAMES))
         where = f"key '{key}'" if key else "config"
         got = item.get("input")
         shown = f" (got {got!r})" if item["type"] != "missing" and not isinstance(got, dict) else ""

@@ -66,7 +66,8 @@ def calibrate(
     num_classes: int,
     cache_dir: Path | None = None,
     batches: tuple[int, ...] = CALIBRATION_BATCHES,
-    repeats: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
 ) -> StepTime:
     """Time real SGD steps of the model at several batch sizes (median of ``repeats``); cached on disk."""
     cache = (cache_dir or default_cache_dir()) / "calibration.json"
@@ -91,12 +92,12 @@ def calibrate(
         x = torch.randn((batch, *input_shape), generator=generator)
         y = torch.randint(0, num_classes, (batch,), generator=generator)
         times = []
-        for rep in range(repeats + 1):
+        for rep in range(warmup + repeats):
             began = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             optimizer.step()
-            if rep:  # the first step warms up allocators and kernels
+            if rep >= warmup:  # the first steps warm up allocators and kernels for this shape
                 times.append(time.perf_counter() - began)
         measured[batch] = float(np.median(times))
     step_time = StepTime.from_mapping(measured)

@@ -4,11 +4,19 @@ This is the project's reconstruction of the thesis' rule. Per round, over the se
 
 1. fit each device's per-step time ``t_k(B)`` and communication ``c_k`` from its own reports;
 2. deadline ``T_r`` = the q-quantile of the devices' FedAvg times ``c_k + E0 ceil(n_k/B0) t_k(B0)``;
-3. batch ``B_k = clip(B0 v_k / v_ref)`` with ``v_k = B0 / t_k(B0)`` and ``v_ref`` the deadline device's;
-4. steps ``tau_k = floor((T_r - c_k) / t_k(B_k))`` clipped to ``[1, E_max ceil(n_k / B_k)]``;
+3. batch ``B_k = clip(B0 v_k / v_ref)`` with ``v_k = B0 / t_k(B0)`` and ``v_ref`` the q-quantile throughput
+   counted from the fastest (the slowest device's when q = 1);
+4. steps ``tau_k = floor(((1 - slack) T_r - c_k) / t_k(B_k))`` clipped to ``[1, floor(E_max n_k / B_k)]``;
 5. ``lr_k = min(lr0 (B_k / B0)^gamma, lr_max)``.
 
 A device with no reports yet gets the base plan: that round is its profiling round.
+
+Two refinements over the literal rule, both measured (see the issue notes): the epoch cap is
+``floor(E_max n_k / B_k)`` steps, so no device exceeds ``E_max`` epochs (``E_max ceil(n_k/B_k)``
+lets a 600-sample device at B=256 run 6.4 epochs under ``E_max = 5``); and every device except the
+deadline device plans to finish by ``(1 - deadline_slack) T_r``, because speeds are noisy: planning
+every device to end exactly at ``T_r`` makes the slowest of ten noisy finishes overrun the round
+that FedAvg would have had.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class AmbleSettings:
     batch_max: int = 256
     batch_multiple: int = 8
     epochs_max: float = 5.0
+    deadline_slack: float = 0.1
     lr_scaling: str = "linear"
     lr_max_factor: float = 2.0
     lr_warmup_steps: int = 0
@@ -83,14 +92,19 @@ class Amble(Strategy):
         ]
         ref = quantile_index(fedavg_s, s.deadline_quantile)
         deadline_s = fedavg_s[ref] if s.deadline_s is None else min(fedavg_s[ref], s.deadline_s)
-        ref_throughput = speeds[ref].throughput(base.batch_size)
+        # v_ref: the q-quantile of compute throughput counted from the fastest (the slowest when q = 1).
+        # Not the deadline device's own throughput: a straggler slowed by its link must not shrink
+        # everyone's batch below B0.
+        slowness = [-m.throughput(base.batch_size) for m in speeds]
+        ref_throughput = -slowness[quantile_index(slowness, s.deadline_quantile)]
         lr_max = base.lr * s.lr_max_factor
         gamma = LR_EXPONENTS[s.lr_scaling]
 
         for d, m in zip(seen, speeds, strict=True):
             batch = self._round_batch(base.batch_size * m.throughput(base.batch_size) / ref_throughput, d.num_samples)
-            max_steps = max(1, math.floor(s.epochs_max * -(-d.num_samples // batch)))
-            steps = math.floor((deadline_s - m.comm_s) / m.step_s(batch))
+            max_steps = max(1, math.floor(s.epochs_max * d.num_samples / batch))
+            budget_s = deadline_s if d is seen[ref] else (1 - s.deadline_slack) * deadline_s
+            steps = math.floor((budget_s - m.comm_s) / m.step_s(batch) + 1e-9)  # 1e-9: 3.0/0.3 is 9.999...
             lr = min(base.lr * (batch / base.batch_size) ** gamma, lr_max)
             plans[d.device] = Plan(
                 batch_size=batch,

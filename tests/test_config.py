@@ -1,0 +1,72 @@
+"""Config loading: YAML, --set overrides and one clear message per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amble.config import AmbleConfig, load_config
+from amble.errors import ConfigError
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+
+
+def test_quickstart_loads_with_both_strategies() -> None:
+    config = load_config(QUICKSTART)
+    assert [s.name for s in config.strategies] == ["fedavg", "amble"]
+    assert config.data.partition.kind == "shards"
+    assert config.fleet.kind == "tiers"
+
+
+def test_overrides_set_nested_keys_and_list_items() -> None:
+    config = load_config(
+        QUICKSTART, ["rounds=3", "data.partition.kind=dirichlet", "data.partition.alpha=0.1", "strategies.1.lr_scaling=sqrt"]
+    )
+    assert config.rounds == 3
+    assert (config.data.partition.kind, config.data.partition.alpha) == ("dirichlet", 0.1)
+    amble = config.strategies[1]
+    assert isinstance(amble, AmbleConfig) and amble.lr_scaling == "sqrt"
+
+
+def test_override_turns_a_shorthand_strategy_into_a_table() -> None:
+    config = load_config(QUICKSTART, ["strategies.0.label=baseline"])
+    assert config.strategies[0].label == "baseline"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["roundz=3"], "key 'roundz'"),
+        (["rounds=many"], "key 'rounds'"),
+        (["fleet.kind=magic"], "key 'fleet.kind'"),
+        (["strategies.1.lr_scaling=cubic"], "key 'strategies.1.lr_scaling'"),
+        (["strategies.0.batch_min=8"], "batch_min"),  # an amble knob on fedavg is an unknown key
+        (["data.dataset=imagenet"], "key 'data.dataset'"),
+        (["devices_per_round=1000"], "devices_per_round"),
+        (["strategies.5.name=amble"], "not an index"),
+        (["rounds"], "key=value"),
+    ],
+)
+def test_invalid_configs_name_the_key(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, overrides)
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_duplicate_strategy_labels_are_refused() -> None:
+    with pytest.raises(ConfigError, match="distinct labels"):
+        load_config(QUICKSTART, ["strategies=[fedavg, fedavg]"])
