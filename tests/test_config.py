@@ -21,7 +21,8 @@ def test_quickstart_loads_with_both_strategies() -> None:
 
 def test_overrides_set_nested_keys_and_list_items() -> None:
     config = load_config(
-        QUICKSTART, ["rounds=3", "data.partition.kind=dirichlet", "data.partition.alpha=0.1", "strategies.1.lr_scaling=sqrt"]
+        QUICKSTART,
+        ["rounds=3", "data.partition.kind=dirichlet", "data.partition.alpha=0.1", "strategies.1.lr_scaling=sqrt"],
     )
     assert config.rounds == 3
     assert (config.data.partition.kind, config.data.partition.alpha) == ("dirichlet", 0.1)

@@ -65,12 +65,14 @@ def test_trace_errors_name_the_file_and_problem(tmp_path: Path) -> None:
 
 
 def test_step_time_interpolates_and_stays_monotone() -> None:
-    step = StepTime.from_mapping({32: 0.01, 64: 0.008, 128: 0.03})  # 64 measured faster: noise
+    step = StepTime.from_mapping({32: 0.01, 64: 0.008, 128: 0.03, 256: 0.5})  # 64 and 256: noise
 
     assert step(32) == pytest.approx(0.01)
     assert step(64) == pytest.approx(0.01)  # clamped to be no faster than 32
-    assert step(96) == pytest.approx(0.02)
-    assert step(256) == pytest.approx(0.07)  # linear beyond the last point
+    assert step(128) == pytest.approx(0.02)  # no slower per sample than 64: 0.01 * 128 / 64
+    assert step(96) == pytest.approx(0.015)
+    assert step(256) == pytest.approx(0.04)
+    assert step(512) == pytest.approx(0.08)  # linear beyond the last point
     assert StepTime.from_mapping({32: 0.02})(64) == pytest.approx(0.04)
 
 

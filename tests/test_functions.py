@@ -19,9 +19,9 @@ from amble.server import (
     PoolSettings,
     RunSettings,
     ServerFunctions,
+    keys,
     select_devices,
 )
-from amble.server import keys
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
 from amble.server.tensors import encode
 from amble.strategies import BaseWork, FedAvg, Report
@@ -50,8 +50,9 @@ def make_server(store: MemoryStore | None = None, quorum: float = 0.5, per_round
     functions = ServerFunctions(store, FedAvg(BaseWork(32, 1, 0.1)))
     runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=2))
     server = ParameterServer(store, events, runtime)
-    server.initialize(INITIAL, SAMPLES, RunSettings(seed=0, devices_per_round=per_round, quorum=quorum,
-                                                    max_update_bytes=10_000))
+    server.initialize(
+        INITIAL, SAMPLES, RunSettings(seed=0, devices_per_round=per_round, quorum=quorum, max_update_bytes=10_000)
+    )
     return server
 
 

@@ -123,7 +123,7 @@ def test_amble_deadline_cap_shortens_work() -> None:
 
 
 def test_fedavg_plans_fixed_work() -> None:
-    plans = FedAvg(BASE).plan(0, DEVICES + [DeviceState(9, 20)])
+    plans = FedAvg(BASE).plan(0, [*DEVICES, DeviceState(9, 20)])
     assert {(p.batch_size, p.local_steps, p.lr) for d, p in plans.items() if d != 9} == {(32, 10, 0.1)}
     assert (plans[9].batch_size, plans[9].local_steps) == (20, 1)  # a batch never exceeds the data
 

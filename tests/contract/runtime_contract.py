@@ -27,7 +27,9 @@ class RuntimeContract(ABC):
     def make_events(self) -> EventLog:
         return MemoryEventLog()
 
-    def _setup(self, handlers: Mapping[str, Handler], **settings: float | int | bool) -> tuple[Store, EventLog, Runtime]:
+    def _setup(
+        self, handlers: Mapping[str, Handler], **settings: float | int | bool
+    ) -> tuple[Store, EventLog, Runtime]:
         store, events = self.make_store(), self.make_events()
         return store, events, self.make(store, events, handlers, PoolSettings(**settings))  # type: ignore[arg-type]
 
@@ -37,7 +39,7 @@ class RuntimeContract(ABC):
         def handle(event: Event, inv: Invocation) -> None:
             seen.append(event.payload["i"])
 
-        store, events, runtime = self._setup({"work": handle})
+        _store, events, runtime = self._setup({"work": handle})
         for i in range(5):
             events.publish(FUNCTIONS_TOPIC, "work", {"i": i})
         runtime.drain()
@@ -54,7 +56,7 @@ class RuntimeContract(ABC):
             cached.append("loaded" in inv.cache)
             inv.cache["loaded"] = True
 
-        store, events, runtime = self._setup({"work": handle}, max_instances=1, keep_alive_s=100.0)
+        _store, events, runtime = self._setup({"work": handle}, max_instances=1, keep_alive_s=100.0)
         for i in range(3):
             events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=float(i))
         runtime.drain()

@@ -35,12 +35,15 @@ class StepTime:
     @classmethod
     def from_mapping(cls, values: Mapping[int, float]) -> StepTime:
         ordered = sorted((int(b), float(t)) for b, t in values.items())
-        # Timing noise must not make a bigger batch faster per step.
-        monotone, best = [], 0.0
+        # Physical bounds that timing noise must not break: a bigger batch is never faster per step,
+        # and never slower per sample (t(B) <= t(B') * B / B' for B > B').
+        clean: list[tuple[int, float]] = []
         for batch, seconds in ordered:
-            best = max(best, seconds)
-            monotone.append((batch, best))
-        return cls(tuple(monotone))
+            if clean:
+                prev_batch, prev_seconds = clean[-1]
+                seconds = min(max(seconds, prev_seconds), prev_seconds * batch / prev_batch)
+            clean.append((batch, seconds))
+        return cls(tuple(clean))
 
     def __call__(self, batch_size: float) -> float:
         pts = self.points
@@ -69,7 +72,7 @@ def calibrate(
     repeats: int = 10,
     warmup: int = 3,
 ) -> StepTime:
-    """Time real SGD steps of the model at several batch sizes (median of ``repeats``); cached on disk."""
+    """Time real SGD steps of the model at several batch sizes (fastest of ``repeats``); cached on disk."""
     cache = (cache_dir or default_cache_dir()) / "calibration.json"
     parts = [model_name, "x".join(map(str, input_shape)), str(num_classes), torch.__version__, platform.machine()]
     parts += [f"threads={torch.get_num_threads()}", f"batches={','.join(map(str, batches))}"]
@@ -99,7 +102,7 @@ def calibrate(
             optimizer.step()
             if rep >= warmup:  # the first steps warm up allocators and kernels for this shape
                 times.append(time.perf_counter() - began)
-        measured[batch] = float(np.median(times))
+        measured[batch] = min(times)  # other load on the machine only ever adds time
     step_time = StepTime.from_mapping(measured)
     cached[key] = step_time.to_json()
     try:
