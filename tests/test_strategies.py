@@ -36,27 +36,41 @@ DEVICES = [
 
 
 def test_amble_q1_plans_match_hand_computation() -> None:
-    settings = AmbleSettings(deadline_quantile=1.0, batch_min=16, batch_max=256, epochs_max=5, deadline_slack=0.0)
+    # lr_max_factor 8 lifts the batch ceiling (B0 * 8) to B_max, so this is SPEC 3's rule verbatim.
+    settings = AmbleSettings(batch_min=16, batch_max=256, epochs_max=5, deadline_slack=0.0, lr_max_factor=8.0)
     planner = Amble(BASE, settings)
 
     plans = planner.plan(3, DEVICES)
 
     # T = 11 s (device 2). Device 0: B = 32 * 320/32 = 320 -> 256 (B_max); t(256) = 0.8 s;
-    # tau = floor((11 - 0.4) / 0.8) = 13 -> capped at floor(5 epochs * 320 / 256) = 6; lr = min(0.8, 0.2).
+    # tau = floor((11 - 0.4) / 0.8) = 13 -> capped at floor(5 epochs * 320 / 256) = 6; lr = min(0.8, 0.8).
     assert (plans[0].batch_size, plans[0].local_steps) == (256, 6)
-    assert plans[0].lr == pytest.approx(0.2)
+    assert plans[0].lr == pytest.approx(0.8)
     # Device 1: B = 32 * 106.67/32 = 106.67 -> 104 (multiple of 8); t(104) = 0.975 s;
-    # tau = floor(10.5 / 0.975) = 10; lr = min(0.1 * 104/32 = 0.325, 0.2) = 0.2.
+    # tau = floor(10.5 / 0.975) = 10; lr = min(0.1 * 104/32, 0.8) = 0.325.
     assert (plans[1].batch_size, plans[1].local_steps) == (104, 10)
-    assert plans[1].lr == pytest.approx(0.2)
+    assert plans[1].lr == pytest.approx(0.325)
     # Device 2 is the reference: B0, tau = floor((11 - 1) / 1.0) = 10, lr0.
     assert (plans[2].batch_size, plans[2].local_steps) == (32, 10)
     assert plans[2].lr == pytest.approx(0.1)
     assert [p.deadline_s for p in plans.values()] == pytest.approx([11.0, 11.0, 11.0])
 
 
+def test_batches_grow_only_as_far_as_the_capped_lr_follows() -> None:
+    planner = Amble(BASE, AmbleSettings(lr_max_factor=2.0, batch_max=256, deadline_slack=0.1))
+
+    plans = planner.plan(3, DEVICES)
+
+    # Ceiling B0 * 2 = 64. Device 0: t(64) = 0.2 s; tau = floor((9.9 - 0.4) / 0.2) = 47 -> 25 (5 epochs).
+    assert (plans[0].batch_size, plans[0].local_steps, plans[0].lr) == (64, 25, pytest.approx(0.2))
+    # Device 1: 104 -> 64; t(64) = 0.6 s; tau = floor((9.9 - 0.5) / 0.6) = 15.
+    assert (plans[1].batch_size, plans[1].local_steps, plans[1].lr) == (64, 15, pytest.approx(0.2))
+    assert Amble(BASE, AmbleSettings(lr_scaling="sqrt", lr_max_factor=2.0)).batch_ceiling() == 128
+    assert Amble(BASE, AmbleSettings(lr_scaling="none", batch_max=200)).batch_ceiling() == 200
+
+
 def test_amble_slack_leaves_room_for_noise_except_on_the_deadline_device() -> None:
-    planner = Amble(BASE, AmbleSettings(deadline_slack=0.1))
+    planner = Amble(BASE, AmbleSettings(deadline_slack=0.1, lr_max_factor=8.0))
 
     plans = planner.plan(3, DEVICES)
 
@@ -69,7 +83,7 @@ def test_a_straggler_slowed_by_its_link_does_not_shrink_the_batches() -> None:
     # Device 3 computes as fast as device 0 but needs 20 s to communicate: it sets T = 21 s,
     # while v_ref stays the slowest compute throughput (device 2, 32 samples/s).
     devices = [*DEVICES, DeviceState(3, 320, (report(3, 1.0, 20.0),))]
-    planner = Amble(BASE, AmbleSettings(deadline_slack=0.0))
+    planner = Amble(BASE, AmbleSettings(deadline_slack=0.0, lr_max_factor=8.0))
 
     plans = planner.plan(3, devices)
 
@@ -83,8 +97,9 @@ def test_amble_sqrt_scaling_below_the_cap() -> None:
 
     plans = planner.plan(3, DEVICES)
 
+    assert plans[1].batch_size == 104  # under the sqrt ceiling 32 * 2**2 = 128
     assert plans[1].lr == pytest.approx(0.1 * (104 / 32) ** 0.5)  # 0.180, under the 0.2 cap
-    assert plans[0].lr == pytest.approx(0.2)  # 0.1 * sqrt(8) = 0.283 capped
+    assert (plans[0].batch_size, plans[0].lr) == (128, pytest.approx(0.2))
 
 
 def test_amble_median_deadline_gives_the_straggler_partial_work() -> None:
@@ -95,8 +110,8 @@ def test_amble_median_deadline_gives_the_straggler_partial_work() -> None:
     # T = 3.5 s (device 1, the median), v_ref = 106.67 samples/s; others plan to 0.9 T = 3.15 s.
     # Device 1: B0, tau = floor((3.5 - 0.5) / 0.3) = 10 exactly (no floating-point 9.999...).
     assert (plans[1].batch_size, plans[1].local_steps) == (32, 10)
-    # Device 0: B = 32 * 320 / 106.67 = 96; t(96) = 0.3; tau = floor(2.75 / 0.3) = 9.
-    assert (plans[0].batch_size, plans[0].local_steps) == (96, 9)
+    # Device 0: B = 32 * 320 / 106.67 = 96 -> ceiling 64; t(64) = 0.2; tau = floor(2.75 / 0.2) = 13.
+    assert (plans[0].batch_size, plans[0].local_steps) == (64, 13)
     # Device 2: B = 9.6 -> 8 -> B_min 16; t(16) = 0.5; tau = floor(2.15 / 0.5) = 4: 0.2 of an epoch.
     assert (plans[2].batch_size, plans[2].local_steps) == (16, 4)
     assert plans[2].lr == pytest.approx(0.05)  # linear scaling down with the smaller batch
@@ -110,7 +125,7 @@ def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
 
     assert (plans[5].batch_size, plans[5].local_steps, plans[5].lr) == (32, 4, 0.1)  # ceil(100/32) = 4
     assert plans[5].deadline_s is None
-    assert plans[0].batch_size == 256
+    assert plans[0].batch_size == 64
 
 
 def test_amble_deadline_cap_shortens_work() -> None:
