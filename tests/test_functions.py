@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from amble.server import (
+    Invocation,
     LocalRuntime,
     MemoryEventLog,
     MemoryStore,
@@ -27,7 +28,7 @@ from amble.server.tensors import encode
 from amble.strategies import BaseWork, FedAvg, Report
 
 INITIAL = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5]), "steps": torch.tensor(7)}
-SAMPLES = {0: 10, 1: 30, 2: 20}
+SAMPLES = {0: 64, 1: 192, 2: 128}  # FedAvg plans at B0 = 32: 2, 6 and 4 steps
 
 
 class CrashingStore(MemoryStore):
@@ -48,7 +49,7 @@ def make_server(store: MemoryStore | None = None, quorum: float = 0.5, per_round
     store = store or MemoryStore()
     events = MemoryEventLog()
     functions = ServerFunctions(store, FedAvg(BaseWork(32, 1, 0.1)))
-    runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=2))
+    runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=2, invocation_s=0.02))
     server = ParameterServer(store, events, runtime)
     server.initialize(
         INITIAL, SAMPLES, RunSettings(seed=0, devices_per_round=per_round, quorum=quorum, max_update_bytes=10_000)
@@ -57,7 +58,7 @@ def make_server(store: MemoryStore | None = None, quorum: float = 0.5, per_round
 
 
 def report(device: int, round_: int = 0) -> Report:
-    return Report(round_, device, SAMPLES[device], 2, 32, 1.0, 0.1, 0.1)
+    return Report(round_, device, SAMPLES[device], SAMPLES[device] // 32, 32, 1.0, 0.1, 0.1)
 
 
 def delta(device: int) -> dict[str, torch.Tensor]:
@@ -95,9 +96,9 @@ def test_a_round_publishes_the_fedavg_of_its_updates() -> None:
     outcome = server.close_round(0, 3.0)
 
     assert (outcome.status, outcome.version, sorted(outcome.counted)) == ("finalized", 1, [0, 1, 2])
-    # w: 1 + (10*1 + 30*2 + 20*3)/60 = 1 + 130/60 for each entry of w
+    # w: 1 + (64*1 + 192*2 + 128*3)/384 = 1 + 832/384 for each entry of w
     assert_model(server, reference([0, 1, 2]), version=1)
-    assert server.model()["w"][0].item() == pytest.approx(1 + 130 / 60)
+    assert server.model()["w"][0].item() == pytest.approx(1 + 832 / 384)
 
 
 def test_the_same_update_delivered_twice_is_counted_once() -> None:
@@ -158,11 +159,11 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_model_is_unchang
     server.start_round(0, [0, 1, 2], 0.0)
 
     upload_all(server, [0, 2])
-    server.upload(report(1), blob, 1.0)
+    upload = server.upload(report(1), blob, 1.0)
     outcome = server.close_round(0, 3.0)
 
     assert outcome.rejected == {1: reason}
-    message = json.loads(server.store.get(keys.round_rejection(0, 1)) or b"{}")
+    message = json.loads(server.store.get(keys.round_rejection(0, 1, upload)) or b"{}")
     assert message["reason"] == reason and message["message"]
     # quorum 1.0: with one update rejected the round fails visibly, and the model stays at version 0
     assert outcome.status == "failed"
@@ -204,7 +205,7 @@ def test_late_and_unselected_updates_are_rejected_and_change_nothing() -> None:
     server.upload(report(outsider), encode(delta(outsider)), 4.0)  # never selected
     server.runtime.drain()
 
-    rejected = server.store.set_members(keys.round_rejected(0))
+    rejected = {m.split(":")[0] + ":" + m.split(":")[2] for m in server.store.set_members(keys.round_rejected(0))}
     assert rejected == {f"{outsider}:not_selected"}  # the late duplicate was already counted: a no-op
     for name in ("w", "b"):
         torch.testing.assert_close(server.model()[name], published[name])
@@ -215,18 +216,18 @@ def test_late_and_unselected_updates_are_rejected_and_change_nothing() -> None:
     fresh.close_round(0, 3.0)  # finalised at the deadline with one update (quorum 1 of 2)
     fresh.upload(report(selected[1]), encode(delta(selected[1])), 4.0)
     fresh.runtime.drain()
-    assert fresh.store.set_members(keys.round_rejected(0)) == {f"{selected[1]}:late"}
+    assert [m.split(":")[2] for m in fresh.store.set_members(keys.round_rejected(0))] == ["late"]
 
 
 def test_a_report_that_does_not_match_its_upload_is_rejected() -> None:
     server = make_server(quorum=1.0)
     server.start_round(0, [0, 1, 2], 0.0)
-    bad = Report(0, 2, 20, -1, 32, 1.0, 0.1, 0.1)  # negative steps
+    bad = Report(0, 2, 128, -1, 32, 1.0, 0.1, 0.1)  # negative steps
 
-    server.upload(bad, encode(delta(2)), 0.0)
+    upload = server.upload(bad, encode(delta(2)), 0.0)
     server.runtime.drain()
 
-    assert server.store.set_members(keys.round_rejected(0)) == {"2:malformed_report"}
+    assert server.store.set_members(keys.round_rejected(0)) == {f"2:{upload}:malformed_report"}
 
 
 def test_selection_is_a_function_of_seed_and_round() -> None:
@@ -255,7 +256,129 @@ def test_warm_instances_serve_most_invocations() -> None:
         server.close_round(r, float(10 * r + 3))
 
     stats = server.runtime.stats()
-    # per round: plan_round + 3 aggregates + finalize = 5 invocations
-    assert stats.invocations == 15
-    assert stats.cold_starts + stats.warm_starts == 15
-    assert stats.cold_starts <= 2  # max_instances = 2, keep-alive 60 s covers the gaps
+    # per round: plan_round + 3 aggregates + finalize = 5 invocations. Round 0: plan_round starts
+    # instance 1 (cold, busy until 0.02 s); the upload at 0.0 finds it busy and starts instance 2
+    # (cold); everything after lands on a warm instance (keep-alive 60 s covers the 10 s gaps).
+    assert (stats.invocations, stats.cold_starts, stats.warm_starts) == (15, 2, 13)
+
+
+def test_a_lie_about_the_sample_count_is_rejected_not_weighted() -> None:
+    server = make_server(quorum=1.0)
+    server.start_round(0, [0, 1, 2], 0.0)
+    liar = Report(0, 0, 1_000_000, 2, 32, 1.0, 0.1, 0.1)
+
+    server.upload(liar, encode(delta(0)), 0.0)
+    outcome = server.close_round(0, 1.0)
+
+    assert outcome.rejected == {0: "malformed_report"}
+    assert_model(server, INITIAL, version=0)
+
+
+def test_a_bad_retry_does_not_destroy_a_good_update() -> None:
+    server = make_server()
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    upload_all(server, [0, 1, 2])
+    server.upload(report(2), b"\x00" * 20_000, 2.5)  # an oversize retry of a counted update
+    outcome = server.close_round(0, 3.0)
+
+    assert sorted(outcome.counted) == [0, 1, 2]
+    assert outcome.rejected == {}  # already counted: the retry is a no-op, not a rejection
+    assert_model(server, reference([0, 1, 2]), version=1)
+
+
+class FailOnceStore(MemoryStore):
+    """Raises the first time ``operation`` touches a key containing ``fragment``."""
+
+    def __init__(self, operation: str, fragment: str) -> None:
+        super().__init__()
+        self.operation, self.fragment, self.armed = operation, fragment, True
+
+    def _maybe_fail(self, operation: str, key: str) -> None:
+        if self.armed and operation == self.operation and self.fragment in key:
+            self.armed = False
+            raise ConnectionError(f"instance killed during {operation} {key}")
+
+    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+        self._maybe_fail("compare_and_set", key)
+        return super().compare_and_set(key, value, expected_version)
+
+    def delete(self, key: str) -> None:
+        self._maybe_fail("delete", key)
+        super().delete(key)
+
+
+def test_finalize_crashing_after_its_decision_still_publishes() -> None:
+    store = FailOnceStore("compare_and_set", keys.LATEST)  # dies between the state CAS and `latest`
+    server = make_server(store)
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    upload_all(server, [0, 1, 2])
+    outcome = server.close_round(0, 3.0)
+
+    assert (outcome.status, outcome.version) == ("finalized", 1)
+    assert server.runtime.stats().failures == 1
+    assert_model(server, reference([0, 1, 2]), version=1)
+
+
+def test_aggregate_crashing_after_its_fold_still_completes_the_round() -> None:
+    store = FailOnceStore("delete", "/update/")  # dies after the fold committed, before cleanup
+    server = make_server(store)
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    upload_all(server, [0, 1, 2])
+    server.runtime.drain()
+
+    state = json.loads(server.store.get(keys.round_state(0)) or b"{}")
+    assert state["status"] == "finalized"  # round_ready was still announced: no deadline needed
+    assert server.store.keys("round/000000/update/") == []
+    assert_model(server, reference([0, 1, 2]), version=1)
+
+
+def test_a_fold_racing_the_deadline_is_either_in_the_model_or_rejected() -> None:
+    server = make_server(quorum=0.5)
+    functions = ServerFunctions(server.store, FedAvg(BaseWork(32, 1, 0.1)))
+    server.start_round(0, [0, 1, 2], 0.0)
+    upload_all(server, [0, 1])
+    server.runtime.drain()
+    server.upload(report(2), encode(delta(2)), 2.0)
+    (late_event,) = server.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, "racer")
+    original = server.store.compare_and_set
+
+    def racing_cas(key: str, value: bytes, expected_version: int) -> bool:
+        if key == keys.round_partial(0) and b'"sealed":"true"' in value and late_event is not None:
+            # Between finalize's read of the partial and its seal, another worker folds device 2.
+            functions.aggregate(late_event, Invocation(99, True, {}))
+            server.events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, late_event.id)
+            object.__setattr__(server.store, "compare_and_set", original)
+        return original(key, value, expected_version)
+
+    object.__setattr__(server.store, "compare_and_set", racing_cas)
+    outcome = server.close_round(0, 5.0)
+
+    state = json.loads(server.store.get(keys.round_state(0)) or b"{}")
+    assert sorted(outcome.counted) == sorted(state["counted"]) == [0, 1, 2]
+    assert outcome.rejected == {}
+    assert_model(server, reference([0, 1, 2]), version=1)
+
+
+def test_after_the_seal_a_fold_is_rejected_as_late_and_the_model_ignores_it() -> None:
+    server = make_server(quorum=0.5)
+    server.start_round(0, [0, 1, 2], 0.0)
+    upload_all(server, [0, 1])
+    server.close_round(0, 3.0)
+
+    server.upload(report(2), encode(delta(2)), 4.0)
+    server.runtime.drain()
+
+    assert [m.split(":")[2] for m in server.store.set_members(keys.round_rejected(0))] == ["late"]
+    assert_model(server, reference([0, 1]), version=1)
+
+
+def test_two_plan_round_runs_agree_on_plans_and_expectations() -> None:
+    server = make_server(per_round=2)
+    server.events.publish(FUNCTIONS_TOPIC, "round_start", {"round": 0, "available": [0, 1]}, 0.0)
+    plans, _ = server.start_round(0, [0, 1, 2], 0.0)  # a second, different request for round 0
+
+    state = json.loads(server.store.get(keys.round_state(0)) or b"{}")
+    assert sorted(plans) == sorted(state["expected"]) == [0, 1]

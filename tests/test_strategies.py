@@ -76,7 +76,19 @@ def test_amble_slack_leaves_room_for_noise_except_on_the_deadline_device() -> No
 
     # Budget 0.9 * 11 = 9.9 s: device 1 gets floor((9.9 - 0.5) / 0.975) = 9 steps (10 without slack).
     assert plans[1].local_steps == 9
-    assert plans[2].local_steps == 10  # the deadline device keeps the whole T_r
+    assert plans[2].local_steps == 10  # the deadline device keeps the whole T_r (its own FedAvg time)
+
+
+def test_slack_never_gives_a_device_less_time_than_fedavg_would() -> None:
+    # Device 3 communicates for 9.5 s: its FedAvg time 10.5 s is above 0.9 * T_r = 9.9 s but fits T_r.
+    devices = [*DEVICES, DeviceState(3, 320, (report(3, 1.0, 9.5),))]
+    planner = Amble(BASE, AmbleSettings(deadline_slack=0.1))
+
+    plans = planner.plan(3, devices)
+
+    # Budget = its own 10.5 s: at B = 64 (t = 0.2 s) floor((10.5 - 9.5) / 0.2) = 5 steps (1 epoch at B0
+    # would be 10 steps of 32, the same 320 samples), not floor((9.9 - 9.5) / 0.2) = 2.
+    assert (plans[3].batch_size, plans[3].local_steps) == (64, 5)
 
 
 def test_a_straggler_slowed_by_its_link_does_not_shrink_the_batches() -> None:
@@ -129,11 +141,12 @@ def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
 
 
 def test_amble_deadline_cap_shortens_work() -> None:
-    planner = Amble(BASE, AmbleSettings(deadline_s=5.0))
+    planner = Amble(BASE, AmbleSettings(deadline_s=5.0, deadline_slack=0.1))
 
     plans = planner.plan(3, DEVICES)
 
-    assert plans[2].local_steps == 4  # floor((5 - 1) / 1.0)
+    # Device 2's FedAvg time (11 s) does not fit the 5 s cap: it plans to 0.9 * 5 = 4.5 s.
+    assert plans[2].local_steps == 3  # floor((4.5 - 1) / 1.0)
     assert plans[2].deadline_s == pytest.approx(5.0)
 
 

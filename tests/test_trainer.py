@@ -71,7 +71,7 @@ def test_proximal_term_pulls_the_update_towards_the_start() -> None:
 def test_warmup_starts_from_the_base_rate() -> None:
     trainer, start, x, y = _setup()
     plain = trainer.train(start, x, y, Plan(32, 1, 0.2), seed=2)
-    warm = trainer.train(start, x, y, Plan(32, 1, 0.2, lr_warmup_steps=2, lr_warmup_from=0.0), seed=2)
-    # one step of a 2-step ramp from 0 to 0.2 uses lr 0.1: half the plain update
+    warm = trainer.train(start, x, y, Plan(32, 1, 0.2, lr_warmup_steps=2, lr_warmup_from=0.1), seed=2)
+    # the first step of a ramp from 0.1 to 0.2 runs at 0.1: half the plain update
     for name in plain.delta:
         torch.testing.assert_close(warm.delta[name], plain.delta[name] / 2, rtol=1e-4, atol=1e-7)

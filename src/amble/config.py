@@ -142,6 +142,9 @@ class ServerConfig(_Section):
     reuse: bool = True
     cold_start_s: float = Field(0.25, ge=0)
     """Virtual seconds a cold instance spends starting before it runs (a provisioned container)."""
+    invocation_s: float | Literal["measured"] = 0.02
+    """Virtual seconds charged per function invocation, or ``measured`` to charge the real wall time
+    (then virtual times vary slightly between runs of the same config and seed)."""
     quorum: float = Field(0.5, gt=0, le=1)
     max_update_mb: float = Field(256.0, gt=0)
     max_attempts: int = Field(5, ge=1)
@@ -183,6 +186,12 @@ class ExperimentConfig(_Section):
         labels = [strategy_label(s) for s in self.strategies]
         if len(set(labels)) != len(labels):
             raise ValueError(f"strategies must have distinct labels, got {labels}; set 'label' on repeats")
+        for strategy in self.strategies:
+            if isinstance(strategy, AmbleConfig) and strategy.epochs_max < self.train.local_epochs:
+                raise ValueError(
+                    f"strategy '{strategy_label(strategy)}': epochs_max ({strategy.epochs_max}) is below "
+                    f"train.local_epochs ({self.train.local_epochs}); raise epochs_max"
+                )
         if self.devices_per_round > self.data.num_devices:
             raise ValueError(
                 f"devices_per_round ({self.devices_per_round}) exceeds data.num_devices ({self.data.num_devices})"

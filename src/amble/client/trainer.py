@@ -52,7 +52,7 @@ class LocalTrainer:
         total_loss = torch.zeros(())
         for step, index in enumerate(order):
             if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
-                ramp = (step + 1) / plan.lr_warmup_steps
+                ramp = step / plan.lr_warmup_steps  # step 0 runs at lr_warmup_from
                 optimizer.param_groups[0]["lr"] = plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * ramp
             elif plan.lr_warmup_steps:
                 optimizer.param_groups[0]["lr"] = plan.lr

@@ -71,11 +71,12 @@ def read_json(store: Store, key: str) -> Any:
     return None if blob is None else json.loads(blob)
 
 
-def record_rejection(store: Store, round_index: int, device: int, reason: str, message: str) -> None:
-    """Rejections are facts in the Store (a set, so a redelivered rejection counts once)."""
-    store.put(keys.round_rejection(round_index, device), json.dumps({"reason": reason, "message": message}).encode())
-    store.add_to_set(keys.round_rejected(round_index), f"{device}:{reason}")
-    store.delete(keys.round_update(round_index, device))
+def record_rejection(store: Store, round_index: int, device: int, upload: str, reason: str, message: str) -> None:
+    """Record why an upload was rejected; the first reason recorded for an upload wins."""
+    key = keys.round_rejection(round_index, device, upload)
+    store.compare_and_set(key, json.dumps({"reason": reason, "message": message}).encode(), 0)
+    stored = json.loads(store.get(key) or b"{}").get("reason", reason)
+    store.add_to_set(keys.round_rejected(round_index), f"{device}:{upload}:{stored}")
 
 
 def load_model(store: Store, version: int) -> Params:
@@ -131,7 +132,11 @@ class ServerFunctions:
     # -- plan_round -----------------------------------------------------------------------------
 
     def plan_round(self, event: Event, inv: Invocation) -> None:
-        """Select the round's devices and write their plans; a second run of it changes nothing."""
+        """Select the round's devices and write their plans; a second run of it changes nothing.
+
+        The plans and the expected devices are one value written with one compare-and-set, so two
+        racing invocations can never leave plans for one selection and expectations of another.
+        """
         round_index = int(event.payload["round"])
         state_key = keys.round_state(round_index)
         if self.store.get(state_key) is None:
@@ -140,52 +145,44 @@ class ServerFunctions:
             chosen = select_devices(
                 settings.seed, round_index, [int(d) for d in event.payload["available"]], settings.devices_per_round
             )
-            states = [self._device_state(d) for d in chosen]
-            plans = self.strategy.plan(round_index, states)
-            self.store.put(
-                keys.round_plans(round_index), json.dumps({str(d): p.to_dict() for d, p in plans.items()}).encode()
-            )
-            state = {"status": "open", "base_version": latest["version"], "expected": chosen}
+            plans = self.strategy.plan(round_index, [self._device_state(d) for d in chosen])
+            state = {
+                "status": "open",
+                "base_version": latest["version"],
+                "expected": chosen,
+                "plans": {str(d): p.to_dict() for d, p in plans.items()},
+            }
             self.store.compare_and_set(state_key, json.dumps(state).encode(), 0)
         inv.emit(keys.PUBLISHED_TOPIC, "round_planned", {"round": round_index})
 
     def _device_state(self, device: int) -> DeviceState:
+        return DeviceState(device, self._num_samples(device), tuple(Report.from_dict(r) for r in self._history(device)))
+
+    def _num_samples(self, device: int) -> int:
         info = read_json(self.store, keys.device_info(device))
         if info is None:
             raise LookupError(f"device {device} is not registered")
-        reports = read_json(self.store, keys.device_reports(device)) or []
-        return DeviceState(device, int(info["num_samples"]), tuple(Report.from_dict(r) for r in reports))
+        return int(info["num_samples"])
+
+    def _history(self, device: int) -> list[dict[str, Any]]:
+        history: list[dict[str, Any]] = read_json(self.store, keys.device_reports(device)) or []
+        return history
 
     # -- aggregate ------------------------------------------------------------------------------
 
     def aggregate(self, event: Event, inv: Invocation) -> None:
         """Fold one uploaded update into the round's partial aggregate, exactly once in effect."""
         payload = event.payload
-        round_index, device = int(payload["round"]), int(payload["device"])
+        round_index, device, upload = int(payload["round"]), int(payload["device"]), str(payload["upload"])
+        update_key = payload.get("update_key")
         try:
-            report = self._check_report(round_index, device, payload.get("report"))
-            self._fold(inv, round_index, device, report)
+            self._fold(inv, round_index, device, update_key, payload)
         except UpdateRejected as rejection:
-            record_rejection(self.store, round_index, device, rejection.reason, str(rejection))
+            record_rejection(self.store, round_index, device, upload, rejection.reason, str(rejection))
+            if update_key:
+                self.store.delete(update_key)
 
-    def _check_report(self, round_index: int, device: int, raw: Any) -> Report:
-        try:
-            report = Report.from_dict(raw)
-        except (KeyError, TypeError) as exc:
-            raise UpdateRejected("malformed_report", f"report is missing field {exc}") from None
-        numbers = [report.num_samples, report.local_steps, report.batch_size, report.compute_s]
-        numbers += [report.download_s, report.upload_s]
-        if not all(isinstance(x, int | float) and math.isfinite(x) and x >= 0 for x in numbers):
-            raise UpdateRejected("malformed_report", "report fields must be finite non-negative numbers")
-        if report.num_samples <= 0 or report.local_steps <= 0 or report.batch_size <= 0:
-            raise UpdateRejected("malformed_report", "num_samples, local_steps and batch_size must be positive")
-        if (report.round, report.device) != (round_index, device):
-            raise UpdateRejected(
-                "malformed_report", f"report is for round {report.round} device {report.device}, not the upload's"
-            )
-        return report
-
-    def _fold(self, inv: Invocation, round_index: int, device: int, report: Report) -> None:
+    def _fold(self, inv: Invocation, round_index: int, device: int, update_key: str | None, payload: Any) -> None:
         state = read_json(self.store, keys.round_state(round_index))
         if state is None:
             raise UpdateRejected("unknown_round", f"round {round_index} was never planned")
@@ -195,34 +192,84 @@ class ServerFunctions:
         for _ in range(CAS_RETRIES):
             current = self.store.get_versioned(partial_key)
             meta = _partial_meta(current.value if current else None)
-            if device in meta["counted"]:
-                self.store.delete(keys.round_update(round_index, device))
-                self._record_report(inv, report)
+            if device in meta["counted"]:  # a duplicate or a redelivery: finish what a crash may have cut
+                if update_key:
+                    self.store.delete(update_key)
+                self._record_report(inv, Report.from_dict(payload["report"]))
+                self._announce_if_complete(inv, round_index, meta, state)
                 return
-            if state["status"] != "open":
-                raise UpdateRejected("late", f"round {round_index} is already {state['status']}")
-            blob = self.store.get(keys.round_update(round_index, device))
+            if meta["sealed"] or state["status"] != "open":
+                raise UpdateRejected("late", f"round {round_index} is already closed")
+            report = self._check_report(round_index, device, payload.get("report"), state)
+            if update_key is None:
+                limit = self._settings(inv).max_update_bytes
+                raise UpdateRejected(
+                    "too_large", f"update is {payload.get('size', 0):,} bytes, over the limit of {limit:,}"
+                )
+            blob = self.store.get(update_key)
             if blob is None:
                 raise UpdateRejected("missing_update", f"no update blob was stored for device {device}")
-            settings = self._settings(inv)
-            delta = validate_update(blob, self._template(inv), settings.max_update_bytes)
+            delta = validate_update(blob, self._template(inv), self._settings(inv).max_update_bytes)
             sums = self._partial_sums(inv, partial_key, current)
             contribution = self.strategy.aggregator.contribution(report)
             new_sums = {name: sums[name] + contribution.weight * delta[name] for name in sums}
             meta["counted"].append(device)
             for stat, value in contribution.stats.items():
                 meta["stats"][stat] = meta["stats"].get(stat, 0.0) + value
-            new_blob = encode(new_sums, {"counted": json.dumps(meta["counted"]), "stats": json.dumps(meta["stats"])})
             expected_version = current.version if current else 0
-            if self.store.compare_and_set(partial_key, new_blob, expected_version):
+            if self.store.compare_and_set(partial_key, _encode_partial(new_sums, meta), expected_version):
                 inv.cache["partial"] = (partial_key, expected_version + 1, new_sums)
-                self.store.delete(keys.round_update(round_index, device))
+                self.store.delete(update_key)
                 self._record_report(inv, report)
-                if len(meta["counted"]) == len(state["expected"]):
-                    inv.emit(FUNCTIONS_TOPIC, "round_ready", {"round": round_index})
+                self._announce_if_complete(inv, round_index, meta, state)
                 return
             state = read_json(self.store, keys.round_state(round_index))  # someone else wrote: re-read
         raise RuntimeError(f"could not fold device {device} into round {round_index}: too much contention")
+
+    def _announce_if_complete(
+        self, inv: Invocation, round_index: int, meta: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        if len(meta["counted"]) == len(state["expected"]) and not meta["sealed"]:
+            inv.emit(FUNCTIONS_TOPIC, "round_ready", {"round": round_index})
+
+    def _check_report(self, round_index: int, device: int, raw: Any, state: dict[str, Any]) -> Report:
+        """The report must be well-formed and agree with the registry and the device's plan.
+
+        Aggregation weights come from the report, so a device may not claim more samples than it
+        registered, a different batch size, or more steps than it was planned.
+        """
+        try:
+            report = Report.from_dict(raw)
+        except (KeyError, TypeError) as exc:
+            raise UpdateRejected("malformed_report", f"report is missing field {exc}") from None
+        counts = [report.round, report.device, report.num_samples, report.local_steps, report.batch_size]
+        seconds = [report.compute_s, report.download_s, report.upload_s]
+        if not all(type(x) is int for x in counts):
+            raise UpdateRejected(
+                "malformed_report", "round, device, num_samples, local_steps, batch_size must be integers"
+            )
+        if not all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in seconds):
+            raise UpdateRejected(
+                "malformed_report", "compute_s, download_s, upload_s must be finite non-negative numbers"
+            )
+        if (report.round, report.device) != (round_index, device):
+            raise UpdateRejected(
+                "malformed_report", f"report is for round {report.round} device {report.device}, not the upload's"
+            )
+        registered = self._num_samples(device)
+        if report.num_samples != registered:
+            raise UpdateRejected(
+                "malformed_report",
+                f"report claims {report.num_samples} samples; device {device} registered {registered}",
+            )
+        plan = Plan.from_dict(state["plans"][str(device)])
+        if report.batch_size != plan.batch_size or not 1 <= report.local_steps <= plan.local_steps:
+            raise UpdateRejected(
+                "malformed_report",
+                f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
+                f"{plan.batch_size} x at most {plan.local_steps} steps",
+            )
+        return report
 
     def _partial_sums(self, inv: Invocation, key: str, current: Any) -> Params:
         if current is None:
@@ -253,7 +300,13 @@ class ServerFunctions:
     # -- finalize -------------------------------------------------------------------------------
 
     def finalize(self, event: Event, inv: Invocation) -> None:
-        """Publish the next model once every expected update is in, or at the deadline with a quorum."""
+        """Publish the next model once every expected update is in, or at the deadline with a quorum.
+
+        Order of writes: seal the partial (no fold can land after it), write the model blob (its bytes
+        follow from the sealed partial, so a rerun writes the same bytes), move the round state to
+        ``finalized`` (the one decisive compare-and-set), advance ``latest``, announce. A rerun after a
+        crash at any point completes the remaining steps.
+        """
         round_index = int(event.payload["round"])
         state_key = keys.round_state(round_index)
         current = self.store.get_versioned(state_key)
@@ -261,34 +314,48 @@ class ServerFunctions:
             raise LookupError(f"finalize for round {round_index}, which was never planned")
         state = json.loads(current.value)
         if state["status"] != "open":
+            self._announce_outcome(inv, round_index, state)
             return
-        partial = self.store.get(keys.round_partial(round_index))
-        meta = _partial_meta(partial)
-        counted, expected = len(meta["counted"]), len(state["expected"])
-        if counted < expected and event.type != "round_deadline":
-            return
-        quorum = max(1, math.ceil(self._settings(inv).quorum * expected))
+        meta = self._seal(round_index, len(state["expected"]), closing=event.type == "round_deadline")
+        if meta is None:
+            return  # not every update is in and this is not the deadline
+        counted = len(meta["counted"])
+        quorum = max(1, math.ceil(self._settings(inv).quorum * len(state["expected"])))
         base_version = int(state["base_version"])
         if counted < quorum:
-            failed = {**state, "status": "failed", "counted": meta["counted"], "quorum": quorum}
-            if self.store.compare_and_set(state_key, json.dumps(failed).encode(), current.version):
-                inv.emit(
-                    keys.PUBLISHED_TOPIC,
-                    "round_failed",
-                    {"round": round_index, "counted": counted, "quorum": quorum, "version": base_version},
-                )
-            return
-        assert partial is not None  # counted >= quorum >= 1 means something was folded
-        sums = decode(partial)
-        new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums, meta["stats"])
-        new_version = base_version + 1
-        self.store.put(keys.model(new_version), encode(new_params))
-        done = {**state, "status": "finalized", "counted": meta["counted"], "version": new_version}
-        if not self.store.compare_and_set(state_key, json.dumps(done).encode(), current.version):
-            return  # another instance finalised this round first
-        self._advance_latest(new_version)
-        inv.cache["model"] = (new_version, new_params)
-        inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": new_version})
+            outcome = {**state, "status": "failed", "counted": meta["counted"], "quorum": quorum}
+        else:
+            sums = decode(self.store.get(keys.round_partial(round_index)) or b"")
+            new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums, meta["stats"])
+            self.store.put(keys.model(base_version + 1), encode(new_params))
+            inv.cache["model"] = (base_version + 1, new_params)
+            outcome = {**state, "status": "finalized", "counted": meta["counted"], "version": base_version + 1}
+        if self.store.compare_and_set(state_key, json.dumps(outcome).encode(), current.version):
+            self._announce_outcome(inv, round_index, outcome)
+
+    def _seal(self, round_index: int, expected: int, closing: bool) -> dict[str, Any] | None:
+        """Close the partial aggregate to further folds; returns its metadata (None: not yet time)."""
+        key = keys.round_partial(round_index)
+        for _ in range(CAS_RETRIES):
+            current = self.store.get_versioned(key)
+            meta = _partial_meta(current.value if current else None)
+            if meta["sealed"]:
+                return meta
+            if len(meta["counted"]) < expected and not closing:
+                return None
+            meta["sealed"] = True
+            sums = decode(current.value) if current else {}
+            if self.store.compare_and_set(key, _encode_partial(sums, meta), current.version if current else 0):
+                return meta
+        raise RuntimeError(f"could not seal round {round_index}: too much contention")
+
+    def _announce_outcome(self, inv: Invocation, round_index: int, state: dict[str, Any]) -> None:
+        if state["status"] == "finalized":
+            self._advance_latest(int(state["version"]))
+            inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": state["version"]})
+        elif state["status"] == "failed":
+            payload = {"round": round_index, "counted": len(state["counted"]), "quorum": state["quorum"]}
+            inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state["base_version"]})
 
     def _advance_latest(self, version: int) -> None:
         for _ in range(CAS_RETRIES):
@@ -302,12 +369,27 @@ class ServerFunctions:
         raise RuntimeError("could not advance the latest model version: too much contention")
 
 
+def _encode_partial(sums: Params, meta: dict[str, Any]) -> bytes:
+    return encode(
+        sums,
+        {
+            "counted": json.dumps(meta["counted"]),
+            "stats": json.dumps(meta["stats"]),
+            "sealed": json.dumps(meta["sealed"]),
+        },
+    )
+
+
 def _partial_meta(blob: bytes | None) -> dict[str, Any]:
     if blob is None:
-        return {"counted": [], "stats": {}}
+        return {"counted": [], "stats": {}, "sealed": False}
     meta = read_metadata(blob)
-    return {"counted": json.loads(meta["counted"]), "stats": json.loads(meta["stats"])}
+    return {
+        "counted": json.loads(meta["counted"]),
+        "stats": json.loads(meta["stats"]),
+        "sealed": json.loads(meta.get("sealed", "false")),
+    }
 
 
-def plans_from_json(blob: bytes) -> dict[int, Plan]:
-    return {int(d): Plan.from_dict(p) for d, p in json.loads(blob).items()}
+def plans_of(state: dict[str, Any]) -> dict[int, Plan]:
+    return {int(d): Plan.from_dict(p) for d, p in state["plans"].items()}

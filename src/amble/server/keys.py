@@ -24,22 +24,21 @@ def round_state(round_index: int) -> str:
     return f"round/{round_index:06d}/state"
 
 
-def round_plans(round_index: int) -> str:
-    return f"round/{round_index:06d}/plans"
-
-
 def round_partial(round_index: int) -> str:
     return f"round/{round_index:06d}/partial"
 
 
-def round_update(round_index: int, device: int) -> str:
-    return f"round/{round_index:06d}/update/{device}"
+def round_update(round_index: int, device: int, upload: str) -> str:
+    return f"round/{round_index:06d}/update/{device}/{upload}"
 
 
 def round_rejected(round_index: int) -> str:
-    """A set of ``device:reason`` members."""
+    """A set of ``device:upload:reason`` members."""
     return f"round/{round_index:06d}/rejected"
 
 
-def round_rejection(round_index: int, device: int) -> str:
-    return f"round/{round_index:06d}/rejection/{device}"
+def round_rejection(round_index: int, device: int, upload: str) -> str:
+    return f"round/{round_index:06d}/rejection/{device}/{upload}"
+
+
+UPLOAD_COUNTER = "uploads"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from amble.errors import AmbleError
 from amble.server import keys
 from amble.server.events.base import EventLog
-from amble.server.functions import RunSettings, load_model, plans_from_json, read_json, record_rejection
+from amble.server.functions import RunSettings, load_model, plans_of, read_json
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
 from amble.server.store.base import Store
 from amble.server.tensors import encode, template_of, template_to_json
@@ -33,7 +33,9 @@ class RoundOutcome:
     ended_at_s: float
     """Virtual time the outcome was published (after aggregation and finalisation)."""
     counted: list[int]
+    """Devices whose updates were folded (and, when finalised, are in the published model)."""
     rejected: dict[int, str]
+    """Devices with a rejected upload, and a reason (a device may also be counted via another upload)."""
 
 
 class ParameterServer:
@@ -41,6 +43,7 @@ class ParameterServer:
         self.store = store
         self.events = events
         self.runtime = runtime
+        self._settings: RunSettings | None = None
 
     def initialize(self, params: Params, num_samples: Mapping[int, int], settings: RunSettings) -> None:
         """Publish model version 0, the update template and the devices. Idempotent."""
@@ -65,30 +68,40 @@ class ParameterServer:
         self.events.publish(FUNCTIONS_TOPIC, "round_start", {"round": round_index, "available": available}, at_s)
         self.runtime.drain()
         planned_at_s = self._take_published().get(round_index, ("planned", -1, at_s))[2]
-        blob = self.store.get(keys.round_plans(round_index))
-        if blob is None:
+        state = read_json(self.store, keys.round_state(round_index))
+        if state is None:
             raise AmbleError(f"round {round_index} was not planned: {self._function_errors()}")
-        return plans_from_json(blob), planned_at_s
+        return plans_of(state), planned_at_s
 
-    def upload(self, report: Report, update: bytes, at_s: float) -> None:
-        """Store an update and emit the event that triggers its aggregation."""
-        settings = RunSettings.from_json(self.store.get(keys.SETTINGS) or b"{}")
-        if len(update) > settings.max_update_bytes:
-            record_rejection(
-                self.store,
-                report.round,
-                report.device,
-                "too_large",
-                f"update is {len(update):,} bytes, over the limit of {settings.max_update_bytes:,}",
-            )
-            return
-        self.store.put(keys.round_update(report.round, report.device), update)
-        self.events.publish(
-            FUNCTIONS_TOPIC,
-            "update_uploaded",
-            {"round": report.round, "device": report.device, "report": report.to_dict()},
-            at_s,
-        )
+    def upload(self, report: Report, update: bytes, at_s: float) -> str:
+        """Store an update under a fresh upload id and emit the event that triggers its aggregation.
+
+        An update over the size limit is not stored; its event still goes out, so the aggregate
+        function records the rejection through the same path as every other one.
+        """
+        upload = str(int(self.store.incr(keys.UPLOAD_COUNTER)))
+        too_large = len(update) > self._max_update_bytes()
+        update_key = None if too_large else keys.round_update(report.round, report.device, upload)
+        if update_key is not None:
+            self.store.put(update_key, update)
+        payload = {
+            "round": report.round,
+            "device": report.device,
+            "upload": upload,
+            "update_key": update_key,
+            "size": len(update),
+            "report": report.to_dict(),
+        }
+        self.events.publish(FUNCTIONS_TOPIC, "update_uploaded", payload, at_s)
+        return upload
+
+    def _max_update_bytes(self) -> int:
+        if self._settings is None:
+            blob = self.store.get(keys.SETTINGS)
+            if blob is None:
+                raise AmbleError("the parameter server is not initialised: call initialize() first")
+            self._settings = RunSettings.from_json(blob)
+        return self._settings.max_update_bytes
 
     def close_round(self, round_index: int, deadline_at_s: float) -> RoundOutcome:
         """Run the functions; if the round is still open, its deadline fires at ``deadline_at_s``."""
@@ -102,10 +115,10 @@ class ParameterServer:
             raise AmbleError(f"round {round_index} neither finalised nor failed: {self._function_errors()}")
         status, version, ended_at_s = outcome
         state = read_json(self.store, keys.round_state(round_index))
-        rejected = {
-            int(member.split(":")[0]): member.split(":", 1)[1]
-            for member in self.store.set_members(keys.round_rejected(round_index))
-        }
+        rejected: dict[int, str] = {}
+        for member in sorted(self.store.set_members(keys.round_rejected(round_index))):
+            device, _, reason = member.split(":", 2)
+            rejected.setdefault(int(device), reason)
         return RoundOutcome(round_index, status, version, ended_at_s, list(state.get("counted", [])), rejected)
 
     def _take_published(self) -> dict[int, tuple[str, int, float]]:

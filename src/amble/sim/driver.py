@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from amble.data import Dataset, load_dataset, partition_indices
 from amble.fleet import DeviceProfile, StepTime, VirtualClock, calibrate, generate_fleet
 from amble.models import build_model
 from amble.report import RunWriter, build_report
-from amble.server import RunSettings
+from amble.server import ParameterServer, RoundOutcome, RunSettings
 from amble.server.tensors import encode
 from amble.sim.factory import build_embedded_server, build_strategy
 from amble.strategies import Params, Report
@@ -107,12 +107,10 @@ class Experiment:
     ) -> StrategyRun:
         config = self.config
         label = strategy_label(strategy_config)
-        strategy = build_strategy(strategy_config, config)
-        server = build_embedded_server(strategy, config.server)
-        num_samples = {k: len(y) for k, (_, y) in enumerate(self.device_data)}
+        server = build_embedded_server(build_strategy(strategy_config, config), config.server)
         server.initialize(
             self.initial,
-            num_samples,
+            {k: len(y) for k, (_, y) in enumerate(self.device_data)},
             RunSettings(
                 seed=config.seed,
                 devices_per_round=config.devices_per_round,
@@ -122,129 +120,152 @@ class Experiment:
         )
         trainer = LocalTrainer(copy.deepcopy(self.model), config.train.momentum, config.train.weight_decay)
         eval_model = copy.deepcopy(self.model)
-        target = config.eval.target_accuracy
-
+        tally = _Tally()
         began = time.perf_counter()
-        train_compute_s = 0.0
-        now_s = 0.0
-        accuracies: list[tuple[int, float, float]] = []  # (round, virtual time, accuracy)
-        updates_aggregated = updates_rejected = rounds_failed = samples_total = 0
-        latencies: list[float] = []
         accuracy: float | None = None
         bar = tqdm(range(config.rounds), desc=f"{label:>10}", unit="round", disable=not progress, leave=True)
         for r in bar:
-            available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
-            plans, start_s = server.start_round(r, available, now_s)
-            start_params = server.model()
-            uploads: list[tuple[float, Report, bytes]] = []
-            device_rows: list[dict[str, Any]] = []
-            drop_times: list[float] = []
-            samples_round = 0
-            for k, plan in sorted(plans.items()):
-                profile = self.fleet[k]
-                timing = self.clock.timing(profile, r, k, plan.batch_size, plan.local_steps)
-                x, y = self.device_data[k]
-                row: dict[str, Any] = {
-                    "strategy": label,
-                    "round": r,
-                    "device": k,
-                    "batch_size": plan.batch_size,
-                    "local_steps": plan.local_steps,
-                    "epochs": plan.local_steps * plan.batch_size / len(y),
-                    "lr": plan.lr,
-                    "compute_s": timing.compute_s,
-                    "comm_s": timing.download_s + timing.upload_s,
-                }
-                if timing.dropped_at_s is not None:
-                    drop_times.append(start_s + timing.dropped_at_s)
-                    device_rows.append({**row, "compute_s": 0.0, "comm_s": 0.0, "idle_s": 0.0, "status": "dropped"})
-                    continue
-                tic = time.perf_counter()
-                result = trainer.train(start_params, x, y, plan, derive_seed(config.seed, r, k))
-                train_compute_s += time.perf_counter() - tic
-                samples_round += result.samples
-                report = Report(
-                    round=r,
-                    device=k,
-                    num_samples=len(y),
-                    local_steps=result.steps,
-                    batch_size=plan.batch_size,
-                    compute_s=timing.compute_s,
-                    download_s=timing.download_s,
-                    upload_s=timing.upload_s,
-                )
-                arrival_s = start_s + timing.total_s
-                uploads.append((arrival_s, report, encode(result.delta)))
-                device_rows.append({**row, "status": "ok", "_finished_s": arrival_s})
-            uploads.sort(key=lambda item: (item[0], item[1].device))
-            for arrival_s, report, blob in uploads:
-                server.upload(report, blob, arrival_s)
-            last_event_s = max([a for a, _, _ in uploads] + drop_times, default=start_s)
-            outcome = server.close_round(r, last_event_s)
-            end_s = max(outcome.ended_at_s, last_event_s)
-            if uploads:
-                latencies.append(outcome.ended_at_s - max(a for a, _, _ in uploads))
-            for row in device_rows:
-                finished = row.pop("_finished_s", None)
-                if finished is not None:
-                    row["idle_s"] = end_s - finished
-                    if row["device"] in outcome.rejected:
-                        row["status"] = "failed"
-            updates_aggregated += len(outcome.counted)
-            updates_rejected += len(outcome.rejected)
-            rounds_failed += outcome.status == "failed"
-            samples_total += samples_round
-            now_s = end_s
-
+            record = self._play_round(server, trainer, label, r, tally)
             loss: float | None = None
             evaluated = (r + 1) % config.eval.every == 0 or r == config.rounds - 1
             if evaluated:
-                eval_model.load_state_dict(server.model(outcome.version))
+                eval_model.load_state_dict(server.model(record.outcome.version))
                 accuracy, loss = evaluate(eval_model, *self.test, batch_size=config.eval.batch_size)
-                accuracies.append((r, now_s, accuracy))
-                bar.set_postfix(acc=f"{accuracy:.3f}", vtime=f"{now_s:,.0f}s")
+                tally.accuracies.append((r, tally.now_s, accuracy))
+                bar.set_postfix(acc=f"{accuracy:.3f}", vtime=f"{tally.now_s:,.0f}s")
+            finalized = record.outcome.status == "finalized"
             writer.write_round(
                 {
                     "strategy": label,
                     "round": r,
-                    "virtual_time_s": now_s,
+                    "virtual_time_s": tally.now_s,
                     "wall_time_s": time.perf_counter() - began,
                     "accuracy": accuracy if evaluated else None,
                     "loss": loss,
-                    "participants": len(plans),
-                    "completed": len(outcome.counted),
-                    "dropped": sum(1 for row in device_rows if row["status"] == "dropped"),
-                    "samples_processed": samples_round,
-                    "status": outcome.status,
+                    "participants": len(record.devices),
+                    "completed": len(record.outcome.counted) if finalized else 0,
+                    "dropped": sum(1 for row in record.devices if row["status"] == "dropped"),
+                    "samples_processed": record.samples,
+                    "status": record.outcome.status,
                 }
             )
-            writer.write_devices(device_rows)
+            writer.write_devices(record.devices)
         bar.close()
+        return StrategyRun(label, tally.summary(server, config, time.perf_counter() - began))
 
+    def _play_round(
+        self, server: ParameterServer, trainer: LocalTrainer, label: str, r: int, tally: _Tally
+    ) -> _RoundRecord:
+        """One round: plan, train every planned device, upload at virtual arrival times, finalise."""
+        available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
+        plans, start_s = server.start_round(r, available, tally.now_s)
+        start_params = server.model()
+        uploads: list[tuple[float, Report, bytes]] = []
+        rows: list[dict[str, Any]] = []
+        finished_s: dict[int, float] = {}
+        drop_times: list[float] = []
+        samples = 0
+        for k, plan in sorted(plans.items()):
+            timing = self.clock.timing(self.fleet[k], r, k, plan.batch_size, plan.local_steps)
+            x, y = self.device_data[k]
+            row: dict[str, Any] = {
+                "strategy": label,
+                "round": r,
+                "device": k,
+                "batch_size": plan.batch_size,
+                "local_steps": plan.local_steps,
+                "epochs": plan.local_steps * plan.batch_size / len(y),
+                "lr": plan.lr,
+                "compute_s": timing.compute_s,
+                "comm_s": timing.download_s + timing.upload_s,
+                "idle_s": 0.0,
+            }
+            rows.append(row)
+            if timing.dropped_at_s is not None:
+                # It vanished part-way: charge what it spent before dropping, upload nothing.
+                spent_computing = min(max(timing.dropped_at_s - timing.download_s, 0.0), timing.compute_s)
+                row.update(compute_s=spent_computing, comm_s=timing.dropped_at_s - spent_computing, status="dropped")
+                drop_times.append(start_s + timing.dropped_at_s)
+                continue
+            tic = time.perf_counter()
+            result = trainer.train(start_params, x, y, plan, derive_seed(self.config.seed, r, k))
+            tally.train_compute_s += time.perf_counter() - tic
+            samples += result.samples
+            report = Report(
+                r, k, len(y), result.steps, plan.batch_size, timing.compute_s, timing.download_s, timing.upload_s
+            )
+            finished_s[k] = start_s + timing.total_s
+            uploads.append((finished_s[k], report, encode(result.delta)))
+            row["status"] = "partial" if row["epochs"] < self.config.train.local_epochs else "ok"
+        uploads.sort(key=lambda item: (item[0], item[1].device))
+        for arrival_s, report, blob in uploads:
+            server.upload(report, blob, arrival_s)
+        last_event_s = max([*finished_s.values(), *drop_times], default=start_s)
+        outcome = server.close_round(r, last_event_s)
+        end_s = max(outcome.ended_at_s, last_event_s)
+        finalized = outcome.status == "finalized"
+        for row in rows:
+            k = row["device"]
+            if k in finished_s:
+                row["idle_s"] = end_s - finished_s[k]
+                if not finalized or k not in outcome.counted:
+                    row["status"] = "failed"  # rejected, or received by a round that failed
+        if finished_s:
+            tally.latencies.append(outcome.ended_at_s - max(finished_s.values()))
+        tally.updates_aggregated += len(outcome.counted) if finalized else 0
+        tally.updates_rejected += len(outcome.rejected)
+        tally.rounds_failed += not finalized
+        tally.samples += samples
+        tally.now_s = end_s
+        return _RoundRecord(outcome, rows, samples)
+
+
+@dataclass
+class _RoundRecord:
+    outcome: RoundOutcome
+    devices: list[dict[str, Any]]
+    samples: int
+
+
+@dataclass
+class _Tally:
+    """Running totals of one strategy's run."""
+
+    now_s: float = 0.0
+    train_compute_s: float = 0.0
+    samples: int = 0
+    updates_aggregated: int = 0
+    updates_rejected: int = 0
+    rounds_failed: int = 0
+    latencies: list[float] = field(default_factory=list)
+    accuracies: list[tuple[int, float, float]] = field(default_factory=list)
+    """(round, virtual time, accuracy) at each evaluation."""
+
+    def summary(self, server: ParameterServer, config: ExperimentConfig, wall_time_s: float) -> dict[str, Any]:
         stats = server.runtime.stats()
-        reached = next(((r, t) for r, t, a in accuracies if a >= target), None)
-        summary = {
-            "final_accuracy": accuracies[-1][2] if accuracies else None,
-            "best_accuracy": max((a for _, _, a in accuracies), default=None),
+        target = config.eval.target_accuracy
+        reached = next(((r, t) for r, t, a in self.accuracies if a >= target), None)
+        return {
+            "final_accuracy": self.accuracies[-1][2] if self.accuracies else None,
+            "best_accuracy": max((a for _, _, a in self.accuracies), default=None),
             "target_accuracy": target,
             "time_to_target_s": reached[1] if reached else None,
             "rounds_to_target": reached[0] + 1 if reached else None,
-            "virtual_time_s": now_s,
-            "wall_time_s": time.perf_counter() - began,
-            "train_compute_s": train_compute_s,
+            "virtual_time_s": self.now_s,
+            "wall_time_s": wall_time_s,
+            "train_compute_s": self.train_compute_s,
             "rounds": config.rounds,
-            "rounds_failed": rounds_failed,
-            "samples_processed": samples_total,
-            "updates_aggregated": updates_aggregated,
-            "updates_rejected": updates_rejected,
+            "rounds_failed": self.rounds_failed,
+            "samples_processed": self.samples,
+            "updates_aggregated": self.updates_aggregated,
+            "updates_rejected": self.updates_rejected,
             "function_invocations": stats.invocations,
             "cold_starts": stats.cold_starts,
             "warm_starts": stats.warm_starts,
             "function_busy_s": stats.busy_s,
             "function_failures": stats.failures,
-            "aggregation_latency_s": float(np.mean(latencies)) if latencies else None,
+            "aggregation_latency_s": float(np.mean(self.latencies)) if self.latencies else None,
         }
-        return StrategyRun(label, summary)
 
 
 def run_experiment(

@@ -27,6 +27,7 @@ def pool_settings(server: ServerConfig) -> PoolSettings:
         keep_alive_s=server.keep_alive_s,
         reuse=server.reuse,
         cold_start_s=server.cold_start_s,
+        invocation_s=None if server.invocation_s == "measured" else server.invocation_s,
         max_attempts=server.max_attempts,
     )
 

@@ -16,9 +16,9 @@ Refinements over the literal rule, each measured (see the issue notes): batches 
 as the capped learning rate can follow (:meth:`Amble.batch_ceiling`); the epoch cap is
 ``floor(E_max n_k / B_k)`` steps, so no device exceeds ``E_max`` epochs (``E_max ceil(n_k/B_k)``
 lets a 600-sample device at B=256 run 6.4 epochs under ``E_max = 5``); and every device except the
-deadline device plans to finish by ``(1 - deadline_slack) T_r``, because speeds are noisy: planning
-every device to end exactly at ``T_r`` makes the slowest of ten noisy finishes overrun the round
-that FedAvg would have had.
+deadline device plans to finish by ``max((1 - deadline_slack) T_r, own FedAvg time)``, because speeds
+are noisy: planning every device to end exactly at ``T_r`` makes the slowest of ten noisy finishes
+overrun the round that FedAvg would have had.
 """
 
 from __future__ import annotations
@@ -118,10 +118,13 @@ class Amble(Strategy):
         lr_max = base.lr * s.lr_max_factor
         gamma = LR_EXPONENTS[s.lr_scaling]
 
-        for d, m in zip(seen, speeds, strict=True):
+        for d, m, fedavg in zip(seen, speeds, fedavg_s, strict=True):
             batch = self._round_batch(base.batch_size * m.throughput(base.batch_size) / ref_throughput, d.num_samples)
             max_steps = max(1, math.floor(s.epochs_max * d.num_samples / batch))
-            budget_s = deadline_s if d is seen[ref] else (1 - s.deadline_slack) * deadline_s
+            # Slack, but never below the device's own FedAvg time when that fits: the deadline
+            # device keeps all of T_r and no device gets less time than FedAvg would give it.
+            fits = fedavg <= deadline_s
+            budget_s = max((1 - s.deadline_slack) * deadline_s, fedavg if fits else 0.0)
             steps = math.floor((budget_s - m.comm_s) / m.step_s(batch) + 1e-9)  # 1e-9: 3.0/0.3 is 9.999...
             lr = min(base.lr * (batch / base.batch_size) ** gamma, lr_max)
             plans[d.device] = Plan(

@@ -27,6 +27,9 @@ class PoolSettings:
     reuse: bool = True
     cold_start_s: float = 0.0
     """Seconds a cold instance spends starting (charged on the virtual clock)."""
+    invocation_s: float | None = None
+    """Virtual seconds charged per invocation; None charges the measured wall time instead (which
+    makes virtual time, and pool decisions, vary slightly from run to run)."""
     max_attempts: int = 5
     """Deliveries of one event before it is dead-lettered instead of retried forever."""
 

@@ -1,10 +1,12 @@
 """The embedded Runtime: functions run in the caller's thread, on a simulated instance pool.
 
 Running in-process keeps simulations deterministic (updates are folded in upload order, so a
-seed reproduces the same floating-point sums). The pool is simulated on the virtual clock: an event
+seed reproduces the same floating-point sums; with a fixed ``invocation_s`` the virtual clock and
+the pool's cold/warm decisions are reproducible too). The pool is simulated on the virtual clock: an event
 emitted at virtual time ``t`` lands on an idle warm instance if one was freed within
 ``keep_alive_s`` (and ``reuse`` is on), else on a new cold instance if fewer than ``max_instances``
-are alive, else it queues for the first instance to free up. Execution time is measured for real.
+are alive, else it queues for the first instance to free up. Execution time is measured for real
+and counted as busy function-seconds.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class LocalRuntime(Runtime):
             return
         busy_s = time.perf_counter() - began
         record_invocation(self.store, cold=cold, busy_s=busy_s, failed=False)
-        end_s = start_s + (self.settings.cold_start_s if cold else 0.0) + busy_s
+        charged_s = busy_s if self.settings.invocation_s is None else self.settings.invocation_s
+        end_s = start_s + (self.settings.cold_start_s if cold else 0.0) + charged_s
         instance.free_at_s = end_s
         self._idle.append(instance)
         self.last_end_s = max(self.last_end_s, end_s)
@@ -112,5 +115,5 @@ class LocalRuntime(Runtime):
             batch += self.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer)
             if not batch:
                 return self.last_end_s
-            for event in batch:
+            for event in sorted(batch, key=lambda e: e.at_s):  # stable: ties keep log order
                 self._run(event)
