@@ -12,9 +12,10 @@ import amble.strategies
 def test_public_names() -> None:
     assert sorted(amble.strategies.__all__) == sorted(
         [
-            "AGGREGATORS", "Aggregator", "Amble", "AmbleSettings", "BaseWork", "Contribution", "DeviceState",
-            "FedAvg", "FedAvgAggregator", "FedNovaAggregator", "Params", "Plan", "Report", "SpeedModel",
-            "Strategy", "fit_speed",
+            "AGGREGATORS", "AdaBatch", "AdaBatchSettings", "Aggregator", "Amble", "AmbleSettings", "BaseWork",
+            "Contribution", "DeadlineFedAvg", "DeadlineSettings", "DeviceState", "FedAvg", "FedAvgAggregator",
+            "FedNova", "FedNovaAggregator", "FedProx", "Params", "PartialWorkSettings", "Plan", "Report",
+            "SpeedModel", "Strategy", "fit_speed",
         ]
     )  # fmt: skip
     assert sorted(amble.server.__all__) == sorted(

@@ -10,9 +10,10 @@ waiting and clocks; the strategies and functions never see the profiles.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,15 @@ import torch
 from tqdm import tqdm
 
 from amble.client import LocalTrainer, evaluate
-from amble.config import AmbleConfig, ExperimentConfig, FedAvgConfig, config_to_dict, strategy_label
+from amble.config import AnyStrategyConfig, ExperimentConfig, config_to_dict, strategy_label
 from amble.data import Dataset, load_dataset, partition_indices
-from amble.fleet import DeviceProfile, StepTime, VirtualClock, calibrate, generate_fleet
+from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
 from amble.models import build_model
 from amble.report import RunWriter, build_report
 from amble.server import ParameterServer, RoundOutcome, RunSettings
 from amble.server.tensors import encode
 from amble.sim.factory import build_embedded_server, build_strategy
-from amble.strategies import Params, Report
+from amble.strategies import Params, Plan, Report
 
 Progress = Callable[[str], None]
 
@@ -102,9 +103,7 @@ class Experiment:
             results[outcome.label] = outcome.summary
         return results
 
-    def run_strategy(
-        self, strategy_config: FedAvgConfig | AmbleConfig, writer: RunWriter, progress: bool
-    ) -> StrategyRun:
+    def run_strategy(self, strategy_config: AnyStrategyConfig, writer: RunWriter, progress: bool) -> StrategyRun:
         config = self.config
         label = strategy_label(strategy_config)
         server = build_embedded_server(build_strategy(strategy_config, config), config.server)
@@ -159,6 +158,7 @@ class Experiment:
         """One round: plan, train every planned device, upload at virtual arrival times, finalise."""
         available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
         plans, start_s = server.start_round(r, available, tally.now_s)
+        planned_steps = {k: p.local_steps for k, p in plans.items()}
         start_params = server.model()
         uploads: list[tuple[float, Report, bytes]] = []
         rows: list[dict[str, Any]] = []
@@ -167,8 +167,9 @@ class Experiment:
         samples = 0
         for k, plan in sorted(plans.items()):
             timing = self.clock.timing(self.fleet[k], r, k, plan.batch_size, plan.local_steps)
+            plan, timing = apply_deadline(plan, timing)
             x, y = self.device_data[k]
-            row: dict[str, Any] = {
+            row: dict[str, Any] = {  # the plan as the device ran it (cut at its deadline if it had to)
                 "strategy": label,
                 "round": r,
                 "device": k,
@@ -182,7 +183,7 @@ class Experiment:
             }
             rows.append(row)
             if timing.dropped_at_s is not None:
-                # It vanished part-way: charge what it spent before dropping, upload nothing.
+                # It vanished part-way (or gave up at the deadline): charge what it spent, upload nothing.
                 spent_computing = min(max(timing.dropped_at_s - timing.download_s, 0.0), timing.compute_s)
                 row.update(compute_s=spent_computing, comm_s=timing.dropped_at_s - spent_computing, status="dropped")
                 drop_times.append(start_s + timing.dropped_at_s)
@@ -196,7 +197,8 @@ class Experiment:
             )
             finished_s[k] = start_s + timing.total_s
             uploads.append((finished_s[k], report, encode(result.delta)))
-            row["status"] = "partial" if row["epochs"] < self.config.train.local_epochs else "ok"
+            cut = result.steps < planned_steps[k]
+            row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
         uploads.sort(key=lambda item: (item[0], item[1].device))
         for arrival_s, report, blob in uploads:
             server.upload(report, blob, arrival_s)
@@ -218,6 +220,23 @@ class Experiment:
         tally.samples += samples
         tally.now_s = end_s
         return _RoundRecord(outcome, rows, samples)
+
+
+def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
+    """A device whose work would run past its plan's deadline stops (partial work) or drops.
+
+    The device knows its own speed, so it stops after the last whole step that still lets its
+    upload arrive by the deadline; with no whole step possible it has nothing to send.
+    """
+    if plan.deadline_s is None or plan.at_deadline == "continue" or timing.total_s <= plan.deadline_s:
+        return plan, timing
+    if timing.dropped_at_s is not None:  # it was going to drop out anyway: by the deadline at the latest
+        return plan, replace(timing, dropped_at_s=min(timing.dropped_at_s, plan.deadline_s))
+    step_s = timing.compute_s / plan.local_steps
+    steps = math.floor((plan.deadline_s - timing.download_s - timing.upload_s) / step_s + 1e-9)
+    if plan.at_deadline == "drop" or steps < 1:
+        return plan, replace(timing, dropped_at_s=plan.deadline_s)
+    return replace(plan, local_steps=steps), replace(timing, compute_s=steps * step_s)
 
 
 @dataclass

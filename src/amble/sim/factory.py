@@ -2,23 +2,55 @@
 
 from __future__ import annotations
 
-from amble.config import AmbleConfig, ExperimentConfig, FedAvgConfig, ServerConfig
+from amble.config import (
+    AdaBatchConfig,
+    AmbleConfig,
+    AnyStrategyConfig,
+    DeadlineConfig,
+    ExperimentConfig,
+    FedNovaConfig,
+    FedProxConfig,
+    ServerConfig,
+)
 from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterServer, PoolSettings, ServerFunctions
-from amble.strategies import AGGREGATORS, Amble, AmbleSettings, BaseWork, FedAvg, Strategy
+from amble.strategies import (
+    AGGREGATORS,
+    AdaBatch,
+    AdaBatchSettings,
+    Amble,
+    AmbleSettings,
+    BaseWork,
+    DeadlineFedAvg,
+    DeadlineSettings,
+    FedAvg,
+    FedNova,
+    FedProx,
+    PartialWorkSettings,
+    Strategy,
+)
 
 
 def base_work(config: ExperimentConfig) -> BaseWork:
     return BaseWork(config.train.batch_size, config.train.local_epochs, config.train.lr)
 
 
-def build_strategy(strategy: FedAvgConfig | AmbleConfig, config: ExperimentConfig) -> Strategy:
-    aggregator = AGGREGATORS[strategy.aggregator or config.aggregator]()
+def build_strategy(strategy: AnyStrategyConfig, config: ExperimentConfig) -> Strategy:
+    """The strategy object a config entry names, with the run's base work and aggregator."""
+    chosen = strategy.aggregator or config.aggregator  # None: the strategy's own (FedNova's for fednova)
+    aggregator = AGGREGATORS[chosen]() if chosen else None
+    knobs = strategy.model_dump(exclude={"name", "label", "aggregator"})
+    base = base_work(config)
     if isinstance(strategy, AmbleConfig):
-        settings = AmbleSettings(
-            **strategy.model_dump(exclude={"name", "label", "aggregator"}),
-        )
-        return Amble(base_work(config), settings, aggregator)
-    return FedAvg(base_work(config), aggregator)
+        return Amble(base, AmbleSettings(**knobs), aggregator)
+    if isinstance(strategy, DeadlineConfig):
+        return DeadlineFedAvg(base, DeadlineSettings(**knobs), aggregator)
+    if isinstance(strategy, FedProxConfig):
+        return FedProx(base, PartialWorkSettings(**knobs), aggregator)
+    if isinstance(strategy, FedNovaConfig):
+        return FedNova(base, PartialWorkSettings(**knobs), aggregator)
+    if isinstance(strategy, AdaBatchConfig):
+        return AdaBatch(base, AdaBatchSettings(**knobs), aggregator)
+    return FedAvg(base, aggregator)
 
 
 def pool_settings(server: ServerConfig) -> PoolSettings:

@@ -1,5 +1,6 @@
 """Strategies: per-round plans and how updates combine. One algorithm per file."""
 
+from amble.strategies.adabatch import AdaBatch, AdaBatchSettings
 from amble.strategies.amble import Amble, AmbleSettings
 from amble.strategies.base import (
     Aggregator,
@@ -11,24 +12,33 @@ from amble.strategies.base import (
     Report,
     Strategy,
 )
+from amble.strategies.deadline import DeadlineFedAvg, DeadlineSettings
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
-from amble.strategies.fednova import FedNovaAggregator
+from amble.strategies.fednova import FedNova, FedNovaAggregator
+from amble.strategies.fedprox import FedProx, PartialWorkSettings
 from amble.strategies.speed import SpeedModel, fit_speed
 
 AGGREGATORS: dict[str, type[Aggregator]] = {"fedavg": FedAvgAggregator, "fednova": FedNovaAggregator}
 
 __all__ = [
     "AGGREGATORS",
+    "AdaBatch",
+    "AdaBatchSettings",
     "Aggregator",
     "Amble",
     "AmbleSettings",
     "BaseWork",
     "Contribution",
+    "DeadlineFedAvg",
+    "DeadlineSettings",
     "DeviceState",
     "FedAvg",
     "FedAvgAggregator",
+    "FedNova",
     "FedNovaAggregator",
+    "FedProx",
     "Params",
+    "PartialWorkSettings",
     "Plan",
     "Report",
     "SpeedModel",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
 from amble.strategies.fedavg import FedAvgAggregator
-from amble.strategies.speed import SpeedModel, fit_speed
+from amble.strategies.rounds import base_plan, estimate_round, round_batch, steps_within
 
 LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 
@@ -48,13 +48,6 @@ class AmbleSettings:
     lr_warmup_steps: int = 0
     speed_decay: float = 0.7
     speed_window: int = 8
-
-
-def quantile_index(values: Sequence[float], q: float) -> int:
-    """Index of the q-quantile element (inverted CDF: always an actual element; q=1 is the max)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    rank = max(math.ceil(q * len(values)) - 1, 0)
-    return order[rank]
 
 
 class Amble(Strategy):
@@ -83,54 +76,29 @@ class Amble(Strategy):
         ceiling = int(self.base.batch_size * s.lr_max_factor ** (1 / gamma) + 1e-9)
         return max(min(s.batch_max, ceiling), s.batch_min)
 
-    def _round_batch(self, raw: float, num_samples: int) -> int:
-        s = self.settings
-        rounded = max(s.batch_multiple, round(raw / s.batch_multiple) * s.batch_multiple)
-        return min(max(rounded, s.batch_min), self.batch_ceiling(), num_samples)
-
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         s, base = self.settings, self.base
-        plans = {
-            d.device: Plan(
-                batch_size=min(base.batch_size, d.num_samples),
-                local_steps=base.steps_for(d.num_samples),
-                lr=base.lr,
-            )
-            for d in devices
-            if not d.reports
-        }
-        seen = [d for d in devices if d.reports]
-        if not seen:
+        plans = {d.device: base_plan(base, d) for d in devices if not d.reports}
+        estimate = estimate_round(
+            devices, base, s.deadline_quantile, decay=s.speed_decay, window=s.speed_window, cap_s=s.deadline_s
+        )
+        if estimate is None:
             return plans
-
-        speeds: list[SpeedModel] = [fit_speed(d.reports, s.speed_decay, s.speed_window) for d in seen]
-        fedavg_s = [
-            m.comm_s + base.steps_for(d.num_samples) * m.step_s(base.batch_size)
-            for d, m in zip(seen, speeds, strict=True)
-        ]
-        ref = quantile_index(fedavg_s, s.deadline_quantile)
-        deadline_s = fedavg_s[ref] if s.deadline_s is None else min(fedavg_s[ref], s.deadline_s)
-        # v_ref: the q-quantile of compute throughput counted from the fastest (the slowest when q = 1).
-        # Not the deadline device's own throughput: a straggler slowed by its link must not shrink
-        # everyone's batch below B0.
-        slowness = [-m.throughput(base.batch_size) for m in speeds]
-        ref_throughput = -slowness[quantile_index(slowness, s.deadline_quantile)]
-        lr_max = base.lr * s.lr_max_factor
+        deadline_s = estimate.deadline_s
         gamma = LR_EXPONENTS[s.lr_scaling]
-
-        for d, m, fedavg in zip(seen, speeds, fedavg_s, strict=True):
-            batch = self._round_batch(base.batch_size * m.throughput(base.batch_size) / ref_throughput, d.num_samples)
+        for seen in estimate.seen:
+            d, speed = seen.state, seen.speed
+            raw_batch = base.batch_size * speed.throughput(base.batch_size) / estimate.ref_throughput
+            batch = round_batch(raw_batch, d.num_samples, s.batch_multiple, s.batch_min, self.batch_ceiling())
             max_steps = max(1, math.floor(s.epochs_max * d.num_samples / batch))
             # Slack, but never below the device's own FedAvg time when that fits: the deadline
             # device keeps all of T_r and no device gets less time than FedAvg would give it.
-            fits = fedavg <= deadline_s
-            budget_s = max((1 - s.deadline_slack) * deadline_s, fedavg if fits else 0.0)
-            steps = math.floor((budget_s - m.comm_s) / m.step_s(batch) + 1e-9)  # 1e-9: 3.0/0.3 is 9.999...
-            lr = min(base.lr * (batch / base.batch_size) ** gamma, lr_max)
+            fits = seen.fedavg_s <= deadline_s
+            budget_s = max((1 - s.deadline_slack) * deadline_s, seen.fedavg_s if fits else 0.0)
             plans[d.device] = Plan(
                 batch_size=batch,
-                local_steps=min(max(steps, 1), max_steps),
-                lr=lr,
+                local_steps=min(max(steps_within(budget_s, speed, batch), 1), max_steps),
+                lr=min(base.lr * (batch / base.batch_size) ** gamma, base.lr * s.lr_max_factor),
                 deadline_s=deadline_s,
                 lr_warmup_steps=s.lr_warmup_steps,
                 lr_warmup_from=base.lr if s.lr_warmup_steps else None,

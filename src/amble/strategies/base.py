@@ -39,6 +39,10 @@ class Plan:
     lr_warmup_steps: int = 0
     lr_warmup_from: float | None = None
     """Learning rate at the first step of the warm-up (linear ramp up to ``lr``)."""
+    at_deadline: str = "continue"
+    """What the device does if its work would run past ``deadline_s`` (seconds from the round's start):
+    ``continue`` (the round waits), ``stop`` (send the steps done so far: partial work) or ``drop``
+    (send nothing)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

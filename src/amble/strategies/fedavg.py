@@ -14,6 +14,7 @@ from amble.strategies.base import (
     Report,
     Strategy,
 )
+from amble.strategies.rounds import base_plan
 
 
 class FedAvgAggregator(Aggregator):
@@ -42,11 +43,4 @@ class FedAvg(Strategy):
         self.aggregator = aggregator or FedAvgAggregator()
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
-        return {
-            d.device: Plan(
-                batch_size=min(self.base.batch_size, d.num_samples),
-                local_steps=self.base.steps_for(d.num_samples),
-                lr=self.base.lr,
-            )
-            for d in devices
-        }
+        return {d.device: base_plan(self.base, d) for d in devices}

@@ -1,10 +1,11 @@
-"""FedNova's normalised aggregation (Wang et al. 2020) for devices that ran unequal local steps."""
+"""FedNova (Wang et al. 2020): normalised aggregation for devices that ran unequal local steps."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from amble.strategies.base import Aggregator, Contribution, Params, Report
+from amble.strategies.base import Aggregator, BaseWork, Contribution, DeviceState, Params, Plan, Report, Strategy
+from amble.strategies.fedprox import PartialWorkSettings, partial_work_plans
 
 
 class FedNovaAggregator(Aggregator):
@@ -30,3 +31,17 @@ class FedNovaAggregator(Aggregator):
             else value.clone()
             for name, value in global_params.items()
         }
+
+
+class FedNova(Strategy):
+    """FedProx-style partial work (stragglers stop at ``T_r``) with FedNova's normalised aggregation."""
+
+    name = "fednova"
+
+    def __init__(self, base: BaseWork, settings: PartialWorkSettings, aggregator: Aggregator | None = None) -> None:
+        self.base = base
+        self.settings = settings
+        self.aggregator = aggregator or FedNovaAggregator()
+
+    def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
+        return partial_work_plans(self.base, self.settings, devices)

@@ -1,0 +1,353 @@
+"""Time-to-accuracy benchmark: AMBLE against the baselines, side by side.
+
+Every cell of the matrix (dataset x partition x fleet x model) runs all strategies on the identical
+partition, fleet, device selection and seed (one ``amble run`` per seed), then reports per strategy:
+virtual time to a target accuracy, final and best accuracy within a common virtual-time budget,
+rounds to target, samples processed, function invocations and cold starts, and the ratio
+``time_to_target(strategy) / time_to_target(amble)``.
+
+The target of a cell is 95% of FedAvg's best accuracy in that cell (mean over seeds), rounded down
+to a hundredth: the level FedAvg itself reaches, so each ratio says how much sooner (or later) a
+strategy gets to where FedAvg gets. It is computed after the runs from ``metrics.jsonl``, the same
+number for every strategy of the cell; nothing is tuned per cell.
+
+    python benchmarks/time_to_accuracy.py --reduced          # one seed, a few cells (the README's)
+    python benchmarks/time_to_accuracy.py                    # the full matrix, 3 seeds (hours on 2 cores)
+    python benchmarks/time_to_accuracy.py --reuse            # also the instance-reuse experiment
+
+Runs land in ``runs/bench/<cell>/seed<k>/`` (a finished run is reused when its config matches);
+tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from amble.config import config_from_dict, config_to_dict
+from amble.sim import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CIFAR_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+STRATEGIES: list[Any] = [
+    "fedavg",
+    {"name": "amble"},
+    {"name": "deadline", "deadline_quantile": 0.8},
+    {"name": "fedprox", "deadline_quantile": 0.8, "prox_mu": 0.01},
+    {"name": "fednova", "deadline_quantile": 0.8},
+    {"name": "adabatch"},
+]
+TIERS = {"kind": "tiers"}  # 50% 1x, 30% 3x, 20% 10x
+# sigma 0.92: the slowest of 100 devices (about +2.5 sigma) is ~10x the median.
+LOGNORMAL = {"kind": "lognormal", "sigma": 0.92}
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    dataset: str
+    partition: dict[str, Any]
+    model: str
+    fleet: dict[str, Any]
+    rounds: int
+    lr: float = 0.05
+
+    def config(self, seed: int, rounds: int | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {"dataset": self.dataset, "partition": self.partition, "num_devices": 100}
+        if self.dataset == "cifar10" and CIFAR_ARCHIVE.is_file():
+            data["root"] = str(CIFAR_ARCHIVE)
+        return {
+            "name": self.name,
+            "seed": seed,
+            "data": data,
+            "model": self.model,
+            "fleet": self.fleet,
+            "rounds": rounds or self.rounds,
+            "devices_per_round": 10,
+            "train": {"batch_size": 32, "local_epochs": 1, "lr": self.lr},
+            "strategies": STRATEGIES,
+            "eval": {"every": 1, "target_accuracy": 0.99, "test_samples": 2000},
+        }
+
+
+SHARDS = {"kind": "shards", "shards_per_device": 2}
+FULL_MATRIX = [
+    Cell(f"fmnist-{part_name}-{fleet_name}-{model}", "fashion-mnist", part, model, fleet, rounds)
+    for model, rounds in (("lenet", 60), ("cnn", 40))
+    for part_name, part in (
+        ("iid", {"kind": "iid"}),
+        ("shards2", SHARDS),
+        ("dir0.1", {"kind": "dirichlet", "alpha": 0.1}),
+        ("dir0.5", {"kind": "dirichlet", "alpha": 0.5}),
+    )
+    for fleet_name, fleet in (("tiers", TIERS), ("lognormal", LOGNORMAL))
+] + [
+    Cell(f"cifar10-{part_name}-{fleet_name}-cifar-cnn", "cifar10", part, "cifar-cnn", fleet, 40, lr=0.05)
+    for part_name, part in (("iid", {"kind": "iid"}), ("dir0.5", {"kind": "dirichlet", "alpha": 0.5}))
+    for fleet_name, fleet in (("tiers", TIERS), ("lognormal", LOGNORMAL))
+]
+REDUCED = {
+    "fmnist-shards2-tiers-lenet": 30,
+    "fmnist-dir0.1-tiers-lenet": 30,
+    "fmnist-iid-lognormal-lenet": 20,
+    "cifar10-dir0.5-tiers-cifar-cnn": 15,
+}
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def run_cell(cell: Cell, seed: int, rounds: int | None, out_root: Path) -> Path:
+    """One ``amble run`` of every strategy in the cell for one seed; reused if already done."""
+    out = out_root / cell.name / f"seed{seed}"
+    config = config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}")
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text())
+        if done.get("config") == config_to_dict(config):
+            return out
+    began = time.perf_counter()
+    run_experiment(config, out, progress=False)
+    print(f"  {cell.name} seed {seed}: {time.perf_counter() - began:,.0f} s wall", flush=True)
+    return out
+
+
+# -- analysis --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StrategyStats:
+    time_to_target_s: list[float | None] = field(default_factory=list)
+    rounds_to_target: list[int | None] = field(default_factory=list)
+    final_at_budget: list[float] = field(default_factory=list)
+    best_at_budget: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    invocations: list[int] = field(default_factory=list)
+    cold_starts: list[int] = field(default_factory=list)
+    ratio_to_amble: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class CellResult:
+    cell: str
+    target: float
+    budget_s: list[float]
+    seeds: int
+    strategies: dict[str, StrategyStats]
+    curves: dict[str, list[tuple[float, float]]]
+    """Seed 0's accuracy vs virtual time per strategy, for the plot."""
+
+
+def read_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_strategy.setdefault(row["strategy"], []).append(row)
+    return by_strategy
+
+
+def first_reach(rows: list[dict[str, Any]], target: float) -> tuple[float, int] | None:
+    for row in rows:
+        if row["accuracy"] is not None and row["accuracy"] >= target:
+            return float(row["virtual_time_s"]), int(row["round"]) + 1
+    return None
+
+
+def analyse(cell: str, runs: list[Path]) -> CellResult:
+    metrics = [read_metrics(run) for run in runs]
+    summaries = [json.loads((run / "summary.json").read_text())["strategies"] for run in runs]
+    fedavg_best = statistics.mean(max(r["accuracy"] for r in m["fedavg"] if r["accuracy"] is not None) for m in metrics)
+    target = math.floor(0.95 * fedavg_best * 100) / 100
+    result = CellResult(cell, target, [], len(runs), {}, {})
+    for m, summary in zip(metrics, summaries, strict=True):
+        budget = min(rows[-1]["virtual_time_s"] for rows in m.values())
+        result.budget_s.append(budget)
+        amble = first_reach(m["amble"], target)
+        for name, rows in m.items():
+            stats = result.strategies.setdefault(name, StrategyStats())
+            reach = first_reach(rows, target)
+            stats.time_to_target_s.append(reach[0] if reach else None)
+            stats.rounds_to_target.append(reach[1] if reach else None)
+            within = [r["accuracy"] for r in rows if r["virtual_time_s"] <= budget and r["accuracy"] is not None]
+            stats.final_at_budget.append(within[-1])
+            stats.best_at_budget.append(max(within))
+            stats.samples.append(summary[name]["samples_processed"])
+            stats.invocations.append(summary[name]["function_invocations"])
+            stats.cold_starts.append(summary[name]["cold_starts"])
+            stats.ratio_to_amble.append(reach[0] / amble[0] if reach and amble else None)
+    for name, rows in metrics[0].items():
+        result.curves[name] = [(r["virtual_time_s"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+    return result
+
+
+def mean_spread(values: Iterable[float | int | None], digits: int = 3, unit: str = "") -> str:
+    items = list(values)
+    present = [float(v) for v in items if v is not None]
+    missing = len(items) - len(present)
+    if not present:
+        return "not reached"
+    text = f"{statistics.mean(present):.{digits}f}{unit}"
+    if len(present) > 1:
+        text += f" ± {statistics.stdev(present):.{digits}f}"
+    if missing:
+        text += f" ({missing} not reached)"
+    return text
+
+
+def render_cell(result: CellResult) -> str:
+    lines = [
+        f"### {result.cell}",
+        "",
+        f"Target accuracy {result.target:.2f} (95% of FedAvg's best); budget {mean_spread(result.budget_s, 0, ' s')} "
+        f"of virtual time (the shortest strategy's total); {result.seeds} seed(s), mean ± sd.",
+        "",
+        "| strategy | time to target (s) | ratio to AMBLE | rounds to target | final acc @budget | best acc @budget "
+        "| samples processed | invocations | cold starts |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in result.strategies.items():
+        cells = [
+            mean_spread(s.time_to_target_s, 0),
+            mean_spread(s.ratio_to_amble, 2),
+            mean_spread(s.rounds_to_target, 1),
+            mean_spread(s.final_at_budget),
+            mean_spread(s.best_at_budget),
+            mean_spread(s.samples, 0),
+            mean_spread(s.invocations, 0),
+            mean_spread(s.cold_starts, 0),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"![{result.cell}](results/{result.cell}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_cell(result: CellResult, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, curve in result.curves.items():
+        ax.plot([t for t, _ in curve], [a for _, a in curve], label=name, linewidth=2.2 if name == "amble" else 1.3)
+    ax.axhline(result.target, color="grey", linestyle="--", linewidth=1, label=f"target {result.target:.2f}")
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{result.cell} (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+# -- instance reuse --------------------------------------------------------------------------------
+
+REUSE_VARIANTS = {
+    "reuse, keep-alive 60 s": {"reuse": True, "keep_alive_s": 60},
+    "reuse, keep-alive 1 s": {"reuse": True, "keep_alive_s": 1},
+    "reuse, keep-alive 0 s": {"reuse": True, "keep_alive_s": 0},
+    "no reuse": {"reuse": False, "keep_alive_s": 60},
+}
+
+
+def reuse_experiment(out_root: Path, rounds: int) -> str:
+    """The thesis' "reusing serverless instance" experiment: same AMBLE run, pool settings varied."""
+    cell = Cell("reuse", "fashion-mnist", SHARDS, "lenet", TIERS, rounds)
+    lines = [
+        "| pool | cold starts | warm starts | aggregation latency at round end (s) | busy function-s "
+        "| virtual time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, pool in REUSE_VARIANTS.items():
+        raw = cell.config(0, rounds)
+        raw["strategies"] = [{"name": "amble"}]
+        raw["server"] = {**pool, "invocation_s": "measured", "cold_start_s": 0.25, "max_instances": 4}
+        out = out_root / "reuse" / label.replace(",", "").replace(" ", "-")
+        config = config_from_dict(raw)
+        summary_path = out / "summary.json"
+        if not (summary_path.is_file() and json.loads(summary_path.read_text())["config"] == config_to_dict(config)):
+            run_experiment(config, out, progress=False)
+        s = json.loads(summary_path.read_text())["strategies"]["amble"]
+        lines.append(
+            f"| {label} | {s['cold_starts']} | {s['warm_starts']} | {s['aggregation_latency_s']:.3f} "
+            f"| {s['function_busy_s']:.3f} | {s['virtual_time_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reduced", action="store_true", help="one seed, the README's cells, fewer rounds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--cells", nargs="+", default=None, help="only cells whose name contains one of these")
+    parser.add_argument("--reuse", action="store_true", help="also run the instance-reuse experiment")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    args = parser.parse_args(argv)
+
+    seeds = args.seeds or ([0] if args.reduced else [0, 1, 2])
+    cells = [c for c in FULL_MATRIX if not args.reduced or c.name in REDUCED]
+    if args.cells:
+        cells = [c for c in cells if any(part in c.name for part in args.cells)]
+    began = time.perf_counter()
+    sections = []
+    for cell in cells:
+        rounds = REDUCED[cell.name] if args.reduced else None
+        runs = [run_cell(cell, seed, rounds, args.out) for seed in seeds]
+        result = analyse(cell.name, runs)
+        plot_cell(result, RESULTS / f"{cell.name}.png")
+        sections.append(render_cell(result))
+        print(sections[-1], flush=True)
+    reuse = reuse_experiment(args.out, 20) if args.reuse else ""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    command = "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, commit {commit.strip()}.",
+        f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall, including reused runs).",
+        "",
+    ]
+    body = "\n".join(header + sections)
+    if reuse:
+        body += "\n### Instance reuse (AMBLE, fmnist-shards2-tiers-lenet, 20 rounds, seed 0)\n\n" + reuse + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "time_to_accuracy_reduced.md" if args.reduced else "time_to_accuracy.md"
+    (RESULTS / name).write_text(body)
+    print(f"wrote {RESULTS / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

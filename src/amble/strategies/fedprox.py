@@ -1,0 +1,45 @@
+"""FedProx (Li et al. 2020): fixed work plus the proximal term ``mu/2 ||w - w_r||^2``; stragglers send
+the partial work they finished by ``T_r`` instead of being dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
+from amble.strategies.fedavg import FedAvgAggregator
+from amble.strategies.rounds import base_plan, estimate_round
+
+
+@dataclass(frozen=True)
+class PartialWorkSettings:
+    deadline_quantile: float = 0.8
+    deadline_s: float | None = None
+    prox_mu: float = 0.01
+    speed_decay: float = 0.7
+    speed_window: int = 8
+
+
+def partial_work_plans(base: BaseWork, s: PartialWorkSettings, devices: Sequence[DeviceState]) -> dict[int, Plan]:
+    """FedAvg's work with the proximal term, cut at ``T_r`` (until a deadline can be estimated, none)."""
+    estimate = estimate_round(
+        devices, base, s.deadline_quantile, decay=s.speed_decay, window=s.speed_window, cap_s=s.deadline_s
+    )
+    if estimate is None:
+        return {d.device: base_plan(base, d, prox_mu=s.prox_mu) for d in devices}
+    return {
+        d.device: base_plan(base, d, prox_mu=s.prox_mu, deadline_s=estimate.deadline_s, at_deadline="stop")
+        for d in devices
+    }
+
+
+class FedProx(Strategy):
+    name = "fedprox"
+
+    def __init__(self, base: BaseWork, settings: PartialWorkSettings, aggregator: Aggregator | None = None) -> None:
+        self.base = base
+        self.settings = settings
+        self.aggregator = aggregator or FedAvgAggregator()
+
+    def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
+        return partial_work_plans(self.base, self.settings, devices)

@@ -1,0 +1,90 @@
+"""What speed-aware strategies estimate about a round, from the devices' own reports only.
+
+Shared by AMBLE and the baselines that need a deadline or relative speeds (deadline-FedAvg,
+FedProx and FedNova with partial work, AdaBatch), so they all see the same ``T_r`` for the same
+reports and a comparison between them is about the rule, not the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amble.strategies.base import BaseWork, DeviceState, Plan
+from amble.strategies.speed import SpeedModel, fit_speed
+
+
+def quantile_index(values: Sequence[float], q: float) -> int:
+    """Index of the q-quantile element (inverted CDF: always an actual element; q=1 is the max)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    rank = max(math.ceil(q * len(values)) - 1, 0)
+    return order[rank]
+
+
+def base_plan(base: BaseWork, device: DeviceState, **extra: object) -> Plan:
+    """FedAvg's work for one device: ``E0`` epochs at ``B0`` (a batch never exceeds the data) with ``lr0``."""
+    return Plan(
+        batch_size=min(base.batch_size, device.num_samples),
+        local_steps=base.steps_for(device.num_samples),
+        lr=base.lr,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def round_batch(raw: float, num_samples: int, multiple: int, lowest: int, highest: int) -> int:
+    """``raw`` rounded to a multiple, clipped to ``[lowest, highest]`` and to the device's data."""
+    rounded = max(multiple, round(raw / multiple) * multiple)
+    return min(max(rounded, lowest), highest, num_samples)
+
+
+def steps_within(budget_s: float, speed: SpeedModel, batch_size: int) -> int:
+    """Whole local steps at ``batch_size`` that fit in ``budget_s`` after communication."""
+    return math.floor((budget_s - speed.comm_s) / speed.step_s(batch_size) + 1e-9)  # 1e-9: 3.0/0.3 = 9.999...
+
+
+@dataclass(frozen=True)
+class SeenDevice:
+    state: DeviceState
+    speed: SpeedModel
+    fedavg_s: float
+    """Predicted seconds for FedAvg's work: ``c_k + E0 ceil(n_k / B0) t_k(B0)``."""
+
+
+@dataclass(frozen=True)
+class RoundEstimate:
+    seen: tuple[SeenDevice, ...]
+    """The selected devices that have reports (unseen ones are in their profiling round)."""
+    deadline_s: float
+    """``T_r``: the q-quantile of the seen devices' FedAvg times, capped by ``deadline_s`` if given."""
+    ref_throughput: float
+    """The q-quantile compute throughput at ``B0``, counted from the fastest (the slowest when q = 1)."""
+
+
+def estimate_round(
+    devices: Sequence[DeviceState],
+    base: BaseWork,
+    quantile: float,
+    *,
+    decay: float = 0.7,
+    window: int = 8,
+    cap_s: float | None = None,
+) -> RoundEstimate | None:
+    """Speeds, ``T_r`` and ``v_ref`` over the devices with reports; None when none has any."""
+    seen = [d for d in devices if d.reports]
+    if not seen:
+        return None
+    speeds = [fit_speed(d.reports, decay, window) for d in seen]
+    fedavg_s = [
+        m.comm_s + base.steps_for(d.num_samples) * m.step_s(base.batch_size) for d, m in zip(seen, speeds, strict=True)
+    ]
+    deadline_s = fedavg_s[quantile_index(fedavg_s, quantile)]
+    if cap_s is not None:
+        deadline_s = min(deadline_s, cap_s)
+    # Not the deadline device's own throughput: a straggler slowed by its link must not shrink
+    # everyone's batch below B0.
+    slowness = [-m.throughput(base.batch_size) for m in speeds]
+    ref_throughput = -slowness[quantile_index(slowness, quantile)]
+    return RoundEstimate(
+        tuple(SeenDevice(d, m, t) for d, m, t in zip(seen, speeds, fedavg_s, strict=True)), deadline_s, ref_throughput
+    )
