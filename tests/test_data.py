@@ -80,7 +80,7 @@ def test_public_api_is_pinned() -> None:
 
     # Assert
     assert exported == expected
-    assert amble.data.DATASET_NAMES == ("fashion-mnist", "mnist", "synthetic")
+    assert amble.data.DATASET_NAMES == ("fashion-mnist", "mnist", "cifar10", "synthetic")
     assert PARTITION_KINDS == ("iid", "shards", "dirichlet", "quantity")
 
 
@@ -313,7 +313,7 @@ def test_unknown_dataset_lists_allowed_names() -> None:
 
     # Assert
     assert "'imagenet'" in str(caught.value)
-    assert "fashion-mnist, mnist, synthetic" in str(caught.value)
+    assert "fashion-mnist, mnist, cifar10, synthetic" in str(caught.value)
 
 
 # --------------------------------------------------------------------------- download over loopback HTTP

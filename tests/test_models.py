@@ -18,7 +18,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def test_model_names_are_pinned() -> None:
     # Assert
-    assert MODEL_NAMES == ("mlp", "cnn", "lenet", "resnet20")
+    assert MODEL_NAMES == ("mlp", "cnn", "lenet", "resnet20", "cifar-cnn")
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,8 @@ def test_model_names_are_pinned() -> None:
         ("lenet", MNIST_SHAPE, 61_706),
         # stem 432+32, stage1 3*2*(2304+32), stage2 51,072, stage3 203,520, fc 650
         ("resnet20", CIFAR_SHAPE, 269_722),
+        # (32*3*9+32) + (64*32*9+64) + (64*64*9+64) + (64*4*4*128+128) + (128*10+10)
+        ("cifar-cnn", CIFAR_SHAPE, 188_810),
     ],
 )
 def test_parameter_counts_match_the_papers(name: str, input_shape: tuple[int, int, int], expected: int) -> None:
@@ -94,7 +96,7 @@ def test_unknown_model_lists_allowed_names() -> None:
 
     # Assert
     assert "'vgg16'" in str(caught.value)
-    assert "mlp, cnn, lenet, resnet20" in str(caught.value)
+    assert "mlp, cnn, lenet, resnet20, cifar-cnn" in str(caught.value)
 
 
 def test_input_too_small_for_lenet_is_a_config_error() -> None:

@@ -30,7 +30,7 @@ class PartitionConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["fashion-mnist", "mnist", "synthetic"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "mnist", "cifar10", "synthetic"] = "fashion-mnist"
     root: str = "auto"
     partition: PartitionConfig = PartitionConfig()
     num_devices: int = Field(100, ge=1)
@@ -124,11 +124,54 @@ class AmbleConfig(_Section):
         return self
 
 
-StrategyConfig = Annotated[FedAvgConfig | AmbleConfig, Field(discriminator="name")]
-STRATEGY_NAMES = ("fedavg", "amble")
+class _SpeedAware(_Section):
+    label: str | None = None
+    aggregator: Aggregator | None = None
+    speed_decay: float = Field(0.7, gt=0, le=1)
+    speed_window: int = Field(8, ge=1)
 
 
-def _default_strategies() -> list[FedAvgConfig | AmbleConfig]:
+class DeadlineConfig(_SpeedAware):
+    """FedAvg that drops the devices not done by ``T_r`` (the q-quantile of predicted FedAvg times)."""
+
+    name: Literal["deadline"]
+    deadline_quantile: float = Field(0.8, gt=0, le=1)
+    deadline_s: float | None = Field(None, gt=0)
+
+
+class FedProxConfig(_SpeedAware):
+    """FedProx: proximal term ``prox_mu``; devices past ``T_r`` send the partial work they finished."""
+
+    name: Literal["fedprox"]
+    deadline_quantile: float = Field(0.8, gt=0, le=1)
+    deadline_s: float | None = Field(None, gt=0)
+    prox_mu: float = Field(0.01, ge=0)
+
+
+class FedNovaConfig(_SpeedAware):
+    """FedProx-style partial work with FedNova's normalised aggregation."""
+
+    name: Literal["fednova"]
+    deadline_quantile: float = Field(0.8, gt=0, le=1)
+    deadline_s: float | None = Field(None, gt=0)
+    prox_mu: float = Field(0.0, ge=0)
+
+
+class AdaBatchConfig(_SpeedAware):
+    """DBS: batch proportional to measured throughput, fixed epochs, no lr scaling."""
+
+    name: Literal["adabatch"]
+    batch_min: int = Field(16, ge=1)
+    batch_max: int = Field(256, ge=1)
+    batch_multiple: int = Field(8, ge=1)
+
+
+AnyStrategyConfig = FedAvgConfig | AmbleConfig | DeadlineConfig | FedProxConfig | FedNovaConfig | AdaBatchConfig
+StrategyConfig = Annotated[AnyStrategyConfig, Field(discriminator="name")]
+STRATEGY_NAMES = ("fedavg", "amble", "deadline", "fedprox", "fednova", "adabatch")
+
+
+def _default_strategies() -> list[AnyStrategyConfig]:
     return [FedAvgConfig(name="fedavg")]
 
 
@@ -161,13 +204,14 @@ class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     data: DataConfig = DataConfig()
-    model: Literal["mlp", "cnn", "lenet", "resnet20"] = "lenet"
+    model: Literal["mlp", "cnn", "lenet", "resnet20", "cifar-cnn"] = "lenet"
     fleet: FleetConfig = FleetConfig()
     rounds: int = Field(50, ge=1)
     devices_per_round: int = Field(10, ge=1)
     train: TrainConfig = TrainConfig()
     strategies: list[StrategyConfig] = Field(default_factory=_default_strategies)
-    aggregator: Aggregator = "fedavg"
+    aggregator: Aggregator | None = None
+    """Overrides every strategy's aggregator (a strategy's own ``aggregator`` key wins); None: their defaults."""
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -199,7 +243,7 @@ class ExperimentConfig(_Section):
         return self
 
 
-def strategy_label(strategy: FedAvgConfig | AmbleConfig) -> str:
+def strategy_label(strategy: AnyStrategyConfig) -> str:
     """The name a strategy's results are filed under."""
     return strategy.label or strategy.name
 

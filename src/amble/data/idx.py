@@ -11,13 +11,8 @@ folders a distribution package installs; only then does it download into the cac
 from __future__ import annotations
 
 import gzip
-import hashlib
-import http.client
-import logging
 import os
 import struct
-import tempfile
-import urllib.request
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,9 +24,8 @@ import numpy.typing as npt
 import torch
 
 from amble.data.dataset import Dataset, images_to_tensors
+from amble.data.download import cache_dir, fetch, offline
 from amble.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 # Four files per dataset, named as the MNIST release names them; keys are the roles they play.
 IDX_FILES: Mapping[str, str] = {
@@ -40,8 +34,6 @@ IDX_FILES: Mapping[str, str] = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-
-DOWNLOAD_TIMEOUT_S = 10.0
 
 _DTYPE_BY_CODE: Mapping[int, np.dtype[Any]] = {
     0x08: np.dtype(">u1"),
@@ -180,12 +172,6 @@ def _read_bytes(path: Path) -> bytes:
 # --------------------------------------------------------------------------- discovery
 
 
-def cache_dir(name: str) -> Path:
-    """The per-user download folder ``${XDG_CACHE_HOME:-~/.cache}/amble/datasets/<name>``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "amble" / "datasets" / name
-
-
 def find_idx_root(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     """Return the folder holding ``name``'s four IDX files, downloading them into the cache if needed.
 
@@ -210,7 +196,7 @@ def find_idx_root(name: str, root: str | os.PathLike[str] | None = None) -> Path
             return folder
 
     cache = cache_dir(name)
-    if _offline():
+    if offline():
         reason = "downloading is disabled (AMBLE_OFFLINE is set)"
     else:
         try:
@@ -250,10 +236,6 @@ def _has_idx_files(folder: Path) -> bool:
     return all(_idx_file(folder, stem) is not None for stem in IDX_FILES.values())
 
 
-def _offline() -> bool:
-    return os.environ.get("AMBLE_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _file_list() -> str:
     return ", ".join(f"{stem}.gz" for stem in IDX_FILES.values())
 
@@ -269,7 +251,7 @@ def _not_found_message(name: str, source: IdxSource, looked: list[tuple[Path, st
         f"put the four files {_file_list()} in a folder and set data.root (config) or the AMBLE_DATA_DIR "
         "environment variable to it"
     )
-    if _offline():
+    if offline():
         fixes.append(f"unset AMBLE_OFFLINE to let AMBLE download them from {source.base_url}")
     return (
         f"{source.title} ({name!r}) not found. Looked in:\n{places}\nand {reason}.\nTo get it: {'; or '.join(fixes)}."
@@ -288,26 +270,7 @@ def _download(source: IdxSource, folder: Path) -> None:
     for stem in IDX_FILES.values():
         if _idx_file(folder, stem) is None:
             file_name = f"{stem}.gz"
-            _fetch(source.base_url + file_name, folder / file_name, source.md5.get(file_name))
-
-
-def _fetch(url: str, target: Path, md5: str | None) -> None:
-    logger.info("downloading %s -> %s", url, target)
-    digest = hashlib.md5(usedforsecurity=False)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if md5 is not None and digest.hexdigest() != md5:
-            raise DataError(f"{url} has md5 {digest.hexdigest()}, expected {md5} (a corrupt or changed file)")
-        os.replace(temp, target)
-    except (OSError, http.client.HTTPException, ValueError) as err:
-        raise DataError(f"{url}: {err}") from err
-    finally:
-        temp.unlink(missing_ok=True)
+            fetch(source.base_url + file_name, folder / file_name, source.md5.get(file_name))
 
 
 # --------------------------------------------------------------------------- load

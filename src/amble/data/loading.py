@@ -1,6 +1,6 @@
 """One entry point, ``load_dataset(name)``, dispatching to each dataset's loader.
 
-A new dataset (CIFAR-10 next) plugs in by adding one function with the :class:`DatasetLoader`
+A new dataset plugs in by adding one function with the :class:`DatasetLoader`
 signature to ``_LOADERS``; ``DATASET_NAMES`` and the error message follow automatically.
 """
 
@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import TypeAlias
 
+from amble.data.cifar import load_cifar10
 from amble.data.dataset import Dataset
 from amble.data.idx import load_idx_dataset
 from amble.data.synthetic import make_synthetic
@@ -28,6 +29,10 @@ def _load_mnist(root: Root, seed: int) -> Dataset:
     return load_idx_dataset("mnist", root)
 
 
+def _load_cifar10(root: Root, seed: int) -> Dataset:
+    return load_cifar10(root)
+
+
 def _load_synthetic(root: Root, seed: int) -> Dataset:
     return make_synthetic(seed=seed)
 
@@ -35,6 +40,7 @@ def _load_synthetic(root: Root, seed: int) -> Dataset:
 _LOADERS: dict[str, DatasetLoader] = {
     "fashion-mnist": _load_fashion_mnist,
     "mnist": _load_mnist,
+    "cifar10": _load_cifar10,
     "synthetic": _load_synthetic,
 }
 
