@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import tarfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -498,30 +494,6 @@ def test_offline_not_found_says_where_it_looked_and_how_to_get_it(
     assert "cifar10-jpg.tar.gz" in message
     assert "data.root" in message
     assert "AMBLE_DATA_DIR" in message
-
-
-# --------------------------------------------------------------------------- download over loopback HTTP
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real HTTP server on loopback serving a folder; yields (base URL, folder)."""
-    folder = tmp_path / "mirror"
-    folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", folder
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_download_decodes_into_the_cache_and_keeps_only_the_arrays(

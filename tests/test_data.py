@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import hashlib
-import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -314,30 +310,6 @@ def test_unknown_dataset_lists_allowed_names() -> None:
     # Assert
     assert "'imagenet'" in str(caught.value)
     assert "fashion-mnist, mnist, cifar10, synthetic" in str(caught.value)
-
-
-# --------------------------------------------------------------------------- download over loopback HTTP
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real HTTP server on loopback serving a folder; yields (base URL, folder)."""
-    folder = tmp_path / "mirror"
-    folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", folder
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def _use_mirror(monkeypatch: pytest.MonkeyPatch, base_url: str, md5: dict[str, str]) -> None:
