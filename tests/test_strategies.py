@@ -129,6 +129,18 @@ def test_amble_median_deadline_gives_the_straggler_partial_work() -> None:
     assert plans[2].lr == pytest.approx(0.05)  # linear scaling down with the smaller batch
 
 
+def test_with_q_below_1_every_device_stops_at_the_deadline() -> None:
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5))
+
+    plans = planner.plan(3, [*DEVICES, DeviceState(5, 100)])
+
+    assert {p.at_deadline for p in plans.values()} == {"stop"}
+    assert [p.deadline_s for p in plans.values()] == pytest.approx([3.5] * 4)
+    assert (plans[5].batch_size, plans[5].local_steps) == (32, 4)  # the unseen device keeps the base plan
+    q1 = Amble(BASE, AmbleSettings(deadline_quantile=1.0)).plan(3, [*DEVICES, DeviceState(5, 100)])
+    assert {p.at_deadline for p in q1.values()} == {"continue"}
+
+
 def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
     planner = Amble(BASE, AmbleSettings())
     devices = [DeviceState(5, 100), DEVICES[0], DEVICES[2]]

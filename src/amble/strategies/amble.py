@@ -10,7 +10,8 @@ This is the project's reconstruction of the thesis' rule. Per round, over the se
 4. steps ``tau_k = floor(((1 - slack) T_r - c_k) / t_k(B_k))`` clipped to ``[1, floor(E_max n_k / B_k)]``;
 5. ``lr_k = min(lr0 (B_k / B0)^gamma, lr_max)``.
 
-A device with no reports yet gets the base plan: that round is its profiling round.
+A device with no reports yet gets the base plan: that round is its profiling round. With q < 1
+every device stops at ``T_r`` (partial work), so unseen stragglers cannot stretch the round.
 
 Refinements over the literal rule, each measured (see the issue notes): batches grow only as far
 as the capped learning rate can follow (:meth:`Amble.batch_ceiling`); the epoch cap is
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
 from amble.strategies.fedavg import FedAvgAggregator
@@ -85,6 +86,13 @@ class Amble(Strategy):
         if estimate is None:
             return plans
         deadline_s = estimate.deadline_s
+        # With q < 1 (or an absolute cap) T_r is meant to bound the round: devices that would overrun
+        # it (unseen ones in their profiling round included) stop there and send partial work. With
+        # q = 1 nothing is cut: no round is longer than FedAvg's would be anyway.
+        bounded = s.deadline_quantile < 1 or s.deadline_s is not None
+        at_deadline = "stop" if bounded else "continue"
+        if bounded:
+            plans = {k: replace(p, deadline_s=deadline_s, at_deadline=at_deadline) for k, p in plans.items()}
         gamma = LR_EXPONENTS[s.lr_scaling]
         for seen in estimate.seen:
             d, speed = seen.state, seen.speed
@@ -100,6 +108,7 @@ class Amble(Strategy):
                 local_steps=min(max(steps_within(budget_s, speed, batch), 1), max_steps),
                 lr=min(base.lr * (batch / base.batch_size) ** gamma, base.lr * s.lr_max_factor),
                 deadline_s=deadline_s,
+                at_deadline=at_deadline,
                 lr_warmup_steps=s.lr_warmup_steps,
                 lr_warmup_from=base.lr if s.lr_warmup_steps else None,
             )
