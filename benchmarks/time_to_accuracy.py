@@ -15,13 +15,14 @@ number for every strategy of the cell; nothing is tuned per cell.
     python benchmarks/time_to_accuracy.py                    # the full matrix, 3 seeds (hours on 2 cores)
     python benchmarks/time_to_accuracy.py --reuse            # also the instance-reuse experiment
 
-Runs land in ``runs/bench/<cell>/seed<k>/`` (a finished run is reused when its config matches);
+Runs land in ``runs/bench/<cell>/seed<k>/`` (a finished run is reused when its config and the code match);
 tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -39,7 +40,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from amble.config import config_from_dict, config_to_dict
+from amble.config import ExperimentConfig, config_from_dict, config_to_dict
 from amble.sim import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,17 +118,31 @@ REDUCED = {
 # -- running ---------------------------------------------------------------------------------------
 
 
+def code_version() -> str:
+    """The tree of src/ plus a digest of its uncommitted changes: a finished run is reused only by the same code."""
+    head = subprocess.run(["git", "rev-parse", "HEAD:src"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    diff = subprocess.run(["git", "diff", "HEAD", "--", "src"], capture_output=True, cwd=ROOT).stdout
+    return f"{head}+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else head
+
+
+def reusable(out: Path, config: ExperimentConfig) -> bool:
+    summary_path, stamp = out / "summary.json", out / "code_version.txt"
+    if not (summary_path.is_file() and stamp.is_file()) or stamp.read_text() != code_version():
+        return False
+    return bool(json.loads(summary_path.read_text()).get("config") == config_to_dict(config))
+
+
+def run_once(config: ExperimentConfig, out: Path) -> None:
+    if not reusable(out, config):
+        run_experiment(config, out, progress=False)
+        (out / "code_version.txt").write_text(code_version())
+
+
 def run_cell(cell: Cell, seed: int, rounds: int | None, out_root: Path) -> Path:
-    """One ``amble run`` of every strategy in the cell for one seed; reused if already done."""
+    """One ``amble run`` of every strategy in the cell for one seed; reused if done by the same code."""
     out = out_root / cell.name / f"seed{seed}"
-    config = config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}")
-    summary_path = out / "summary.json"
-    if summary_path.is_file():
-        done = json.loads(summary_path.read_text())
-        if done.get("config") == config_to_dict(config):
-            return out
     began = time.perf_counter()
-    run_experiment(config, out, progress=False)
+    run_once(config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}"), out)
     print(f"  {cell.name} seed {seed}: {time.perf_counter() - began:,.0f} s wall", flush=True)
     return out
 
@@ -237,7 +252,7 @@ def render_cell(result: CellResult) -> str:
             mean_spread(s.cold_starts, 0),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"![{result.cell}](results/{result.cell}.png)", ""]
+    lines += ["", f"![{result.cell}]({result.cell}.png)", ""]
     return "\n".join(lines)
 
 
@@ -281,11 +296,8 @@ def reuse_experiment(out_root: Path, rounds: int) -> str:
         raw["strategies"] = [{"name": "amble"}]
         raw["server"] = {**pool, "invocation_s": "measured", "cold_start_s": 0.25, "max_instances": 4}
         out = out_root / "reuse" / label.replace(",", "").replace(" ", "-")
-        config = config_from_dict(raw)
-        summary_path = out / "summary.json"
-        if not (summary_path.is_file() and json.loads(summary_path.read_text())["config"] == config_to_dict(config)):
-            run_experiment(config, out, progress=False)
-        s = json.loads(summary_path.read_text())["strategies"]["amble"]
+        run_once(config_from_dict(raw), out)
+        s = json.loads((out / "summary.json").read_text())["strategies"]["amble"]
         lines.append(
             f"| {label} | {s['cold_starts']} | {s['warm_starts']} | {s['aggregation_latency_s']:.3f} "
             f"| {s['function_busy_s']:.3f} | {s['virtual_time_s']:.1f} |"
