@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,6 +78,22 @@ def record_rejection(store: Store, round_index: int, device: int, upload: str, r
     store.compare_and_set(key, json.dumps({"reason": reason, "message": message}).encode(), 0)
     stored = json.loads(store.get(key) or b"{}").get("reason", reason)
     store.add_to_set(keys.round_rejected(round_index), f"{device}:{upload}:{stored}")
+
+
+def update_json(store: Store, key: str, change: Callable[[Any], Any], what: str) -> None:
+    """Read-modify-write a JSON value with compare-and-set, retrying when someone wrote in between.
+
+    ``change`` gets the current value (None when absent) and returns the new one, or None when
+    there is nothing to write.
+    """
+    for _ in range(CAS_RETRIES):
+        current = store.get_versioned(key)
+        new = change(json.loads(current.value) if current else None)
+        if new is None:
+            return
+        if store.compare_and_set(key, json.dumps(new).encode(), current.version if current else 0):
+            return
+    raise RuntimeError(f"could not update {what}: too much contention")
 
 
 def load_model(store: Store, version: int) -> Params:
@@ -286,16 +303,14 @@ class ServerFunctions:
     def _record_report(self, inv: Invocation, report: Report) -> None:
         """Append the report to the device's history (what the planner learns from), once."""
         window = self._settings(inv).report_window
-        key = keys.device_reports(report.device)
-        for _ in range(CAS_RETRIES):
-            current = self.store.get_versioned(key)
-            history = json.loads(current.value) if current else []
+
+        def append(history: Any) -> Any:
+            history = history or []
             if any(r["round"] == report.round for r in history):
-                return
-            history = [*history, report.to_dict()][-window:]
-            if self.store.compare_and_set(key, json.dumps(history).encode(), current.version if current else 0):
-                return
-        raise RuntimeError(f"could not record the report of device {report.device}: too much contention")
+                return None
+            return [*history, report.to_dict()][-window:]
+
+        update_json(self.store, keys.device_reports(report.device), append, f"the reports of device {report.device}")
 
     # -- finalize -------------------------------------------------------------------------------
 
@@ -358,15 +373,10 @@ class ServerFunctions:
             inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state["base_version"]})
 
     def _advance_latest(self, version: int) -> None:
-        for _ in range(CAS_RETRIES):
-            current = self.store.get_versioned(keys.LATEST)
-            latest = json.loads(current.value)["version"] if current else -1
-            if latest >= version:
-                return
-            blob = json.dumps({"version": version}).encode()
-            if self.store.compare_and_set(keys.LATEST, blob, current.version if current else 0):
-                return
-        raise RuntimeError("could not advance the latest model version: too much contention")
+        def advance(latest: Any) -> Any:
+            return None if latest is not None and latest["version"] >= version else {"version": version}
+
+        update_json(self.store, keys.LATEST, advance, "the latest model version")
 
 
 def _encode_partial(sums: Params, meta: dict[str, Any]) -> bytes:

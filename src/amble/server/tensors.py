@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -90,7 +89,3 @@ def validate_update(blob: bytes, template: Mapping[str, TensorSpec], max_bytes: 
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UpdateRejected("non_finite", f"tensor '{name}' holds NaN or infinite values")
     return tensors
-
-
-def finite_float(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
