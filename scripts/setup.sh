@@ -31,6 +31,16 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${AMBLE_DATA_DIR:-}" ] &&
   fi
 fi
 
+# The tests run a real Redis (Debian's redis-server); only --dev needs it.
+if [ -n "$extras" ] && ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo"
+  echo "setup: installing redis-server (apt-get install redis-server) for the tests"
+  $sudo apt-get install -y -qq redis-server >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq redis-server >/dev/null; } \
+    || echo "setup: could not install redis-server; the Redis tests will fail until it is installed" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $python"
   "$python" -m venv .venv

@@ -26,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    worker = commands.add_parser(
+        "worker", help="run parameter-server functions for runs kept in Redis (one function instance per process)"
+    )
+    worker.add_argument("--store", required=True, help="the Redis URL, e.g. redis://127.0.0.1:6379/0")
+    worker.add_argument(
+        "--namespace", action="append", default=None, help="serve only this run (repeatable; default: every run)"
+    )
+    worker.add_argument("--max-events", type=int, default=None, help="exit after running this many events")
+    worker.add_argument("--idle-exit-s", type=float, default=None, help="exit after this many idle seconds")
+
     report = commands.add_parser("report", help="rebuild plots and report.html from a run's output files")
     report.add_argument("run_dir", type=Path)
     return parser
@@ -63,11 +73,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from amble.server.runtime.workers import FunctionWorker, store_factory_from_env
+    from amble.server.store.redis import connect
+    from amble.sim.factory import handlers_from_store
+
+    connect(args.store)  # a bad URL fails here, with a clear message
+    worker = FunctionWorker(args.store, handlers_from_store, namespaces=args.namespace)
+    worker.store_factory = store_factory_from_env(worker.consumer)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    count = worker.serve(max_events=args.max_events, idle_exit_s=args.idle_exit_s)
+    print(f"amble worker {worker.consumer}: ran {count} events", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "worker":
+            return _worker(args)
         return _report(args)
     except AmbleError as exc:
         print(f"amble: error: {exc}", file=sys.stderr)

@@ -178,8 +178,16 @@ def _default_strategies() -> list[AnyStrategyConfig]:
 class ServerConfig(_Section):
     """The serverless parameter server (SPEC 5)."""
 
-    store: Literal["memory"] = "memory"
+    store: str = Field("memory", pattern=r"^(memory|rediss?://.+|unix://.+)$")
+    """``memory`` (embedded, one process) or a Redis URL such as ``redis://127.0.0.1:6379/0``, whose
+    functions run in ``amble worker`` processes."""
     runtime: Literal["local"] = "local"
+    workers: int = Field(0, ge=0)
+    """With a Redis store: local ``amble worker`` processes to start for the run (0: use running ones)."""
+    visibility_timeout_s: float = Field(30.0, gt=0)
+    """With a Redis store: seconds an un-acked event waits before another worker claims it."""
+    drain_timeout_s: float = Field(120.0, gt=0)
+    """With a Redis store: seconds without any function progress before the run fails (never hangs)."""
     keep_alive_s: float = Field(60.0, ge=0)
     max_instances: int = Field(4, ge=1)
     reuse: bool = True

@@ -10,6 +10,7 @@ waiting and clocks; the strategies and functions never see the profiles.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -22,14 +23,14 @@ import torch
 from tqdm import tqdm
 
 from amble.client import LocalTrainer, evaluate
-from amble.config import AnyStrategyConfig, ExperimentConfig, config_to_dict, strategy_label
+from amble.config import ExperimentConfig, config_to_dict, strategy_label
 from amble.data import Dataset, load_dataset, partition_indices
 from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
 from amble.models import build_model
 from amble.report import RunWriter, build_report
 from amble.server import ParameterServer, RoundOutcome, RunSettings
 from amble.server.tensors import encode
-from amble.sim.factory import build_embedded_server, build_strategy
+from amble.sim.factory import build_server, release_server
 from amble.strategies import Params, Plan, Report
 
 Progress = Callable[[str], None]
@@ -96,17 +97,24 @@ class Experiment:
             test_x, test_y = test_x[keep], test_y[keep]
         self.test = (test_x, test_y)
 
-    def run(self, writer: RunWriter, progress: bool = True) -> dict[str, dict[str, Any]]:
+    def run(self, writer: RunWriter, progress: bool = True, namespace: str = "run") -> dict[str, dict[str, Any]]:
         results = {}
-        for strategy in self.config.strategies:
-            outcome = self.run_strategy(strategy, writer, progress)
+        for index in range(len(self.config.strategies)):
+            outcome = self.run_strategy(index, writer, progress, namespace)
             results[outcome.label] = outcome.summary
         return results
 
-    def run_strategy(self, strategy_config: AnyStrategyConfig, writer: RunWriter, progress: bool) -> StrategyRun:
+    def run_strategy(self, index: int, writer: RunWriter, progress: bool, namespace: str = "run") -> StrategyRun:
+        """Run the config's ``index``-th strategy; with a Redis store its state lives in ``namespace/label``."""
+        label = strategy_label(self.config.strategies[index])
+        server = build_server(self.config, index, f"{namespace}/{label}", fresh=True)
+        try:
+            return self._run_strategy(server, label, writer, progress)
+        finally:
+            release_server(server)
+
+    def _run_strategy(self, server: ParameterServer, label: str, writer: RunWriter, progress: bool) -> StrategyRun:
         config = self.config
-        label = strategy_label(strategy_config)
-        server = build_embedded_server(build_strategy(strategy_config, config), config.server)
         server.initialize(
             self.initial,
             {k: len(y) for k, (_, y) in enumerate(self.device_data)},
@@ -287,13 +295,19 @@ class _Tally:
         }
 
 
+def run_namespace(config: ExperimentConfig, out_dir: Path) -> str:
+    """Where a run's state lives in a shared store: one name per config name and output directory."""
+    digest = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:10]
+    return f"{config.name}-{digest}"
+
+
 def run_experiment(
     config: ExperimentConfig, out_dir: Path, progress: bool = True, cache_dir: Path | None = None
 ) -> dict[str, Any]:
     """Run every strategy of ``config`` on the identical partition, fleet and seed; write the outputs."""
     experiment = Experiment(config, cache_dir)
     with RunWriter(out_dir) as writer:
-        results = experiment.run(writer, progress)
+        results = experiment.run(writer, progress, run_namespace(config, out_dir))
         summary = {
             "config": config_to_dict(config),
             "calibration": {"t_ref_s": experiment.step_time.to_json()},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 from amble.config import (
     AdaBatchConfig,
     AmbleConfig,
@@ -11,8 +14,16 @@ from amble.config import (
     FedNovaConfig,
     FedProxConfig,
     ServerConfig,
+    config_from_dict,
+    config_to_dict,
 )
+from amble.errors import AmbleError
 from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterServer, PoolSettings, ServerFunctions
+from amble.server.events.redis import RedisEventLog
+from amble.server.runtime.base import Handler
+from amble.server.runtime.workers import NAMESPACES, POOL_KEY, WorkerRuntime
+from amble.server.store.base import Store
+from amble.server.store.redis import RedisStore, wipe
 from amble.strategies import (
     AGGREGATORS,
     AdaBatch,
@@ -61,6 +72,7 @@ def pool_settings(server: ServerConfig) -> PoolSettings:
         cold_start_s=server.cold_start_s,
         invocation_s=None if server.invocation_s == "measured" else server.invocation_s,
         max_attempts=server.max_attempts,
+        visibility_timeout_s=server.visibility_timeout_s,
     )
 
 
@@ -71,3 +83,50 @@ def build_embedded_server(strategy: Strategy, server: ServerConfig) -> Parameter
     functions = ServerFunctions(store, strategy)
     runtime = LocalRuntime(store, events, functions.handlers(), pool_settings(server))
     return ParameterServer(store, events, runtime)
+
+
+RUN_SPEC = "run/spec"
+"""What a worker needs to rebuild a run's functions: the experiment config and the strategy's index."""
+
+
+def build_server(config: ExperimentConfig, strategy_index: int, namespace: str, fresh: bool) -> ParameterServer:
+    """The parameter server ``config.server.store`` names, set up for one strategy of ``config``.
+
+    With a Redis store the run lives in ``namespace`` (wiped first when ``fresh``; kept to resume)
+    and its functions run in ``amble worker`` processes, ``server.workers`` of them started here.
+    """
+    strategy = build_strategy(config.strategies[strategy_index], config)
+    if config.server.store == "memory":
+        server = build_embedded_server(strategy, config.server)
+    else:
+        store = RedisStore(config.server.store, namespace)
+        if fresh:
+            wipe(store.client, namespace)
+        events = RedisEventLog(config.server.store, namespace, store.client)
+        runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
+        server = ParameterServer(store, events, runtime)
+    server.store.put(RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
+    server.store.put(POOL_KEY, pool_settings(config.server).to_json())
+    if isinstance(server.runtime, WorkerRuntime):
+        server.runtime.redis.client.sadd(NAMESPACES, namespace)
+        server.runtime.start_workers(config.server.workers)
+    return server
+
+
+def release_server(server: ParameterServer) -> None:
+    """Stop the run's local workers and take it off the list workers serve (its state stays)."""
+    if isinstance(server.runtime, WorkerRuntime):
+        server.runtime.redis.client.srem(NAMESPACES, server.runtime.redis.namespace)
+    server.runtime.close()
+    server.store.close()
+
+
+def handlers_from_store(store: Store) -> Mapping[str, Handler]:
+    """A run's function handlers, rebuilt from the spec its driver left in the Store (for workers)."""
+    blob = store.get(RUN_SPEC)
+    if blob is None:
+        raise AmbleError("this run has no spec in the store: it was not started by `amble run`")
+    spec = json.loads(blob)
+    config = config_from_dict(spec["config"], "the run spec in the store")
+    strategy = build_strategy(config.strategies[int(spec["strategy"])], config)
+    return ServerFunctions(store, strategy).handlers()

@@ -8,12 +8,14 @@ implementation (in-process, worker processes, Ray) reports the same numbers the 
 
 from __future__ import annotations
 
+import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from amble.server.events.base import Event
+from amble.server.events.base import Event, EventLog
 from amble.server.store.base import Store
 
 FUNCTIONS_TOPIC = "functions"
@@ -32,6 +34,15 @@ class PoolSettings:
     makes virtual time, and pool decisions, vary slightly from run to run)."""
     max_attempts: int = 5
     """Deliveries of one event before it is dead-lettered instead of retried forever."""
+    visibility_timeout_s: float = 30.0
+    """Real seconds an event may stay un-acked before another worker claims it (worker processes)."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, blob: bytes) -> PoolSettings:
+        return cls(**json.loads(blob))
 
 
 @dataclass
@@ -80,12 +91,58 @@ def record_invocation(store: Store, *, cold: bool, busy_s: float, failed: bool) 
         store.incr("runtime/failures")
 
 
+def invoke(
+    store: Store,
+    events: EventLog,
+    handlers: Mapping[str, Handler],
+    event: Event,
+    invocation: Invocation,
+    start_s: float,
+    settings: PoolSettings,
+) -> float | None:
+    """Run one event's function on an instance; returns the virtual time it ended, None if it failed.
+
+    On success the function's emitted events are published (stamped with the end time) and then the
+    event is acked: a crash anywhere before the ack leaves it pending for redelivery. A failure is
+    recorded and the event stays pending, until its ``max_attempts``-th delivery dead-letters it.
+    """
+    handler = handlers.get(event.type)
+    if handler is None:
+        dead_letter(store, events, event, f"no function handles events of type '{event.type}'")
+        return None
+    began = time.perf_counter()
+    try:
+        handler(event, invocation)
+    except Exception as exc:  # a crashed function: its instance is lost, the event stays pending
+        record_invocation(store, cold=invocation.cold, busy_s=time.perf_counter() - began, failed=True)
+        store.put(f"runtime/last_error/{event.id}", f"{type(exc).__name__}: {exc}".encode())
+        if event.deliveries >= settings.max_attempts:
+            dead_letter(
+                store, events, event, f"failed {event.deliveries} times; last error {type(exc).__name__}: {exc}"
+            )
+        return None
+    busy_s = time.perf_counter() - began
+    record_invocation(store, cold=invocation.cold, busy_s=busy_s, failed=False)
+    charged_s = busy_s if settings.invocation_s is None else settings.invocation_s
+    end_s = start_s + (settings.cold_start_s if invocation.cold else 0.0) + charged_s
+    for topic, type_, payload in invocation.emitted:
+        events.publish(topic, type_, payload, at_s=end_s)
+    events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
+    return end_s
+
+
+def dead_letter(store: Store, events: EventLog, event: Event, reason: str) -> None:
+    store.incr("runtime/dead_letters")
+    store.put(f"runtime/dead_letter/{event.id}", f"{event.type}: {reason}".encode())
+    events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
+
+
 class Runtime(ABC):
     """Consumes the functions topic and runs the handler registered for each event type."""
 
     @abstractmethod
-    def drain(self) -> float:
-        """Run functions until no event is pending or unread; returns the virtual time the last ended."""
+    def drain(self) -> None:
+        """Return once every event on the functions topic has been run (or dead-lettered)."""
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats.from_store(self.store)

@@ -11,7 +11,6 @@ and counted as busy function-seconds.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,8 @@ from amble.server.runtime.base import (
     Invocation,
     PoolSettings,
     Runtime,
-    record_invocation,
+    dead_letter,
+    invoke,
 )
 from amble.server.store.base import Store
 
@@ -52,7 +52,6 @@ class LocalRuntime(Runtime):
         self.consumer = consumer
         self._idle: list[_Instance] = []
         self._next_id = 0
-        self.last_end_s = 0.0
 
     def _acquire(self, at_s: float) -> tuple[_Instance, float, bool]:
         """Pick the instance for an event at ``at_s``: (instance, start time, cold?)."""
@@ -77,43 +76,28 @@ class LocalRuntime(Runtime):
         return _Instance(self._next_id, instance.free_at_s), instance.free_at_s, True
 
     def _run(self, event: Event) -> None:
-        handler = self.handlers.get(event.type)
-        if handler is None:
-            self._dead_letter(event, f"no function handles events of type '{event.type}'")
+        if event.type not in self.handlers:
+            dead_letter(self.store, self.events, event, f"no function handles events of type '{event.type}'")
             return
         instance, start_s, cold = self._acquire(event.at_s)
-        invocation = Invocation(instance.id, cold, instance.cache)
-        began = time.perf_counter()
-        try:
-            handler(event, invocation)
-        except Exception as exc:  # a crashed function: its instance is lost, the event stays pending
-            busy_s = time.perf_counter() - began
-            record_invocation(self.store, cold=cold, busy_s=busy_s, failed=True)
-            self.store.put(f"runtime/last_error/{event.id}", f"{type(exc).__name__}: {exc}".encode())
-            if event.deliveries >= self.settings.max_attempts:
-                self._dead_letter(event, f"failed {event.deliveries} times; last error {type(exc).__name__}: {exc}")
-            return
-        busy_s = time.perf_counter() - began
-        record_invocation(self.store, cold=cold, busy_s=busy_s, failed=False)
-        charged_s = busy_s if self.settings.invocation_s is None else self.settings.invocation_s
-        end_s = start_s + (self.settings.cold_start_s if cold else 0.0) + charged_s
-        instance.free_at_s = end_s
-        self._idle.append(instance)
-        self.last_end_s = max(self.last_end_s, end_s)
-        for topic, type_, payload in invocation.emitted:
-            self.events.publish(topic, type_, payload, at_s=end_s)
-        self.events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
+        end_s = invoke(
+            self.store,
+            self.events,
+            self.handlers,
+            event,
+            Invocation(instance.id, cold, instance.cache),
+            start_s,
+            self.settings,
+        )
+        if end_s is not None:  # a failed instance is lost; a finished one rejoins the pool
+            instance.free_at_s = end_s
+            self._idle.append(instance)
 
-    def _dead_letter(self, event: Event, reason: str) -> None:
-        self.store.incr("runtime/dead_letters")
-        self.store.put(f"runtime/dead_letter/{event.id}", f"{event.type}: {reason}".encode())
-        self.events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
-
-    def drain(self) -> float:
+    def drain(self) -> None:
         while True:
             batch = self.events.claim_stale(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, min_idle_s=0.0)
             batch += self.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer)
             if not batch:
-                return self.last_end_s
+                return
             for event in sorted(batch, key=lambda e: e.at_s):  # stable: ties keep log order
                 self._run(event)

@@ -1,0 +1,111 @@
+"""The EventLog on Redis Streams: one stream per topic, consumer groups, claims after a timeout.
+
+A topic is the stream ``amble:{namespace}:t:{topic}``; each entry has one field, ``e``, holding
+the event as JSON. Groups are created on first read at id 0, so a group that starts late still sees
+every event. A consumer that dies leaves its events pending; ``claim_stale`` hands them to another
+consumer once they have been idle for the visibility timeout (``XPENDING`` + ``XCLAIM``, whose
+min-idle check makes sure only one claimer wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import redis
+
+from amble.server.events.base import Event, EventLog, decode_event, encode_event
+from amble.server.store.redis import connect, prefix_of
+
+
+class RedisEventLog(EventLog):
+    def __init__(self, url: str, namespace: str, client: redis.Redis | None = None) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.client = client if client is not None else connect(url)
+        self._prefix = prefix_of(namespace)
+        self._groups: set[tuple[str, str]] = set()
+
+    def stream(self, topic: str) -> str:
+        return f"{self._prefix}t:{topic}"
+
+    def publish(self, topic: str, type_: str, payload: Mapping[str, Any], at_s: float = 0.0) -> str:
+        event_id = self.client.xadd(self.stream(topic), {"e": encode_event(type_, payload, at_s)})
+        return cast(bytes, event_id).decode()
+
+    def ensure_group(self, topic: str, group: str) -> None:
+        if (topic, group) in self._groups:
+            return
+        try:
+            self.client.xgroup_create(self.stream(topic), group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((topic, group))
+
+    def read(self, topic: str, group: str, consumer: str, count: int = 64) -> list[Event]:
+        self.ensure_group(topic, group)
+        reply = self.client.xreadgroup(group, consumer, {self.stream(topic): ">"}, count=count)
+        return self._events(topic, reply)
+
+    def read_blocking(
+        self, topics: Sequence[str], group: str, consumer: str, count: int, block_s: float
+    ) -> list[Event]:
+        """Like :meth:`read` over several topics, waiting up to ``block_s`` for the first event."""
+        for topic in topics:
+            self.ensure_group(topic, group)
+        streams: dict[Any, Any] = {self.stream(t): ">" for t in topics}
+        reply: Any = self.client.xreadgroup(group, consumer, streams, count=count, block=max(1, int(block_s * 1000)))
+        by_stream = {self.stream(t): t for t in topics}
+        events: list[Event] = []
+        for stream, entries in reply or []:
+            events += self._events(by_stream[stream.decode()], [(stream, entries)])
+        return events
+
+    def _events(self, topic: str, reply: Any, deliveries: Mapping[str, int] | None = None) -> list[Event]:
+        events = []
+        for _stream, entries in reply or []:
+            for raw_id, fields in entries:
+                if fields is None:  # trimmed away while pending: nothing left to deliver
+                    continue
+                event_id = raw_id.decode()
+                count = 1 if deliveries is None else deliveries[event_id]
+                events.append(decode_event(event_id, topic, fields[b"e"], count))
+        return events
+
+    def claim_stale(self, topic: str, group: str, consumer: str, min_idle_s: float, count: int = 64) -> list[Event]:
+        self.ensure_group(topic, group)
+        stream = self.stream(topic)
+        idle_ms = int(min_idle_s * 1000)
+        pending: Any = self.client.xpending_range(stream, group, min="-", max="+", count=count, idle=idle_ms)
+        if not pending:
+            return []
+        before = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+        claimed = self.client.xclaim(stream, group, consumer, idle_ms, list(before))
+        # XCLAIM counts this delivery; ids another consumer claimed first are simply not returned.
+        return self._events(topic, [(stream, claimed)], {i: n + 1 for i, n in before.items()})
+
+    def ack(self, topic: str, group: str, event_id: str) -> bool:
+        self.ensure_group(topic, group)
+        return bool(self.client.xack(self.stream(topic), group, event_id))
+
+    def pending(self, topic: str, group: str) -> int:
+        self.ensure_group(topic, group)
+        summary = self.client.xpending(self.stream(topic), group)
+        return int(summary["pending"])
+
+    def backlog(self, topic: str, group: str) -> int:
+        self.ensure_group(topic, group)
+        groups: Any = self.client.xinfo_groups(self.stream(topic))
+        for info in groups:
+            if info["name"].decode() == group:
+                lag = info.get("lag")
+                if lag is not None:
+                    return int(lag)
+                last = info["last-delivered-id"].decode()
+                after: Any = self.client.xrange(self.stream(topic), min="(" + last, max="+")
+                return len(after)
+        return 0
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,297 @@
+"""Function workers: separate processes that run the parameter server's functions from Redis.
+
+A worker (``amble worker --store redis://...``) is one function instance. It serves every run
+registered in the Redis database (the set ``amble:namespaces``): it claims events another worker
+left un-acked past the visibility timeout, else reads new ones, one at a time so work spreads over
+the workers, and runs them with :func:`~amble.server.runtime.base.invoke`, which publishes what
+the function emitted and acks last. Between events it keeps a warm cache per run (settings, model
+template, the current model, its partial sums), so the thesis's instance reuse is real here.
+
+Cold and warm starts are decided on the event clock, as in the embedded runtime: a worker's first
+event of a run is cold; later ones are warm if they arrive within ``keep_alive_s`` of the end of its
+previous one (and ``reuse`` is on), else the cache is dropped and the start is cold. In simulation
+that clock is virtual, so the counts mean the same as in the embedded runtime; the pool size is the
+number of workers.
+
+The driver's side is :class:`WorkerRuntime`: its ``drain`` waits until the run's functions topic
+has nothing unread or pending, and fails with a clear message, never waits forever, when no worker
+is alive or nothing moves for ``drain_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, cast
+
+import redis
+
+from amble.errors import AmbleError
+from amble.server.events.base import Event
+from amble.server.events.redis import RedisEventLog
+from amble.server.runtime.base import (
+    FUNCTIONS_GROUP,
+    FUNCTIONS_TOPIC,
+    Handler,
+    Invocation,
+    PoolSettings,
+    Runtime,
+    invoke,
+)
+from amble.server.store.base import Store
+from amble.server.store.redis import RedisStore, connect
+
+NAMESPACES = "amble:namespaces"
+"""The runs workers serve: a Redis set of namespaces, added by the driver when a run starts."""
+HEARTBEATS = "amble:workers"
+"""Worker liveness: a hash of consumer name -> Redis server time of its last loop."""
+POOL_KEY = "run/pool"
+"""A run's PoolSettings, as JSON, in its namespace."""
+HEARTBEAT_STALE_S = 10.0
+
+HandlersFor = Callable[[Store], Mapping[str, Handler]]
+"""Builds a run's function handlers from what its Store holds (run spec, settings)."""
+
+
+def server_time(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+@dataclass
+class _Served:
+    """One run as seen by this worker: its store, log, functions and this instance's warm state."""
+
+    store: RedisStore
+    events: RedisEventLog
+    handlers: Mapping[str, Handler]
+    settings: PoolSettings
+    cache: dict[str, Any] = field(default_factory=dict)
+    free_at_s: float | None = None
+    """Event-clock time this instance finished its last event here (None: never ran: cold)."""
+
+
+class FunctionWorker:
+    def __init__(
+        self,
+        url: str,
+        handlers_for: HandlersFor,
+        consumer: str | None = None,
+        namespaces: list[str] | None = None,
+        store_factory: Callable[[str, str, redis.Redis], RedisStore] = RedisStore,
+    ) -> None:
+        self.url = url
+        self.client = connect(url)
+        self.handlers_for = handlers_for
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.fixed_namespaces = namespaces
+        self.store_factory = store_factory
+        self.served: dict[str, _Served] = {}
+        self.stopping = False
+        self.invocations = 0
+        self._refreshed_at = 0.0
+
+    # -- which runs to serve ----------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._refreshed_at < 0.5 and self.served:
+            return
+        self._refreshed_at = now
+        self.client.hset(HEARTBEATS, self.consumer, server_time(self.client))
+        if self.fixed_namespaces is not None:
+            wanted = set(self.fixed_namespaces)
+        else:
+            wanted = {m.decode() for m in cast(set[bytes], self.client.smembers(NAMESPACES))}
+        for gone in set(self.served) - wanted:
+            del self.served[gone]
+        for namespace in sorted(wanted - set(self.served)):
+            store = self.store_factory(self.url, namespace, self.client)
+            pool = store.get(POOL_KEY)
+            if pool is None:  # registered but not yet initialised: try again on the next refresh
+                continue
+            events = RedisEventLog(self.url, namespace, self.client)
+            self.served[namespace] = _Served(store, events, self.handlers_for(store), PoolSettings.from_json(pool))
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def step(self, block_s: float = 0.2) -> bool:
+        """Run at most one event; True if one ran (or failed)."""
+        self._refresh()
+        if not self.served:
+            time.sleep(min(block_s, 0.2))
+            return False
+        for run in self.served.values():
+            stale = run.events.claim_stale(
+                FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, run.settings.visibility_timeout_s, count=1
+            )
+            if stale:
+                self._run(run, stale[0])
+                return True
+        for run in self.served.values():
+            fresh = run.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, count=1)
+            if fresh:
+                self._run(run, fresh[0])
+                return True
+        # Nothing anywhere: wait on one run's stream (the others are polled on the next step).
+        run = next(iter(self.served.values()))
+        waited = run.events.read_blocking([FUNCTIONS_TOPIC], FUNCTIONS_GROUP, self.consumer, 1, block_s)
+        if waited:
+            self._run(run, waited[0])
+            return True
+        return False
+
+    def _run(self, run: _Served, event: Event) -> None:
+        s = run.settings
+        start_s = event.at_s if run.free_at_s is None else max(event.at_s, run.free_at_s)
+        expired = run.free_at_s is not None and start_s - run.free_at_s > s.keep_alive_s
+        cold = run.free_at_s is None or not s.reuse or expired
+        if cold:
+            run.cache.clear()
+        invocation = Invocation(os.getpid(), cold, run.cache)
+        end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
+        self.invocations += 1
+        if end_s is None:  # a failed instance loses its warm state
+            run.cache.clear()
+            run.free_at_s = None
+        else:
+            run.free_at_s = end_s
+
+    def serve(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
+        """Run events until stopped (SIGTERM/SIGINT), ``max_events`` ran, or idle for ``idle_exit_s``."""
+        idle_since = time.monotonic()
+        try:
+            while not self.stopping:
+                if self.step():
+                    idle_since = time.monotonic()
+                    if max_events is not None and self.invocations >= max_events:
+                        break
+                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    break
+        finally:
+            self.client.hdel(HEARTBEATS, self.consumer)
+        return self.invocations
+
+    def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        self.stopping = True
+
+
+FOLDING = "amble:folding"
+"""Fault injection: a hash of consumer -> pid for workers paused inside a fold's commit."""
+
+
+class PausingStore(RedisStore):
+    """Fault-injection aid for the crash tests (``AMBLE_FAULT_FOLD_PAUSE_S``): before committing a
+    fold, the worker announces itself in :data:`FOLDING` and pauses, so a test can SIGKILL it in
+    the middle of folding an update."""
+
+    pause_s = 0.0
+    consumer = ""
+
+    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+        if "/partial" not in key:
+            return super().compare_and_set(key, value, expected_version)
+        self.client.hset(FOLDING, self.consumer, os.getpid())
+        time.sleep(self.pause_s)
+        done = super().compare_and_set(key, value, expected_version)
+        self.client.hdel(FOLDING, self.consumer)
+        return done
+
+
+def store_factory_from_env(consumer: str) -> Callable[[str, str, redis.Redis], RedisStore]:
+    pause_s = float(os.environ.get("AMBLE_FAULT_FOLD_PAUSE_S", "0") or 0)
+    if pause_s <= 0:
+        return RedisStore
+
+    def make(url: str, namespace: str, client: redis.Redis) -> RedisStore:
+        store = PausingStore(url, namespace, client)
+        store.pause_s, store.consumer = pause_s, consumer
+        return store
+
+    return make
+
+
+class WorkerRuntime(Runtime):
+    """The driver's view of a run served by worker processes: wait for them, never forever."""
+
+    def __init__(
+        self, store: RedisStore, events: RedisEventLog, settings: PoolSettings, drain_timeout_s: float
+    ) -> None:
+        self.store = store
+        self.redis = store
+        self.events = events
+        self.settings = settings
+        self.drain_timeout_s = drain_timeout_s
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def drain(self) -> None:
+        last: tuple[int, int, float] | None = None
+        moved_at = time.monotonic()
+        delay = 0.001
+        while True:
+            progress = (
+                self.events.backlog(FUNCTIONS_TOPIC, FUNCTIONS_GROUP),
+                self.events.pending(FUNCTIONS_TOPIC, FUNCTIONS_GROUP),
+                self.store.counter("runtime/invocations"),
+            )
+            if progress[:2] == (0, 0):
+                return
+            now = time.monotonic()
+            if progress != last:
+                last, moved_at, delay = progress, now, 0.001
+            elif now - moved_at > self.drain_timeout_s:
+                raise AmbleError(
+                    f"the function workers made no progress for {self.drain_timeout_s:g} s "
+                    f"({progress[0]} events unread, {progress[1]} pending) on {self.redis.url}: "
+                    f"check the `amble worker` logs, or raise server.drain_timeout_s"
+                )
+            self._check_alive()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _check_alive(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                return
+        beats = cast(dict[bytes, bytes], self.redis.client.hgetall(HEARTBEATS))
+        now = server_time(self.redis.client)
+        if any(now - float(t) < HEARTBEAT_STALE_S for t in beats.values()):
+            return
+        raise AmbleError(
+            f"no amble worker is serving {self.redis.url}: start some with "
+            f"`amble worker --store {self.redis.url}`, or set server.workers: N to start N local ones"
+        )
+
+    def start_workers(self, count: int) -> None:
+        """Start ``count`` local ``amble worker`` processes serving this run (stopped by ``close``)."""
+        command = [
+            sys.executable,
+            "-m",
+            "amble",
+            "worker",
+            "--store",
+            self.redis.url,
+            "--namespace",
+            self.redis.namespace,
+        ]
+        for _ in range(count):
+            self.processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes = []
