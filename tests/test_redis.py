@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 import pytest
 
 from amble.errors import ConfigError
-from amble.server.events.base import EventLog
+from amble.server.events.base import Event, EventLog
 from amble.server.events.redis import RedisEventLog
+from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
+from amble.server.runtime.workers import POOL_KEY, FunctionWorker, WorkerRuntime
 from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, connect, wipe
 from tests.conftest import RedisServer
 from tests.contract.events_contract import EventLogContract
+from tests.contract.runtime_contract import RuntimeContract
 from tests.contract.store_contract import StoreContract
 
 
@@ -64,3 +71,66 @@ def test_values_survive_a_redis_restart_with_aof(tmp_path: pytest.TempPathFactor
         assert store.counter("uploads") == 3
     finally:
         server.stop()
+
+
+class _ThreadedWorkers(WorkerRuntime):
+    """The worker runtime with its workers as threads of this process (same code as `amble worker`)."""
+
+    def __init__(
+        self, store: RedisStore, events: RedisEventLog, handlers: Mapping[str, Handler], settings: PoolSettings
+    ):
+        super().__init__(store, events, settings, drain_timeout_s=30.0)
+        store.put(POOL_KEY, settings.to_json())
+        self.workers = [
+            FunctionWorker(store.url, lambda _store: handlers, f"w{i}", [store.namespace])
+            for i in range(settings.max_instances)
+        ]
+        self.threads = [threading.Thread(target=w.serve, daemon=True) for w in self.workers]
+        for thread in self.threads:
+            thread.start()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+class TestWorkerRuntime(RuntimeContract):
+    """Real workers: claims after a (short) visibility timeout, warm caches, cold/warm on the event clock."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_server: RedisServer) -> Iterator[None]:
+        self.url = redis_server.url
+        self.runtimes: list[Runtime] = []
+        yield
+        for runtime in self.runtimes:
+            runtime.close()
+
+    def make_store(self) -> Store:
+        self.namespace = f"test-{uuid.uuid4().hex}"
+        return RedisStore(self.url, self.namespace)
+
+    def make_events(self) -> EventLog:
+        return RedisEventLog(self.url, self.namespace)
+
+    def make(self, store: Store, events: EventLog, handlers: Mapping[str, Handler], settings: PoolSettings) -> Runtime:
+        assert isinstance(store, RedisStore) and isinstance(events, RedisEventLog)
+        if settings.visibility_timeout_s == PoolSettings().visibility_timeout_s:  # retries within the test's time
+            settings = replace(settings, visibility_timeout_s=0.05)
+        runtime = _ThreadedWorkers(store, events, handlers, settings)
+        self.runtimes.append(runtime)
+        return runtime
+
+    def test_simultaneous_events_start_parallel_instances_up_to_the_limit(self) -> None:
+        # Real workers take events as they free up, so "simultaneous" needs events that keep a worker busy.
+        def handle(event: Event, inv: Invocation) -> None:
+            time.sleep(0.3)
+
+        _, events, runtime = self._setup(
+            {"work": handle}, max_instances=2, keep_alive_s=100.0, cold_start_s=1.0, visibility_timeout_s=10.0
+        )
+        for _ in range(4):
+            events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=0.0)
+        runtime.drain()
+        assert (runtime.stats().cold_starts, runtime.stats().warm_starts) == (2, 2)
