@@ -141,19 +141,20 @@ def test_a_function_crashing_mid_fold_loses_nothing_and_counts_nothing_twice() -
     assert_model(server, reference([0, 1, 2]), version=1)
 
 
-@pytest.mark.parametrize(
-    ("blob", "reason"),
-    [
-        (encode({"w": torch.zeros(4), "b": torch.zeros(1)}), "shape"),
-        (encode({"w": torch.tensor([0.0, float("nan"), 0.0]), "b": torch.zeros(1)}), "non_finite"),
-        (encode({"w": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(1)}), "dtype"),
-        (encode({"w": torch.zeros(3), "b": torch.zeros(1)})[:-5], "malformed"),
-        (encode({"w": torch.zeros(3)}), "missing_tensor"),
-        (encode({"w": torch.zeros(3), "b": torch.zeros(1), "x": torch.zeros(1)}), "unexpected_tensor"),
-        (b"\x00" * 20_000, "too_large"),
-        (json.dumps({"not": "tensors"}).encode(), "malformed"),
-    ],
-)
+MALFORMED = [
+    (encode({"w": torch.zeros(4), "b": torch.zeros(1)}), "shape"),
+    (encode({"w": torch.tensor([0.0, float("nan"), 0.0]), "b": torch.zeros(1)}), "non_finite"),
+    (encode({"w": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(1)}), "dtype"),
+    (encode({"w": torch.zeros(3), "b": torch.zeros(1)})[:-5], "malformed"),
+    (encode({"w": torch.zeros(3)}), "missing_tensor"),
+    (encode({"w": torch.zeros(3), "b": torch.zeros(1), "x": torch.zeros(1)}), "unexpected_tensor"),
+    (b"\x00" * 20_000, "too_large"),
+    (json.dumps({"not": "tensors"}).encode(), "malformed"),
+]
+"""Updates every backend must reject, with the reason it records."""
+
+
+@pytest.mark.parametrize(("blob", "reason"), MALFORMED)
 def test_a_malformed_update_is_rejected_with_its_reason_and_the_model_is_unchanged(blob: bytes, reason: str) -> None:
     server = make_server(quorum=1.0)
     server.start_round(0, [0, 1, 2], 0.0)

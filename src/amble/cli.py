@@ -14,8 +14,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run every strategy of a config on the same data, fleet and seed")
-    run.add_argument("config", type=Path, help="experiment YAML, e.g. examples/quickstart.yaml")
+    run.add_argument("config", type=Path, nargs="?", help="experiment YAML, e.g. examples/quickstart.yaml")
     run.add_argument("--out", type=Path, default=None, help="output directory (default runs/<name>)")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last completed round (its config is read from RUN_DIR)",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -34,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         "--namespace", action="append", default=None, help="serve only this run (repeatable; default: every run)"
     )
     worker.add_argument("--max-events", type=int, default=None, help="exit after running this many events")
+    worker.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    worker.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the driver) is gone")
     worker.add_argument("--idle-exit-s", type=float, default=None, help="exit after this many idle seconds")
 
     report = commands.add_parser("report", help="rebuild plots and report.html from a run's output files")
@@ -42,12 +51,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from amble.config import load_config
+    from amble.config import config_to_dict, load_config
+    from amble.errors import ConfigError
     from amble.sim import run_experiment
+    from amble.sim.driver import load_run_config
 
-    config = load_config(args.config, args.overrides)
-    out_dir = args.out or Path("runs") / config.name
-    summary = run_experiment(config, out_dir, progress=not args.no_progress)
+    if args.resume is not None:
+        out_dir = args.resume
+        config = load_run_config(out_dir)
+        if args.config is not None and config_to_dict(load_config(args.config, args.overrides)) != config_to_dict(
+            config
+        ):
+            raise ConfigError(
+                f"{args.config} (with --set) is not the config of the run in {out_dir}; drop it to resume"
+            )
+        if args.config is None and args.overrides:
+            raise ConfigError("--set cannot change a run being resumed; resume it as it was started")
+    elif args.config is None:
+        raise ConfigError("amble run needs a config file (e.g. examples/quickstart.yaml) or --resume RUN_DIR")
+    else:
+        config = load_config(args.config, args.overrides)
+        out_dir = args.out or Path("runs") / config.name
+    summary = run_experiment(config, out_dir, progress=not args.no_progress, resume=args.resume is not None)
     print(f"\nwrote {out_dir}/ (metrics.jsonl, devices.jsonl, summary.json, report.html, plots)")
     _print_summary(summary["strategies"])
     return 0
@@ -76,12 +101,16 @@ def _report(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import signal
 
+    import torch
+
     from amble.server.runtime.workers import FunctionWorker, store_factory_from_env
     from amble.server.store.redis import connect
     from amble.sim.factory import handlers_from_store
 
+    # Folding is memory-bound: a thread per core in every worker only makes workers wait for each other.
+    torch.set_num_threads(args.threads)
     connect(args.store)  # a bad URL fails here, with a clear message
-    worker = FunctionWorker(args.store, handlers_from_store, namespaces=args.namespace)
+    worker = FunctionWorker(args.store, handlers_from_store, namespaces=args.namespace, parent_pid=args.parent_pid)
     worker.store_factory = store_factory_from_env(worker.consumer)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

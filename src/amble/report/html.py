@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from amble.report.files import STRATEGY_SUMMARY_FIELDS, RunData, read_run, write_atomic
+from amble.durable import write_atomic
+from amble.report.files import STRATEGY_SUMMARY_FIELDS, RunData, read_run
 from amble.report.plots import PlotFile, target_accuracy, write_plots
 
 REPORT_FILE = "report.html"

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from amble.durable import write_atomic
 from amble.errors import AmbleError
 from amble.report.files import (
     DEVICE_FIELDS,
@@ -20,7 +21,6 @@ from amble.report.files import (
     METRICS_FIELDS,
     METRICS_FILE,
     SUMMARY_FILE,
-    write_atomic,
 )
 
 
@@ -28,10 +28,13 @@ class RunWriter:
     """Appends one JSON line per round to ``metrics.jsonl`` and per device to ``devices.jsonl``.
 
     Every write is flushed at once. Files from an earlier run in the same directory are truncated
-    unless ``append=True`` (resuming), in which case a half-written last line is dropped first.
+    unless ``append=True`` (resuming), in which case a half-written last line is dropped first and,
+    with ``keep_rounds`` ({strategy: last kept round}), so is every row after a strategy's last kept round.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, append: bool = False) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike[str], *, append: bool = False, keep_rounds: Mapping[str, int] | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,9 @@ class RunWriter:
                 "Choose another output directory (--out DIR)."
             ) from None
         self._files = ExitStack()
+        if append and keep_rounds is not None:  # resuming: rows past each strategy's checkpoint are redone
+            for name in (METRICS_FILE, DEVICES_FILE):
+                _keep_rows(self.run_dir / name, keep_rounds)
         self._metrics = self._open(self.run_dir / METRICS_FILE, append)
         self._devices = self._open(self.run_dir / DEVICES_FILE, append)
         self._closed = False
@@ -131,6 +137,20 @@ def _json_line(row: Mapping[str, object], fields: tuple[str, ...], kind: str) ->
     if absent:
         raise ValueError(f"{kind} is missing {', '.join(absent)}; it needs {', '.join(fields)}")
     return json.dumps(to_json_value(row), allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def _keep_rows(path: Path, keep_rounds: Mapping[str, int]) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash
+        if row.get("round", 0) <= keep_rounds.get(row.get("strategy", ""), -1):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, "".join(kept).encode("utf-8"))
 
 
 def _drop_incomplete_last_line(path: Path) -> None:

@@ -367,10 +367,25 @@ class ServerFunctions:
     def _announce_outcome(self, inv: Invocation, round_index: int, state: dict[str, Any]) -> None:
         if state["status"] == "finalized":
             self._advance_latest(int(state["version"]))
+            self._compact(round_index, int(state["base_version"]))
             inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": state["version"]})
         elif state["status"] == "failed":
             payload = {"round": round_index, "counted": len(state["counted"]), "quorum": state["quorum"]}
             inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state["base_version"]})
+
+    def _compact(self, round_index: int, base_version: int) -> None:
+        """Once a round is decided, drop what nobody reads again (idempotent, so reruns are fine).
+
+        The partial sums shrink to their metadata (a late or duplicate fold still sees the round as
+        sealed) and the model before this round's base is deleted: the store keeps the latest two.
+        """
+        key = keys.round_partial(round_index)
+        current = self.store.get_versioned(key)
+        if current is not None and read_metadata(current.value).get("compacted") != "true":
+            meta = _partial_meta(current.value)
+            self.store.compare_and_set(key, _encode_partial({}, meta, compacted=True), current.version)
+        if base_version >= 1:
+            self.store.delete(keys.model(base_version - 1))
 
     def _advance_latest(self, version: int) -> None:
         def advance(latest: Any) -> Any:
@@ -379,13 +394,14 @@ class ServerFunctions:
         update_json(self.store, keys.LATEST, advance, "the latest model version")
 
 
-def _encode_partial(sums: Params, meta: dict[str, Any]) -> bytes:
+def _encode_partial(sums: Params, meta: dict[str, Any], compacted: bool = False) -> bytes:
     return encode(
         sums,
         {
             "counted": json.dumps(meta["counted"]),
             "stats": json.dumps(meta["stats"]),
             "sealed": json.dumps(meta["sealed"]),
+            "compacted": json.dumps(compacted),
         },
     )
 

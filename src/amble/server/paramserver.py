@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from amble.errors import AmbleError
 from amble.server import keys
@@ -62,6 +63,11 @@ class ParameterServer:
 
     def model(self, version: int | None = None) -> Params:
         return load_model(self.store, self.latest_version() if version is None else version)
+
+    def round_state(self, round_index: int) -> dict[str, Any] | None:
+        """A round's state: ``status`` (open, finalized, failed), ``base_version``, ``expected``, ``plans``."""
+        state: dict[str, Any] | None = read_json(self.store, keys.round_state(round_index))
+        return state
 
     def start_round(self, round_index: int, available: list[int], at_s: float) -> tuple[dict[int, Plan], float]:
         """Trigger ``plan_round``; returns the plans it wrote and the virtual time they were ready."""

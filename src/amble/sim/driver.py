@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,18 @@ import torch
 from tqdm import tqdm
 
 from amble.client import LocalTrainer, evaluate
-from amble.config import ExperimentConfig, config_to_dict, strategy_label
+from amble.config import ExperimentConfig, config_from_dict, config_to_dict, strategy_label
 from amble.data import Dataset, load_dataset, partition_indices
+from amble.durable import write_atomic
+from amble.errors import AmbleError
 from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
 from amble.models import build_model
 from amble.report import RunWriter, build_report
+from amble.report.writer import to_json_value
 from amble.server import ParameterServer, RoundOutcome, RunSettings
+from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
-from amble.sim.factory import build_server, release_server
+from amble.sim.factory import CHECKPOINT, build_server, release_server, saved_checkpoint, wipe_run
 from amble.strategies import Params, Plan, Report
 
 Progress = Callable[[str], None]
@@ -97,23 +103,64 @@ class Experiment:
             test_x, test_y = test_x[keep], test_y[keep]
         self.test = (test_x, test_y)
 
-    def run(self, writer: RunWriter, progress: bool = True, namespace: str = "run") -> dict[str, dict[str, Any]]:
+    def run(
+        self,
+        writer: RunWriter,
+        progress: bool = True,
+        namespace: str = "run",
+        state_dir: Path | None = None,
+        resume: bool = False,
+    ) -> dict[str, dict[str, Any]]:
+        """Run every strategy in turn. With ``state_dir``, each round is checkpointed there (and, with a
+        Redis store, in the store); with ``resume`` a strategy with a checkpoint continues after it."""
         results = {}
         for index in range(len(self.config.strategies)):
-            outcome = self.run_strategy(index, writer, progress, namespace)
+            outcome = self.run_strategy(index, writer, progress, namespace, state_dir, resume)
             results[outcome.label] = outcome.summary
         return results
 
-    def run_strategy(self, index: int, writer: RunWriter, progress: bool, namespace: str = "run") -> StrategyRun:
-        """Run the config's ``index``-th strategy; with a Redis store its state lives in ``namespace/label``."""
-        label = strategy_label(self.config.strategies[index])
-        server = build_server(self.config, index, f"{namespace}/{label}", fresh=True)
+    def run_strategy(
+        self,
+        index: int,
+        writer: RunWriter,
+        progress: bool,
+        namespace: str = "run",
+        state_dir: Path | None = None,
+        resume: bool = False,
+    ) -> StrategyRun:
+        """Run (or resume) the config's ``index``-th strategy; a Redis store keeps it in ``namespace/label``."""
+        config = self.config
+        label = strategy_label(config.strategies[index])
+        done = None if state_dir is None else state_dir / f"{label}.summary.json"
+        if resume and done is not None and done.is_file():
+            return StrategyRun(label, json.loads(done.read_text()))
+        space = f"{namespace}/{label}"
+        snapshot = None if state_dir is None else state_dir / f"{label}.safetensors"
+        checkpoint = saved_checkpoint(config, space, snapshot) if resume and snapshot is not None else None
+        if checkpoint is None:
+            wipe_run(config, space)
+        server = build_server(
+            config, index, space, snapshot if checkpoint and config.server.store == "memory" else None
+        )
         try:
-            return self._run_strategy(server, label, writer, progress)
+            outcome = self._run_strategy(server, label, writer, progress, checkpoint, snapshot)
         finally:
             release_server(server)
+        if done is not None and snapshot is not None:
+            write_atomic(done, json.dumps(to_json_value(outcome.summary)).encode())
+            snapshot.unlink(missing_ok=True)
+        wipe_run(config, space)
+        return outcome
 
-    def _run_strategy(self, server: ParameterServer, label: str, writer: RunWriter, progress: bool) -> StrategyRun:
+    def _run_strategy(
+        self,
+        server: ParameterServer,
+        label: str,
+        writer: RunWriter,
+        progress: bool,
+        checkpoint: dict[str, Any] | None,
+        snapshot: Path | None,
+    ) -> StrategyRun:
         config = self.config
         server.initialize(
             self.initial,
@@ -127,10 +174,12 @@ class Experiment:
         )
         trainer = LocalTrainer(copy.deepcopy(self.model), config.train.momentum, config.train.weight_decay)
         eval_model = copy.deepcopy(self.model)
-        tally = _Tally()
-        began = time.perf_counter()
+        tally = _Tally.from_json(checkpoint["tally"]) if checkpoint else _Tally()
+        first = checkpoint["round"] + 1 if checkpoint else 0
+        began = time.perf_counter() - (checkpoint["wall_time_s"] if checkpoint else 0.0)
         accuracy: float | None = None
-        bar = tqdm(range(config.rounds), desc=f"{label:>10}", unit="round", disable=not progress, leave=True)
+        rounds = range(first, config.rounds)
+        bar = tqdm(rounds, desc=f"{label:>10}", unit="round", disable=not progress, leave=True, initial=first)
         for r in bar:
             record = self._play_round(server, trainer, label, r, tally)
             loss: float | None = None
@@ -157,8 +206,19 @@ class Experiment:
                 }
             )
             writer.write_devices(record.devices)
+            if snapshot is not None:
+                self._checkpoint(server, r, tally, time.perf_counter() - began, snapshot)
         bar.close()
+        write_atomic(writer.run_dir / f"model_{label}.safetensors", encode(server.model()))
         return StrategyRun(label, tally.summary(server, config, time.perf_counter() - began))
+
+    @staticmethod
+    def _checkpoint(server: ParameterServer, r: int, tally: _Tally, wall_time_s: float, snapshot: Path) -> None:
+        """After round ``r``'s rows are written: what a resumed run continues from."""
+        state = {"round": r, "tally": asdict(tally), "wall_time_s": wall_time_s}
+        server.store.put(CHECKPOINT, json.dumps(state).encode())
+        if isinstance(server.store, MemoryStore):
+            server.store.save(snapshot)
 
     def _play_round(
         self, server: ParameterServer, trainer: LocalTrainer, label: str, r: int, tally: _Tally
@@ -167,7 +227,11 @@ class Experiment:
         available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
         plans, start_s = server.start_round(r, available, tally.now_s)
         planned_steps = {k: p.local_steps for k, p in plans.items()}
-        start_params = server.model()
+        state = server.round_state(r) or {}
+        # Resuming a round the server had already decided (the driver died before its checkpoint):
+        # train again for the rows and tallies, but do not upload what was already aggregated.
+        decided = state.get("status", "open") != "open"
+        start_params = server.model(int(state["base_version"]))
         uploads: list[tuple[float, Report, bytes]] = []
         rows: list[dict[str, Any]] = []
         finished_s: dict[int, float] = {}
@@ -208,7 +272,7 @@ class Experiment:
             cut = result.steps < planned_steps[k]
             row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
         uploads.sort(key=lambda item: (item[0], item[1].device))
-        for arrival_s, report, blob in uploads:
+        for arrival_s, report, blob in [] if decided else uploads:
             server.upload(report, blob, arrival_s)
         last_event_s = max([*finished_s.values(), *drop_times], default=start_s)
         outcome = server.close_round(r, last_event_s)
@@ -268,6 +332,10 @@ class _Tally:
     accuracies: list[tuple[int, float, float]] = field(default_factory=list)
     """(round, virtual time, accuracy) at each evaluation."""
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Tally:
+        return cls(**{**data, "accuracies": [(int(r), t, a) for r, t, a in data["accuracies"]]})
+
     def summary(self, server: ParameterServer, config: ExperimentConfig, wall_time_s: float) -> dict[str, Any]:
         stats = server.runtime.stats()
         target = config.eval.target_accuracy
@@ -301,18 +369,63 @@ def run_namespace(config: ExperimentConfig, out_dir: Path) -> str:
     return f"{config.name}-{digest}"
 
 
+RUN_FILE = "run.json"
+"""The resolved config and store namespace of a run, written first: what ``--resume`` reads."""
+
+
 def run_experiment(
-    config: ExperimentConfig, out_dir: Path, progress: bool = True, cache_dir: Path | None = None
+    config: ExperimentConfig,
+    out_dir: Path,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every strategy of ``config`` on the identical partition, fleet and seed; write the outputs."""
+    """Run every strategy of ``config`` on the identical partition, fleet and seed; write the outputs.
+
+    Every round is checkpointed in ``out_dir/state`` (and in the Redis store, when that is the store);
+    with ``resume`` each strategy continues after its last checkpointed round instead of starting over.
+    """
+    namespace = run_namespace(config, out_dir)
+    state_dir = out_dir / "state"
+    keep: dict[str, int] = {}
+    if resume:
+        keep = resume_points(config, out_dir)
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
     experiment = Experiment(config, cache_dir)
-    with RunWriter(out_dir) as writer:
-        results = experiment.run(writer, progress, run_namespace(config, out_dir))
+    with RunWriter(out_dir, append=resume, keep_rounds=keep) as writer:
+        write_atomic(
+            out_dir / RUN_FILE, json.dumps({"config": config_to_dict(config), "namespace": namespace}).encode()
+        )
+        results = experiment.run(writer, progress, namespace, state_dir, resume)
         summary = {
             "config": config_to_dict(config),
             "calibration": {"t_ref_s": experiment.step_time.to_json()},
             "strategies": results,
         }
         writer.write_summary(summary)
+    shutil.rmtree(state_dir, ignore_errors=True)
     build_report(out_dir)
     return summary
+
+
+def resume_points(config: ExperimentConfig, out_dir: Path) -> dict[str, int]:
+    """The last completed round of each strategy of a run in ``out_dir`` (-1: start it over)."""
+    namespace, state_dir = run_namespace(config, out_dir), out_dir / "state"
+    points = {}
+    for strategy in config.strategies:
+        label = strategy_label(strategy)
+        if (state_dir / f"{label}.summary.json").is_file():
+            points[label] = config.rounds - 1
+            continue
+        checkpoint = saved_checkpoint(config, f"{namespace}/{label}", state_dir / f"{label}.safetensors")
+        points[label] = -1 if checkpoint is None else int(checkpoint["round"])
+    return points
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """The config a run in ``run_dir`` was started with (to resume it)."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise AmbleError(f"{run_dir} holds no run to resume ({RUN_FILE} is missing): start it with `amble run CONFIG`")
+    return config_from_dict(json.loads(path.read_text())["config"], str(path))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from amble.config import (
     AdaBatchConfig,
@@ -76,32 +78,36 @@ def pool_settings(server: ServerConfig) -> PoolSettings:
     )
 
 
-def build_embedded_server(strategy: Strategy, server: ServerConfig) -> ParameterServer:
-    """The embedded parameter server: in-memory Store and EventLog, in-process Runtime."""
-    store = MemoryStore()
+def build_embedded_server(strategy: Strategy, server: ServerConfig, snapshot: Path | None = None) -> ParameterServer:
+    """The embedded parameter server: in-memory Store (loaded from ``snapshot`` to resume) and
+    EventLog, in-process Runtime."""
+    store = MemoryStore.load(snapshot) if snapshot is not None else MemoryStore()
     events = MemoryEventLog()
     functions = ServerFunctions(store, strategy)
     runtime = LocalRuntime(store, events, functions.handlers(), pool_settings(server))
     return ParameterServer(store, events, runtime)
 
 
+CHECKPOINT = "driver/checkpoint"
+"""The simulation driver's own state after its last completed round (JSON)."""
 RUN_SPEC = "run/spec"
 """What a worker needs to rebuild a run's functions: the experiment config and the strategy's index."""
 
 
-def build_server(config: ExperimentConfig, strategy_index: int, namespace: str, fresh: bool) -> ParameterServer:
+def build_server(
+    config: ExperimentConfig, strategy_index: int, namespace: str, snapshot: Path | None = None
+) -> ParameterServer:
     """The parameter server ``config.server.store`` names, set up for one strategy of ``config``.
 
-    With a Redis store the run lives in ``namespace`` (wiped first when ``fresh``; kept to resume)
-    and its functions run in ``amble worker`` processes, ``server.workers`` of them started here.
+    To resume, pass the embedded store's ``snapshot`` file; a Redis run resumes from what its
+    ``namespace`` holds (:func:`wipe_run` clears it for a fresh start). With Redis, functions run in
+    ``amble worker`` processes, ``server.workers`` of them started here.
     """
     strategy = build_strategy(config.strategies[strategy_index], config)
     if config.server.store == "memory":
-        server = build_embedded_server(strategy, config.server)
+        server = build_embedded_server(strategy, config.server, snapshot)
     else:
         store = RedisStore(config.server.store, namespace)
-        if fresh:
-            wipe(store.client, namespace)
         events = RedisEventLog(config.server.store, namespace, store.client)
         runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
         server = ParameterServer(store, events, runtime)
@@ -111,6 +117,28 @@ def build_server(config: ExperimentConfig, strategy_index: int, namespace: str, 
         server.runtime.redis.client.sadd(NAMESPACES, namespace)
         server.runtime.start_workers(config.server.workers)
     return server
+
+
+def saved_checkpoint(config: ExperimentConfig, namespace: str, snapshot: Path) -> dict[str, Any] | None:
+    """The driver checkpoint a run left in its store (Redis namespace or embedded snapshot file)."""
+    if config.server.store == "memory":
+        store: Store | None = MemoryStore.load(snapshot) if snapshot.is_file() else None
+    else:
+        store = RedisStore(config.server.store, namespace)
+    if store is None:
+        return None
+    blob = store.get(CHECKPOINT)
+    store.close()
+    checkpoint: dict[str, Any] | None = json.loads(blob) if blob is not None else None
+    return checkpoint
+
+
+def wipe_run(config: ExperimentConfig, namespace: str) -> None:
+    """Forget a run's state in a shared store (a no-op for the embedded one, which dies with its process)."""
+    if config.server.store != "memory":
+        store = RedisStore(config.server.store, namespace)
+        wipe(store.client, namespace)
+        store.close()
 
 
 def release_server(server: ParameterServer) -> None:

@@ -20,6 +20,7 @@ is alive or nothing moves for ``drain_timeout_s``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -86,6 +87,7 @@ class FunctionWorker:
         consumer: str | None = None,
         namespaces: list[str] | None = None,
         store_factory: Callable[[str, str, redis.Redis], RedisStore] = RedisStore,
+        parent_pid: int | None = None,
     ) -> None:
         self.url = url
         self.client = connect(url)
@@ -93,6 +95,8 @@ class FunctionWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.fixed_namespaces = namespaces
         self.store_factory = store_factory
+        self.parent_pid = parent_pid
+        """Exit when this process is orphaned (the driver that started it died)."""
         self.served: dict[str, _Served] = {}
         self.stopping = False
         self.invocations = 0
@@ -105,6 +109,9 @@ class FunctionWorker:
         if now - self._refreshed_at < 0.5 and self.served:
             return
         self._refreshed_at = now
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.stopping = True
+            return
         self.client.hset(HEARTBEATS, self.consumer, server_time(self.client))
         if self.fixed_namespaces is not None:
             wanted = set(self.fixed_namespaces)
@@ -169,14 +176,25 @@ class FunctionWorker:
         idle_since = time.monotonic()
         try:
             while not self.stopping:
-                if self.step():
+                try:
+                    ran = self.step()
+                except redis.ConnectionError as exc:  # Redis restarting: its clients retry, then we wait here
+                    print(f"amble worker {self.consumer}: Redis unreachable ({exc}); retrying", file=sys.stderr)
+                    time.sleep(1.0)
+                    continue
+                except redis.ResponseError as exc:  # e.g. a finished run wiped while we waited on its stream
+                    print(f"amble worker {self.consumer}: {exc}; reloading the runs to serve", file=sys.stderr)
+                    self.served.clear()
+                    continue
+                if ran:
                     idle_since = time.monotonic()
                     if max_events is not None and self.invocations >= max_events:
                         break
                 elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     break
         finally:
-            self.client.hdel(HEARTBEATS, self.consumer)
+            with contextlib.suppress(redis.ConnectionError):  # else its heartbeat goes stale by itself
+                self.client.hdel(HEARTBEATS, self.consumer)
         return self.invocations
 
     def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
@@ -188,9 +206,9 @@ FOLDING = "amble:folding"
 
 
 class PausingStore(RedisStore):
-    """Fault-injection aid for the crash tests (``AMBLE_FAULT_FOLD_PAUSE_S``): before committing a
+    """Fault-injection aid for the crash tests (``AMBLE_FAULT_FOLD_PAUSE_S``): around committing a
     fold, the worker announces itself in :data:`FOLDING` and pauses, so a test can SIGKILL it in
-    the middle of folding an update."""
+    the middle of folding an update (before or after the commit)."""
 
     pause_s = 0.0
     consumer = ""
@@ -199,8 +217,9 @@ class PausingStore(RedisStore):
         if "/partial" not in key:
             return super().compare_and_set(key, value, expected_version)
         self.client.hset(FOLDING, self.consumer, os.getpid())
-        time.sleep(self.pause_s)
+        time.sleep(self.pause_s)  # a kill now lands before the commit: the fold must be redone
         done = super().compare_and_set(key, value, expected_version)
+        time.sleep(self.pause_s)  # a kill now lands after it, before the ack: the redelivery must not count it again
         self.client.hdel(FOLDING, self.consumer)
         return done
 
@@ -233,7 +252,7 @@ class WorkerRuntime(Runtime):
 
     def drain(self) -> None:
         last: tuple[int, int, float] | None = None
-        moved_at = time.monotonic()
+        moved_at = started = time.monotonic()
         delay = 0.001
         while True:
             progress = (
@@ -252,7 +271,8 @@ class WorkerRuntime(Runtime):
                     f"({progress[0]} events unread, {progress[1]} pending) on {self.redis.url}: "
                     f"check the `amble worker` logs, or raise server.drain_timeout_s"
                 )
-            self._check_alive()
+            if now - started > HEARTBEAT_STALE_S:  # workers started along with the run get time to come up
+                self._check_alive()
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 

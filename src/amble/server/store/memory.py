@@ -1,10 +1,18 @@
-"""The embedded Store: a dict behind a lock. Nothing to install; lives and dies with the process."""
+"""The embedded Store: a dict behind a lock. Nothing to install; it lives with the process, and
+:meth:`MemoryStore.save` / :meth:`MemoryStore.load` keep it in one file so a run can resume."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
+import numpy as np
+from safetensors.numpy import load, save
+
+from amble.durable import write_atomic
 from amble.server.store.base import Store, Versioned
+from amble.server.tensors import read_metadata
 
 
 class MemoryStore(Store):
@@ -67,3 +75,33 @@ class MemoryStore(Store):
     def keys(self, prefix: str) -> list[str]:
         with self._lock:
             return sorted(k for k in self._values if k.startswith(prefix))
+
+    def save(self, path: Path) -> None:
+        """Write everything to one safetensors file (values as byte tensors, the rest as JSON metadata),
+        atomically: a crash while saving leaves the previous file."""
+        with self._lock:
+            names = sorted(self._values)
+            tensors = {str(i): np.frombuffer(self._values[k].value, dtype=np.uint8) for i, k in enumerate(names)}
+            metadata = {
+                "keys": json.dumps(names),
+                "versions": json.dumps([self._values[k].version for k in names]),
+                "counters": json.dumps(self._counters),
+                "sets": json.dumps({k: sorted(v) for k, v in self._sets.items()}),
+            }
+            blob = save(tensors, metadata)
+        write_atomic(path, blob)
+
+    @classmethod
+    def load(cls, path: Path) -> MemoryStore:
+        """A store with the contents :meth:`save` wrote to ``path``."""
+        blob = path.read_bytes()
+        tensors = load(blob)
+        metadata = read_metadata(blob)
+        store = cls()
+        for i, (key, version) in enumerate(
+            zip(json.loads(metadata["keys"]), json.loads(metadata["versions"]), strict=True)
+        ):
+            store._values[key] = Versioned(tensors[str(i)].tobytes(), int(version))
+        store._counters = {k: float(v) for k, v in json.loads(metadata["counters"]).items()}
+        store._sets = {k: set(v) for k, v in json.loads(metadata["sets"]).items()}
+        return store
