@@ -7,6 +7,7 @@ aggregate equal to the reference computed by hand; malformed updates leave the m
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -38,11 +39,11 @@ class CrashingStore(MemoryStore):
         super().__init__()
         self.crashes = crashes
 
-    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
-        if "/partial" in key and self.crashes > 0:
+    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        if any("/shard/" in key for key in writes) and self.crashes > 0:
             self.crashes -= 1
             raise ConnectionError("instance killed while folding")
-        return super().compare_and_set(key, value, expected_version)
+        return super().commit(writes)
 
 
 def make_server(store: MemoryStore | None = None, quorum: float = 0.5, per_round: int = 3) -> ParameterServer:
@@ -347,7 +348,7 @@ def test_a_fold_racing_the_deadline_is_either_in_the_model_or_rejected() -> None
     original = server.store.compare_and_set
 
     def racing_cas(key: str, value: bytes, expected_version: int) -> bool:
-        if key == keys.round_partial(0) and b'"sealed":"true"' in value and late_event is not None:
+        if key == keys.round_meta(0) and json.loads(value)["sealed"] and late_event is not None:
             # Between finalize's read of the partial and its seal, another worker folds device 2.
             functions.aggregate(late_event, Invocation(99, True, {}))
             server.events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, late_event.id)
@@ -383,3 +384,19 @@ def test_two_plan_round_runs_agree_on_plans_and_expectations() -> None:
 
     state = json.loads(server.store.get(keys.round_state(0)) or b"{}")
     assert sorted(plans) == sorted(state["expected"]) == [0, 1]
+
+
+def test_decided_rounds_are_compacted_to_their_records_and_two_models_are_kept() -> None:
+    server = make_server()
+    for r in range(3):
+        server.start_round(r, [0, 1, 2], float(r * 10))
+        upload_all(server, [0, 1, 2], round_=r)
+        assert server.close_round(r, r * 10 + 5.0).status == "finalized"
+
+    assert server.store.keys("model/0") == [keys.model(2), keys.model(3)]
+    assert server.store.keys("round/000001/shard/") == []  # the partial sums went with the round
+    meta = json.loads(server.store.get(keys.round_meta(1)) or b"{}")
+    assert meta["sealed"] and sorted(meta["counted"]) == [0, 1, 2]  # what a late duplicate is checked against
+    server.upload(report(0, round_=1), encode(delta(0)), 40.0)  # a duplicate after compaction: still a no-op
+    server.runtime.drain()
+    assert server.latest_version() == 3 and server.store.set_members(keys.round_rejected(1)) == set()

@@ -46,6 +46,44 @@ class StoreContract(ABC):
         assert store.compare_and_set("k", b"c", latest.version) is True
         assert store.get("k") == b"c"
 
+    def test_version_reads_the_version_alone(self) -> None:
+        store = self.make()
+        assert store.version("k") == 0
+        version = store.put("k", b"big value")
+        assert store.version("k") == version
+
+    def test_commit_writes_every_key_or_none(self) -> None:
+        store = self.make()
+        store.put("a", b"a1")
+        assert store.commit({"a": (b"a2", 1), "b": (b"b1", 0)}) is True
+        assert (store.get("a"), store.get("b")) == (b"a2", b"b1")
+        assert (store.version("a"), store.version("b")) == (2, 1)
+        assert store.commit({"a": (b"a3", 2), "b": (b"b2", 0)}) is False  # b moved on: nothing is written
+        assert (store.get("a"), store.get("b")) == (b"a2", b"b1")
+        assert store.keys("") == ["a", "b"]
+
+    def test_concurrent_commits_on_a_shared_key_count_each_winner_once(self) -> None:
+        store = self.make()
+
+        def work(name: str) -> None:
+            done = 0
+            while done < 30:
+                shared = store.get_versioned("shared")
+                own = store.version(name)
+                total = int(shared.value) if shared else 0
+                if store.commit(
+                    {"shared": (str(total + 1).encode(), shared.version if shared else 0), name: (b"x", own)}
+                ):
+                    done += 1
+
+        threads = [threading.Thread(target=work, args=(f"own{i}",)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.get("shared") == b"90"
+        assert [store.version(f"own{i}") for i in range(3)] == [30, 30, 30]
+
     def test_delete_removes_and_ignores_absent(self) -> None:
         store = self.make()
         store.put("k", b"v")

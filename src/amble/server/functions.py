@@ -2,14 +2,17 @@
 
 Each is triggered by one event and keeps no state between events except an instance's warm cache
 (a copy of what is in the Store, used only while its Store version is unchanged). Every write that
-matters is a compare-and-set on a versioned key, so running a function twice, or crashing it
+matters is a compare-and-set on versioned keys, so running a function twice, or crashing it
 half-way and running it again, has the effect of running it once:
 
-- ``aggregate`` folds the update and records the device as counted in *one* write (the partial
-  aggregate blob carries its list of counted devices), so a duplicate or redelivered update is
-  seen as already counted and skipped;
-- ``finalize`` moves the round from ``open`` to ``finalized`` with one compare-and-set; only the
-  invocation that wins it publishes the next model version.
+- ``aggregate`` folds the update into its instance's *shard* of the round's partial sums and records
+  the device as counted in the round's small *meta* record, both in one atomic ``commit``; a
+  duplicate or redelivered update is seen as already counted and skipped. Instances fold into
+  different shards, so parallel workers never redo each other's folds; they only serialise on
+  the meta record, which is a few hundred bytes;
+- ``finalize`` seals the meta record (no fold can commit after it), sums the shards, and moves the
+  round from ``open`` to ``finalized`` with one compare-and-set; only the invocation that wins it
+  publishes the next model version.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from amble.server.tensors import (
     TensorSpec,
     decode,
     encode,
-    read_metadata,
     template_from_json,
     validate_update,
 )
@@ -205,10 +207,11 @@ class ServerFunctions:
             raise UpdateRejected("unknown_round", f"round {round_index} was never planned")
         if device not in state["expected"]:
             raise UpdateRejected("not_selected", f"device {device} was not selected in round {round_index}")
-        partial_key = keys.round_partial(round_index)
+        meta_key, shard_key = keys.round_meta(round_index), keys.round_shard(round_index, inv.shard)
+        delta: Params | None = None
         for _ in range(CAS_RETRIES):
-            current = self.store.get_versioned(partial_key)
-            meta = _partial_meta(current.value if current else None)
+            current = self.store.get_versioned(meta_key)
+            meta = _meta(current.value if current else None)
             if device in meta["counted"]:  # a duplicate or a redelivery: finish what a crash may have cut
                 if update_key:
                     self.store.delete(update_key)
@@ -218,30 +221,39 @@ class ServerFunctions:
             if meta["sealed"] or state["status"] != "open":
                 raise UpdateRejected("late", f"round {round_index} is already closed")
             report = self._check_report(round_index, device, payload.get("report"), state)
-            if update_key is None:
-                limit = self._settings(inv).max_update_bytes
-                raise UpdateRejected(
-                    "too_large", f"update is {payload.get('size', 0):,} bytes, over the limit of {limit:,}"
-                )
-            blob = self.store.get(update_key)
-            if blob is None:
-                raise UpdateRejected("missing_update", f"no update blob was stored for device {device}")
-            delta = validate_update(blob, self._template(inv), self._settings(inv).max_update_bytes)
-            sums = self._partial_sums(inv, partial_key, current)
+            if delta is None:
+                delta = self._load_update(inv, device, update_key, payload)
+            sums, shard_version = self._shard_sums(inv, shard_key)
             contribution = self.strategy.aggregator.contribution(report)
             new_sums = {name: sums[name] + contribution.weight * delta[name] for name in sums}
             meta["counted"].append(device)
             for stat, value in contribution.stats.items():
                 meta["stats"][stat] = meta["stats"].get(stat, 0.0) + value
-            expected_version = current.version if current else 0
-            if self.store.compare_and_set(partial_key, _encode_partial(new_sums, meta), expected_version):
-                inv.cache["partial"] = (partial_key, expected_version + 1, new_sums)
-                self.store.delete(update_key)
+            if shard_key not in meta["shards"]:
+                meta["shards"].append(shard_key)
+            writes = {
+                meta_key: (json.dumps(meta).encode(), current.version if current else 0),
+                shard_key: (encode(new_sums), shard_version),
+            }
+            if self.store.commit(writes):
+                inv.cache["shard"] = (shard_key, shard_version + 1, new_sums)
+                if update_key:
+                    self.store.delete(update_key)
                 self._record_report(inv, report)
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
             state = read_json(self.store, keys.round_state(round_index))  # someone else wrote: re-read
         raise RuntimeError(f"could not fold device {device} into round {round_index}: too much contention")
+
+    def _load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:
+        settings = self._settings(inv)
+        if update_key is None:
+            size, limit = payload.get("size", 0), settings.max_update_bytes
+            raise UpdateRejected("too_large", f"update is {size:,} bytes, over the limit of {limit:,}")
+        blob = self.store.get(update_key)
+        if blob is None:
+            raise UpdateRejected("missing_update", f"no update blob was stored for device {device}")
+        return validate_update(blob, self._template(inv), settings.max_update_bytes)
 
     def _announce_if_complete(
         self, inv: Invocation, round_index: int, meta: dict[str, Any], state: dict[str, Any]
@@ -288,17 +300,22 @@ class ServerFunctions:
             )
         return report
 
-    def _partial_sums(self, inv: Invocation, key: str, current: Any) -> Params:
-        if current is None:
-            return {
-                name: torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype))
-                for name, spec in self._template(inv).items()
-            }
-        cached = inv.cache.get("partial")
-        if cached is not None and cached[0] == key and cached[1] == current.version:
-            sums: Params = cached[2]
-            return sums
-        return decode(current.value)
+    def _shard_sums(self, inv: Invocation, key: str) -> tuple[Params, int]:
+        """This instance's shard of the partial sums and its version (zeros at version 0 when new).
+
+        The warm copy is used while the Store still holds its version: a cheap check, not a download.
+        """
+        version = self.store.version(key)
+        cached = inv.cache.get("shard")
+        if cached is not None and cached[0] == key and cached[1] == version:
+            return cached[2], version
+        if version == 0:
+            zeros = {n: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for n, s in self._template(inv).items()}
+            return zeros, 0
+        current = self.store.get_versioned(key)
+        if current is None:  # deleted in between (the round was compacted): the commit will fail and retry
+            return self._shard_sums(inv, key)
+        return decode(current.value), current.version
 
     def _record_report(self, inv: Invocation, report: Report) -> None:
         """Append the report to the device's history (what the planner learns from), once."""
@@ -340,7 +357,7 @@ class ServerFunctions:
         if counted < quorum:
             outcome = {**state, "status": "failed", "counted": meta["counted"], "quorum": quorum}
         else:
-            sums = decode(self.store.get(keys.round_partial(round_index)) or b"")
+            sums = self._merge_shards(meta["shards"])
             new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums, meta["stats"])
             self.store.put(keys.model(base_version + 1), encode(new_params))
             inv.cache["model"] = (base_version + 1, new_params)
@@ -349,20 +366,32 @@ class ServerFunctions:
             self._announce_outcome(inv, round_index, outcome)
 
     def _seal(self, round_index: int, expected: int, closing: bool) -> dict[str, Any] | None:
-        """Close the partial aggregate to further folds; returns its metadata (None: not yet time)."""
-        key = keys.round_partial(round_index)
+        """Close the round to further folds; returns its meta record (None: not yet time)."""
+        key = keys.round_meta(round_index)
         for _ in range(CAS_RETRIES):
             current = self.store.get_versioned(key)
-            meta = _partial_meta(current.value if current else None)
+            meta = _meta(current.value if current else None)
             if meta["sealed"]:
                 return meta
             if len(meta["counted"]) < expected and not closing:
                 return None
             meta["sealed"] = True
-            sums = decode(current.value) if current else {}
-            if self.store.compare_and_set(key, _encode_partial(sums, meta), current.version if current else 0):
+            if self.store.compare_and_set(key, json.dumps(meta).encode(), current.version if current else 0):
                 return meta
         raise RuntimeError(f"could not seal round {round_index}: too much contention")
+
+    def _merge_shards(self, shards: list[str]) -> Params:
+        """The sealed shards summed in a fixed (sorted) order, so a rerun computes the same bytes."""
+        total: Params | None = None
+        for key in sorted(shards):
+            blob = self.store.get(key)
+            if blob is None:
+                raise LookupError(f"shard {key} of a sealed round is missing from the store")
+            part = decode(blob)
+            total = part if total is None else {name: total[name] + part[name] for name in total}
+        if total is None:
+            raise LookupError("a round with counted updates has no shards")
+        return total
 
     def _announce_outcome(self, inv: Invocation, round_index: int, state: dict[str, Any]) -> None:
         if state["status"] == "finalized":
@@ -376,14 +405,12 @@ class ServerFunctions:
     def _compact(self, round_index: int, base_version: int) -> None:
         """Once a round is decided, drop what nobody reads again (idempotent, so reruns are fine).
 
-        The partial sums shrink to their metadata (a late or duplicate fold still sees the round as
-        sealed) and the model before this round's base is deleted: the store keeps the latest two.
+        The shards go (the sealed meta record stays: a late or duplicate fold still sees the round
+        closed) and so does the model before this round's base: the store keeps the latest two.
         """
-        key = keys.round_partial(round_index)
-        current = self.store.get_versioned(key)
-        if current is not None and read_metadata(current.value).get("compacted") != "true":
-            meta = _partial_meta(current.value)
-            self.store.compare_and_set(key, _encode_partial({}, meta, compacted=True), current.version)
+        meta = _meta(self.store.get(keys.round_meta(round_index)))
+        for shard in meta["shards"]:
+            self.store.delete(shard)
         if base_version >= 1:
             self.store.delete(keys.model(base_version - 1))
 
@@ -394,27 +421,12 @@ class ServerFunctions:
         update_json(self.store, keys.LATEST, advance, "the latest model version")
 
 
-def _encode_partial(sums: Params, meta: dict[str, Any], compacted: bool = False) -> bytes:
-    return encode(
-        sums,
-        {
-            "counted": json.dumps(meta["counted"]),
-            "stats": json.dumps(meta["stats"]),
-            "sealed": json.dumps(meta["sealed"]),
-            "compacted": json.dumps(compacted),
-        },
-    )
-
-
-def _partial_meta(blob: bytes | None) -> dict[str, Any]:
+def _meta(blob: bytes | None) -> dict[str, Any]:
+    """A round's aggregation record: devices counted, aggregator stats, shards written, sealed."""
     if blob is None:
-        return {"counted": [], "stats": {}, "sealed": False}
-    meta = read_metadata(blob)
-    return {
-        "counted": json.loads(meta["counted"]),
-        "stats": json.loads(meta["stats"]),
-        "sealed": json.loads(meta.get("sealed", "false")),
-    }
+        return {"counted": [], "stats": {}, "shards": [], "sealed": False}
+    meta: dict[str, Any] = json.loads(blob)
+    return meta
 
 
 def plans_of(state: dict[str, Any]) -> dict[int, Plan]:

@@ -24,8 +24,14 @@ def round_state(round_index: int) -> str:
     return f"round/{round_index:06d}/state"
 
 
-def round_partial(round_index: int) -> str:
-    return f"round/{round_index:06d}/partial"
+def round_meta(round_index: int) -> str:
+    """JSON: devices counted, aggregator stats, shards written, sealed."""
+    return f"round/{round_index:06d}/meta"
+
+
+def round_shard(round_index: int, instance: int) -> str:
+    """One function instance's partial sums for the round (safetensors)."""
+    return f"round/{round_index:06d}/shard/{instance}"
 
 
 def round_update(round_index: int, device: int, upload: str) -> str:

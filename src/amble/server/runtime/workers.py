@@ -162,7 +162,7 @@ class FunctionWorker:
         cold = run.free_at_s is None or not s.reuse or expired
         if cold:
             run.cache.clear()
-        invocation = Invocation(os.getpid(), cold, run.cache)
+        invocation = Invocation(os.getpid(), cold, run.cache, shard=os.getpid())
         end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
         self.invocations += 1
         if end_s is None:  # a failed instance loses its warm state
@@ -213,12 +213,12 @@ class PausingStore(RedisStore):
     pause_s = 0.0
     consumer = ""
 
-    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
-        if "/partial" not in key:
-            return super().compare_and_set(key, value, expected_version)
+    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        if not any("/shard/" in key for key in writes):
+            return super().commit(writes)
         self.client.hset(FOLDING, self.consumer, os.getpid())
         time.sleep(self.pause_s)  # a kill now lands before the commit: the fold must be redone
-        done = super().compare_and_set(key, value, expected_version)
+        done = super().commit(writes)
         time.sleep(self.pause_s)  # a kill now lands after it, before the ack: the redelivery must not count it again
         self.client.hdel(FOLDING, self.consumer)
         return done

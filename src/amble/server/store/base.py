@@ -8,6 +8,7 @@ only if nobody wrote in between: this is what makes a fold exactly-once in effec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -33,6 +34,14 @@ class Store(ABC):
     @abstractmethod
     def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
         """Write only if the key's version is still ``expected_version`` (0 means: absent)."""
+
+    @abstractmethod
+    def version(self, key: str) -> int:
+        """The key's version without its value (0 when absent): a cheap check of a cached copy."""
+
+    @abstractmethod
+    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        """Compare-and-set several keys at once: ``{key: (value, expected_version)}``, all or nothing."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

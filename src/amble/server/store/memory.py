@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,18 @@ class MemoryStore(Store):
             if (0 if current is None else current.version) != expected_version:
                 return False
             self._write(key, value)
+            return True
+
+    def version(self, key: str) -> int:
+        item = self._values.get(key)
+        return 0 if item is None else item.version
+
+    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        with self._lock:
+            if any(self.version(key) != expected for key, (_, expected) in writes.items()):
+                return False
+            for key, (value, _) in writes.items():
+                self._write(key, value)
             return True
 
     def delete(self, key: str) -> None:

@@ -14,6 +14,7 @@ lost) shows up as a pause rather than a crash.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import redis
@@ -35,6 +36,18 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if current ~= tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], 'value', ARGV[1], 'version', current + 1)
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return 1
+"""
+
+_COMMIT = """
+local n = #KEYS - 1
+for i = 1, n do
+  if tonumber(redis.call('HGET', KEYS[i], 'version') or '0') ~= tonumber(ARGV[n + i]) then return 0 end
+end
+for i = 1, n do
+  redis.call('HSET', KEYS[i], 'value', ARGV[i], 'version', tonumber(ARGV[n + i]) + 1)
+  redis.call('ZADD', KEYS[n + 1], 0, ARGV[2 * n + i])
+end
 return 1
 """
 
@@ -94,6 +107,7 @@ class RedisStore(Store):
         self._counters = self._prefix + "counters"
         self._put = self.client.register_script(_PUT)
         self._cas = self.client.register_script(_CAS)
+        self._commit = self.client.register_script(_COMMIT)
         self._delete = self.client.register_script(_DELETE)
 
     def _value_key(self, key: str) -> str:
@@ -113,6 +127,18 @@ class RedisStore(Store):
 
     def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
         done = self._cas(keys=[self._value_key(key), self._index], args=[value, key, expected_version])
+        return bool(int(done))
+
+    def version(self, key: str) -> int:
+        version = self.client.hget(self._value_key(key), "version")
+        return 0 if version is None else int(cast(bytes, version))
+
+    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        names = list(writes)
+        args: list[bytes | str | int] = [writes[k][0] for k in names]
+        args += [writes[k][1] for k in names]
+        args += names
+        done = self._commit(keys=[*(self._value_key(k) for k in names), self._index], args=args)
         return bool(int(done))
 
     def delete(self, key: str) -> None:
