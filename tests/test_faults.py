@@ -240,6 +240,19 @@ def run_cli(args: list[str]) -> subprocess.Popen[bytes]:
     )
 
 
+def workers_serving(url: str) -> list[int]:
+    """Live ``amble worker`` processes serving the Redis at ``url`` (found in /proc by command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in argv and url.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def rows(out: Path) -> int:
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.is_file() else 0
@@ -258,14 +271,17 @@ def test_redis_restarted_and_driver_killed_mid_run_the_run_resumes_and_completes
         time.sleep(0.5)
         redis.start()
         wait_for(lambda: rows(out) >= 12, 120, "12 rounds after the Redis restart")
+        assert len(workers_serving(redis.url)) == 2  # the driver's own
         driver.kill()  # SIGKILL the driver too; its workers exit with it
         driver.wait()
+        wait_for(lambda: not workers_serving(redis.url), 10, "the killed driver's workers to exit")
         killed_at = rows(out)
         assert killed_at < 30
 
         resumed = run_cli(["--resume", str(out)])
         _, err = resumed.communicate(timeout=300)
         assert resumed.returncode == 0, err.decode()
+        assert not workers_serving(redis.url)  # a finished run stops the workers it started
     finally:
         redis.stop()
 

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -109,9 +110,6 @@ class FunctionWorker:
         if now - self._refreshed_at < 0.5 and self.served:
             return
         self._refreshed_at = now
-        if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            self.stopping = True
-            return
         self.client.hset(HEARTBEATS, self.consumer, server_time(self.client))
         if self.fixed_namespaces is not None:
             wanted = set(self.fixed_namespaces)
@@ -173,6 +171,8 @@ class FunctionWorker:
 
     def serve(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         """Run events until stopped (SIGTERM/SIGINT), ``max_events`` ran, or idle for ``idle_exit_s``."""
+        if self.parent_pid is not None:
+            threading.Thread(target=self._exit_with_parent, daemon=True).start()
         idle_since = time.monotonic()
         try:
             while not self.stopping:
@@ -196,6 +196,13 @@ class FunctionWorker:
             with contextlib.suppress(redis.ConnectionError):  # else its heartbeat goes stale by itself
                 self.client.hdel(HEARTBEATS, self.consumer)
         return self.invocations
+
+    def _exit_with_parent(self) -> None:
+        """An orphaned worker leaves at once, even in the middle of a Redis retry: whatever it held
+        un-acked is redelivered to the workers of whoever resumes the run."""
+        while os.getppid() == self.parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
 
     def stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         self.stopping = True
@@ -300,6 +307,8 @@ class WorkerRuntime(Runtime):
             self.redis.url,
             "--namespace",
             self.redis.namespace,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         for _ in range(count):
             self.processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
