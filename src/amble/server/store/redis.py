@@ -2,60 +2,72 @@
 
 Layout, all under one namespace prefix ``amble:{namespace}:`` so runs never see each other:
 
-- ``v:{key}`` a hash ``{value, version}`` per value key; writes go through Lua scripts, so a
-  compare-and-set is one atomic step on the server;
+- ``v:{key}`` a plain string per value key, and its version in the hash ``versions``;
 - ``index`` a sorted set of the value keys (score 0, ordered lexically) for prefix listings;
 - ``counters`` one hash of float counters (``HINCRBYFLOAT``);
 - ``s:{key}`` a Redis set per set key.
 
-The client retries a dropped connection with backoff, so a Redis restart (with AOF on, nothing is
-lost) shows up as a pause rather than a crash.
+Large values never pass through a Lua script (which copies its arguments, several times slower
+than a plain ``SET``): ``put`` is a ``MULTI`` transaction, and ``commit`` first writes each value
+to a private staging key with ``SET`` and then runs a small script that checks every version and
+``RENAME``s the staged values into place, an O(1) move. A compare-and-set of a small value is one
+script. The client retries a dropped connection with backoff, so a Redis restart (with AOF on,
+nothing is lost) shows up as a pause rather than a crash.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from amble.errors import ConfigError
 from amble.server.store.base import Store, Versioned
 
-_PUT = """
-local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'value', ARGV[1])
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
-return version
-"""
-
 _CAS = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local current = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
 if current ~= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], 'value', ARGV[1], 'version', current + 1)
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], current + 1)
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
 return 1
 """
 
+# KEYS: n value keys, n staging keys, versions, index; ARGV: n names, n expected versions.
 _COMMIT = """
-local n = #KEYS - 1
+local n = (#KEYS - 2) / 2
+local versions, index = KEYS[2 * n + 1], KEYS[2 * n + 2]
 for i = 1, n do
-  if tonumber(redis.call('HGET', KEYS[i], 'version') or '0') ~= tonumber(ARGV[n + i]) then return 0 end
+  if tonumber(redis.call('HGET', versions, ARGV[i]) or '0') ~= tonumber(ARGV[n + i]) then
+    for j = 1, n do redis.call('DEL', KEYS[n + j]) end
+    return 0
+  end
 end
 for i = 1, n do
-  redis.call('HSET', KEYS[i], 'value', ARGV[i], 'version', tonumber(ARGV[n + i]) + 1)
-  redis.call('ZADD', KEYS[n + 1], 0, ARGV[2 * n + i])
+  redis.call('RENAME', KEYS[n + i], KEYS[i])
+  redis.call('PERSIST', KEYS[i])
+  redis.call('HSET', versions, ARGV[i], tonumber(ARGV[n + i]) + 1)
+  redis.call('ZADD', index, 0, ARGV[i])
 end
 return 1
 """
 
-_DELETE = """
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
+STAGING_TTL_MS = 600_000
+"""A staged value whose commit never came (its writer died) expires after ten minutes."""
+
+
+class _Connection(redis.Connection):
+    """Replies parsed by hiredis when installed (5x faster on megabyte values) but commands packed
+    by redis-py's own serializer, which sends large values without copying them (hiredis' packer
+    copies every argument: a 6.6 MB ``SET`` took 13 ms instead of 1.7 ms here)."""
+
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
 
 
 def connect(url: str) -> redis.Redis:
@@ -65,12 +77,14 @@ def connect(url: str) -> redis.Redis:
             f"store URL '{url}' is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6379/0)"
         )
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+    options: dict[str, Any] = {"connection_class": _Connection} if url.startswith("redis://") else {}
     return redis.Redis.from_url(
         url,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         socket_connect_timeout=5.0,
         health_check_interval=30,
+        **options,
     )
 
 
@@ -104,45 +118,59 @@ class RedisStore(Store):
         self.client = client if client is not None else connect(url)
         self._prefix = prefix_of(namespace)
         self._index = self._prefix + "index"
+        self._versions = self._prefix + "versions"
         self._counters = self._prefix + "counters"
-        self._put = self.client.register_script(_PUT)
         self._cas = self.client.register_script(_CAS)
         self._commit = self.client.register_script(_COMMIT)
-        self._delete = self.client.register_script(_DELETE)
 
     def _value_key(self, key: str) -> str:
         return f"{self._prefix}v:{key}"
 
     def get(self, key: str) -> bytes | None:
-        return cast(bytes | None, self.client.hget(self._value_key(key), "value"))
+        return cast(bytes | None, self.client.get(self._value_key(key)))
 
     def get_versioned(self, key: str) -> Versioned | None:
-        value, version = cast(list[bytes | None], self.client.hmget(self._value_key(key), ["value", "version"]))
+        with self.client.pipeline(transaction=True) as pipe:  # one consistent snapshot of both
+            pipe.get(self._value_key(key))
+            pipe.hget(self._versions, key)
+            value, version = pipe.execute()
         if value is None or version is None:
             return None
         return Versioned(value, int(version))
 
     def put(self, key: str, value: bytes) -> int:
-        return int(self._put(keys=[self._value_key(key), self._index], args=[value, key]))
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self._value_key(key), value)
+            pipe.hincrby(self._versions, key, 1)
+            pipe.zadd(self._index, {key: 0})
+            _, version, _ = pipe.execute()
+        return int(version)
 
     def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
-        done = self._cas(keys=[self._value_key(key), self._index], args=[value, key, expected_version])
+        done = self._cas(keys=[self._value_key(key), self._versions, self._index], args=[value, key, expected_version])
         return bool(int(done))
 
     def version(self, key: str) -> int:
-        version = self.client.hget(self._value_key(key), "version")
+        version = self.client.hget(self._versions, key)
         return 0 if version is None else int(cast(bytes, version))
 
     def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
         names = list(writes)
-        args: list[bytes | str | int] = [writes[k][0] for k in names]
-        args += [writes[k][1] for k in names]
-        args += names
-        done = self._commit(keys=[*(self._value_key(k) for k in names), self._index], args=args)
+        staged = [f"{self._prefix}staging:{uuid.uuid4().hex}" for _ in names]
+        with self.client.pipeline(transaction=False) as pipe:
+            for stage, name in zip(staged, names, strict=True):
+                pipe.set(stage, writes[name][0], px=STAGING_TTL_MS)
+            pipe.execute()
+        keys = [*(self._value_key(k) for k in names), *staged, self._versions, self._index]
+        done = self._commit(keys=keys, args=[*names, *(writes[k][1] for k in names)])
         return bool(int(done))
 
     def delete(self, key: str) -> None:
-        self._delete(keys=[self._value_key(key), self._index], args=[key])
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._value_key(key))
+            pipe.hdel(self._versions, key)
+            pipe.zrem(self._index, key)
+            pipe.execute()
 
     def incr(self, key: str, amount: float = 1.0) -> float:
         return float(self.client.hincrbyfloat(self._counters, key, amount))
