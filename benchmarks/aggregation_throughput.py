@@ -50,6 +50,7 @@ from amble.models import build_model
 from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import decode_event
 from amble.server.events.redis import RedisEventLog
+from amble.server.functions import FOLD_CONFLICTS
 from amble.server.runtime.workers import HEARTBEATS
 from amble.server.store.redis import connect
 from amble.server.tensors import encode
@@ -260,6 +261,8 @@ class RoundTiming:
     """Last upload returned -> the ``model_published`` event's Redis timestamp (None: embedded)."""
     function_s: float
     """Busy function-seconds of the round's aggregate and finalize invocations."""
+    conflicts: float
+    """Folds redone because another instance committed to the round's meta record first."""
 
 
 @dataclass
@@ -309,7 +312,7 @@ def play_round(server: ParameterServer, workload: Workload, r: int, now_s: float
         Report(r, k, workload.num_samples[k], plan.local_steps, plan.batch_size, 1.0, 0.1, 0.1)
         for k, plan in sorted(plans.items())
     ]
-    busy_before = server.runtime.stats().busy_s
+    busy_before, conflicts_before = server.runtime.stats().busy_s, server.store.counter(FOLD_CONFLICTS)
     began = time.perf_counter()
     for report in reports:
         server.upload(report, workload.updates[report.device], planned_s + 1.0)
@@ -325,6 +328,7 @@ def play_round(server: ParameterServer, workload: Workload, r: int, now_s: float
         latency_s=ended - uploaded,
         stamped_latency_s=None if stamp is None else stamp - uploaded_wall,
         function_s=server.runtime.stats().busy_s - busy_before,
+        conflicts=server.store.counter(FOLD_CONFLICTS) - conflicts_before,
     )
     return timing, outcome.ended_at_s
 
@@ -372,8 +376,8 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 def render_results(results: list[Result], fold_limit_gbs: float) -> list[str]:
     lines = [
         "| model | update MB | backend | rounds × updates | throughput MB/s | % of fold limit "
-        "| latency ms (driver) | latency ms (Redis stamp) | upload ms/round | function ms/update |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| latency ms (driver) | latency ms (Redis stamp) | upload ms/round | function ms/update | redone folds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rounds = result.rounds
@@ -391,6 +395,7 @@ def render_results(results: list[Result], fold_limit_gbs: float) -> list[str]:
             spread(stamped, 1000) if stamped else "= driver (synchronous)",
             spread([r.upload_s for r in rounds], 1000),
             spread([r.function_s / result.devices for r in rounds], 1000),
+            f"{sum(r.conflicts for r in rounds) / (len(rounds) * result.devices):.0%}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -427,8 +432,11 @@ How to read it (median over the measured rounds, min–max in brackets; one warm
   `model_published` event was appended (its stream id, ms resolution): the latency without the
   driver's polling.
 - **function ms/update**: busy function-seconds of the round (its aggregates and its finalize) divided
-  by the updates; more than the embedded figure on Redis means transfers and, with several workers,
-  folds redone after losing the compare-and-set on the round's partial sum.
+  by the updates. On Redis it adds the transfers (each update is read from Redis and the worker's
+  shard of the partial sums written back) and, with more processes than cores, time-sharing: the
+  function's wall time grows while it waits for a core.
+- **redone folds**: folds whose commit lost to another worker's on the round's small meta record
+  (workers fold into their own shards, so only the meta record is shared), as a share of updates.
 - The driver, the workers and redis-server share the machine's cores: on 2 cores, 4 workers contend
   with each other and with Redis. Each function process (the driver when embedded, each worker) uses the
   torch thread count in the header (torch's default unless `--threads`).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +41,18 @@ from amble.server.tensors import (
 from amble.strategies.base import DeviceState, Params, Plan, Report, Strategy
 
 CAS_RETRIES = 100
+FOLD_CONFLICTS = "runtime/fold_conflicts"
+"""Counter: fold commits that lost to another instance's on the round's meta record and were retried."""
+
+
+@dataclass(frozen=True)
+class _Folded:
+    """An update folded into a copy of this instance's shard, ready to commit."""
+
+    shard_version: int
+    sums: Params
+    blob: bytes
+    stats: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -208,7 +220,7 @@ class ServerFunctions:
         if device not in state["expected"]:
             raise UpdateRejected("not_selected", f"device {device} was not selected in round {round_index}")
         meta_key, shard_key = keys.round_meta(round_index), keys.round_shard(round_index, inv.shard)
-        delta: Params | None = None
+        folded: _Folded | None = None
         for _ in range(CAS_RETRIES):
             current = self.store.get_versioned(meta_key)
             meta = _meta(current.value if current else None)
@@ -221,28 +233,33 @@ class ServerFunctions:
             if meta["sealed"] or state["status"] != "open":
                 raise UpdateRejected("late", f"round {round_index} is already closed")
             report = self._check_report(round_index, device, payload.get("report"), state)
-            if delta is None:
+            if folded is None or self.store.version(shard_key) != folded.shard_version:
+                # The heavy part, done once unless this shard itself moved: then loop to re-read the
+                # meta record, which other instances may have changed in the meantime.
                 delta = self._load_update(inv, device, update_key, payload)
-            sums, shard_version = self._shard_sums(inv, shard_key)
-            contribution = self.strategy.aggregator.contribution(report)
-            new_sums = {name: sums[name] + contribution.weight * delta[name] for name in sums}
+                sums, shard_version = self._shard_sums(inv, shard_key)
+                contribution = self.strategy.aggregator.contribution(report)
+                new_sums = {name: sums[name] + contribution.weight * delta[name] for name in sums}
+                folded = _Folded(shard_version, new_sums, encode(new_sums), contribution.stats)
+                continue
             meta["counted"].append(device)
-            for stat, value in contribution.stats.items():
+            for stat, value in folded.stats.items():
                 meta["stats"][stat] = meta["stats"].get(stat, 0.0) + value
             if shard_key not in meta["shards"]:
                 meta["shards"].append(shard_key)
             writes = {
                 meta_key: (json.dumps(meta).encode(), current.version if current else 0),
-                shard_key: (encode(new_sums), shard_version),
+                shard_key: (folded.blob, folded.shard_version),
             }
             if self.store.commit(writes):
-                inv.cache["shard"] = (shard_key, shard_version + 1, new_sums)
+                inv.cache["shard"] = (shard_key, folded.shard_version + 1, folded.sums)
                 if update_key:
                     self.store.delete(update_key)
                 self._record_report(inv, report)
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
-            state = read_json(self.store, keys.round_state(round_index))  # someone else wrote: re-read
+            self.store.incr(FOLD_CONFLICTS)  # another instance committed first: re-read, commit again
+            state = read_json(self.store, keys.round_state(round_index))
         raise RuntimeError(f"could not fold device {device} into round {round_index}: too much contention")
 
     def _load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:
