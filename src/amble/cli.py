@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from amble.errors import AmbleError
+from amble.errors import AmbleError, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +44,26 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     worker.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the driver) is gone")
     worker.add_argument("--idle-exit-s", type=float, default=None, help="exit after this many idle seconds")
+
+    serve = commands.add_parser("serve", help="serve one strategy of a config to real devices over HTTP")
+    serve.add_argument("config", type=Path, help="experiment YAML (data, model, rounds, the strategy)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    serve.add_argument(
+        "--strategy", default=None, help="the label of the strategy to serve (if the config has several)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--out", type=Path, default=None, help="output directory (default runs/<name>-serve)")
+    serve.add_argument("--round-timeout-s", type=float, default=300.0, help="a round's deadline in seconds")
+    serve.add_argument("--linger-s", type=float, default=5.0, help="seconds to keep serving after the last round")
+    serve.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+
+    device = commands.add_parser("device", help="run one real device against `amble serve`")
+    device.add_argument("--server", required=True, help="the gateway's URL, e.g. http://127.0.0.1:8000")
+    device.add_argument("--token", default=None, help="this device's token (default: $AMBLE_TOKEN)")
+    device.add_argument("--slowdown", type=float, default=1.0, help="really take this many times longer to train")
+    device.add_argument("--data-root", default=None, help="where the dataset is (default: the config's)")
 
     report = commands.add_parser("report", help="rebuild plots and report.html from a run's output files")
     report.add_argument("run_dir", type=Path)
@@ -119,6 +139,33 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from amble.config import load_config
+    from amble.serve import prepare, serve
+
+    config = load_config(args.config, args.overrides)
+    out_dir = args.out or Path("runs") / f"{config.name}-serve"
+    served = prepare(config, out_dir, args.strategy, args.round_timeout_s)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"amble serve: {scheme}://{args.host}:{args.port} (OpenAPI at /docs); device tokens in {served.tokens_file}")
+    serve(served, args.host, args.port, out_dir, args.linger_s, args.ssl_certfile, args.ssl_keyfile)
+    print(f"amble serve: done; rounds in {out_dir / 'serve.jsonl'}")
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    import os
+
+    from amble.client.device import DeviceAgent
+
+    token = args.token or os.environ.get("AMBLE_TOKEN")
+    if not token:
+        raise ConfigError("amble device needs its token: --token TOKEN or AMBLE_TOKEN (from amble serve's tokens.json)")
+    rounds = DeviceAgent(args.server, token, args.slowdown, data_root=args.data_root).run()
+    print(f"amble device: trained in {len(rounds)} rounds", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -126,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "worker":
             return _worker(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "device":
+            return _device(args)
         return _report(args)
     except AmbleError as exc:
         print(f"amble: error: {exc}", file=sys.stderr)

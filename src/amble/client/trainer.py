@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,3 +84,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(dim=1) == target).sum())
     return correct / len(y), loss_sum / len(y)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (for per-device, per-round randomness)."""
+    return int(np.random.default_rng(list(parts)).integers(2**63 - 1))

@@ -3,7 +3,7 @@
 from amble.data.dataset import Dataset
 from amble.data.idx import find_idx_root, read_idx, write_idx
 from amble.data.loading import DATASET_NAMES, load_dataset
-from amble.data.partition import PARTITION_KINDS, partition_indices
+from amble.data.partition import PARTITION_KINDS, partition_indices, split_for
 from amble.data.synthetic import make_synthetic
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "make_synthetic",
     "partition_indices",
     "read_idx",
+    "split_for",
     "write_idx",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from amble.config import DataConfig
 from amble.errors import DataError
 
 IndexArray = npt.NDArray[np.int64]
@@ -141,3 +142,18 @@ def _quantity(
     extra[np.argsort(-(shares - extra), kind="stable")[:leftover]] += 1
     sizes = min_samples + extra
     return list(np.split(rng.permutation(num_samples), np.cumsum(sizes)[:-1]))
+
+
+def split_for(data: DataConfig, labels: npt.ArrayLike, seed: int) -> list[IndexArray]:
+    """The partition a config describes: what the simulator and every real device compute alike."""
+    part = data.partition
+    return partition_indices(
+        labels,
+        data.num_devices,
+        part.kind,
+        seed=seed,
+        shards_per_device=part.shards_per_device,
+        alpha=part.alpha,
+        quantity_sigma=part.quantity_sigma,
+        min_samples=part.min_samples,
+    )

@@ -190,10 +190,7 @@ class ServerFunctions:
         return DeviceState(device, self._num_samples(device), tuple(Report.from_dict(r) for r in self._history(device)))
 
     def _num_samples(self, device: int) -> int:
-        info = read_json(self.store, keys.device_info(device))
-        if info is None:
-            raise LookupError(f"device {device} is not registered")
-        return int(info["num_samples"])
+        return num_samples(self.store, device)
 
     def _history(self, device: int) -> list[dict[str, Any]]:
         history: list[dict[str, Any]] = read_json(self.store, keys.device_reports(device)) or []
@@ -232,7 +229,7 @@ class ServerFunctions:
                 return
             if meta["sealed"] or state["status"] != "open":
                 raise UpdateRejected("late", f"round {round_index} is already closed")
-            report = self._check_report(round_index, device, payload.get("report"), state)
+            report = check_report(self.store, round_index, device, payload.get("report"), state)
             if folded is None or self.store.version(shard_key) != folded.shard_version:
                 # The heavy part, done once unless this shard itself moved: then loop to re-read the
                 # meta record, which other instances may have changed in the meantime.
@@ -277,45 +274,6 @@ class ServerFunctions:
     ) -> None:
         if len(meta["counted"]) == len(state["expected"]) and not meta["sealed"]:
             inv.emit(FUNCTIONS_TOPIC, "round_ready", {"round": round_index})
-
-    def _check_report(self, round_index: int, device: int, raw: Any, state: dict[str, Any]) -> Report:
-        """The report must be well-formed and agree with the registry and the device's plan.
-
-        Aggregation weights come from the report, so a device may not claim more samples than it
-        registered, a different batch size, or more steps than it was planned.
-        """
-        try:
-            report = Report.from_dict(raw)
-        except (KeyError, TypeError) as exc:
-            raise UpdateRejected("malformed_report", f"report is missing field {exc}") from None
-        counts = [report.round, report.device, report.num_samples, report.local_steps, report.batch_size]
-        seconds = [report.compute_s, report.download_s, report.upload_s]
-        if not all(type(x) is int for x in counts):
-            raise UpdateRejected(
-                "malformed_report", "round, device, num_samples, local_steps, batch_size must be integers"
-            )
-        if not all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in seconds):
-            raise UpdateRejected(
-                "malformed_report", "compute_s, download_s, upload_s must be finite non-negative numbers"
-            )
-        if (report.round, report.device) != (round_index, device):
-            raise UpdateRejected(
-                "malformed_report", f"report is for round {report.round} device {report.device}, not the upload's"
-            )
-        registered = self._num_samples(device)
-        if report.num_samples != registered:
-            raise UpdateRejected(
-                "malformed_report",
-                f"report claims {report.num_samples} samples; device {device} registered {registered}",
-            )
-        plan = Plan.from_dict(state["plans"][str(device)])
-        if report.batch_size != plan.batch_size or not 1 <= report.local_steps <= plan.local_steps:
-            raise UpdateRejected(
-                "malformed_report",
-                f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
-                f"{plan.batch_size} x at most {plan.local_steps} steps",
-            )
-        return report
 
     def _shard_sums(self, inv: Invocation, key: str) -> tuple[Params, int]:
         """This instance's shard of the partial sums and its version (zeros at version 0 when new).
@@ -436,6 +394,50 @@ class ServerFunctions:
             return None if latest is not None and latest["version"] >= version else {"version": version}
 
         update_json(self.store, keys.LATEST, advance, "the latest model version")
+
+
+def num_samples(store: Store, device: int) -> int:
+    """The sample count a device registered (its FedAvg weight is checked against it)."""
+    info = read_json(store, keys.device_info(device))
+    if info is None:
+        raise LookupError(f"device {device} is not registered")
+    return int(info["num_samples"])
+
+
+def check_report(store: Store, round_index: int, device: int, raw: Any, state: dict[str, Any]) -> Report:
+    """The report must be well-formed and agree with the registry and the device's plan.
+
+    Aggregation weights come from the report, so a device may not claim more samples than it
+    registered, a different batch size, or more steps than it was planned.
+    """
+    try:
+        report = Report.from_dict(raw)
+    except (KeyError, TypeError) as exc:
+        raise UpdateRejected("malformed_report", f"report is missing field {exc}") from None
+    counts = [report.round, report.device, report.num_samples, report.local_steps, report.batch_size]
+    seconds = [report.compute_s, report.download_s, report.upload_s]
+    if not all(type(x) is int for x in counts):
+        raise UpdateRejected("malformed_report", "round, device, num_samples, local_steps, batch_size must be integers")
+    if not all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in seconds):
+        raise UpdateRejected("malformed_report", "compute_s, download_s, upload_s must be finite non-negative numbers")
+    if (report.round, report.device) != (round_index, device):
+        raise UpdateRejected(
+            "malformed_report", f"report is for round {report.round} device {report.device}, not the upload's"
+        )
+    registered = num_samples(store, device)
+    if report.num_samples != registered:
+        raise UpdateRejected(
+            "malformed_report",
+            f"report claims {report.num_samples} samples; device {device} registered {registered}",
+        )
+    plan = Plan.from_dict(state["plans"][str(device)])
+    if report.batch_size != plan.batch_size or not 1 <= report.local_steps <= plan.local_steps:
+        raise UpdateRejected(
+            "malformed_report",
+            f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
+            f"{plan.batch_size} x at most {plan.local_steps} steps",
+        )
+    return report
 
 
 def _meta(blob: bytes | None) -> dict[str, Any]:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from amble.client import LocalTrainer, evaluate
+from amble.client import LocalTrainer, derive_seed, evaluate
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict, strategy_label
-from amble.data import Dataset, load_dataset, partition_indices
+from amble.data import Dataset, load_dataset, split_for
 from amble.durable import write_atomic
 from amble.errors import AmbleError
 from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
@@ -42,11 +42,6 @@ from amble.strategies import Params, Plan, Report
 Progress = Callable[[str], None]
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (for per-device, per-round randomness)."""
-    return int(np.random.default_rng(list(parts)).integers(2**63 - 1))
-
-
 @dataclass
 class StrategyRun:
     label: str
@@ -60,17 +55,7 @@ class Experiment:
         self.config = config
         seed = config.seed
         self.dataset: Dataset = load_dataset(config.data.dataset, config.data.root, seed=seed)
-        part = config.data.partition
-        indices = partition_indices(
-            self.dataset.y_train.numpy(),
-            config.data.num_devices,
-            part.kind,
-            seed=seed,
-            shards_per_device=part.shards_per_device,
-            alpha=part.alpha,
-            quantity_sigma=part.quantity_sigma,
-            min_samples=part.min_samples,
-        )
+        indices = split_for(config.data, self.dataset.y_train.numpy(), seed)
         # Pre-sliced per-device tensors: no DataLoader, no per-step indexing into the full set.
         self.device_data = [
             (self.dataset.x_train[torch.as_tensor(i)], self.dataset.y_train[torch.as_tensor(i)]) for i in indices

@@ -1,0 +1,274 @@
+"""The HTTP gateway on real loopback HTTP: every rejection path, ETags, metrics, a fuzz, devices end to end.
+
+Each test serves a fresh run (synthetic data, the MLP, FedAvg, 6 devices of which 3 per round) with
+uvicorn in a thread; the rounds run in another thread, as under ``amble serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import string
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amble.client.device import DeviceAgent
+from amble.config import config_from_dict
+from amble.serve import Served, prepare
+from amble.server.tensors import decode, encode
+from amble.strategies.base import Plan, Report
+from tests.test_sim import SMALL
+
+
+@dataclass
+class Gateway:
+    served: Served
+    url: str
+
+    def client(self, device: int | None = None, token: str | None = None) -> httpx.Client:
+        headers = {}
+        if device is not None or token is not None:
+            headers["Authorization"] = f"Bearer {token or self.served.tokens[device or 0]}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def model_bytes(self) -> bytes:
+        return self.client(0).get("/v1/model").content
+
+    def wait_round(self, r: int) -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            state = self.served.coordinator.server.round_state(r)
+            if state is not None:
+                return state
+            time.sleep(0.02)
+        raise AssertionError(f"round {r} was never planned")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    raw = {
+        **SMALL,
+        "strategies": ["fedavg"],
+        "data": {**SMALL["data"], "num_devices": 6},
+        "devices_per_round": 3,
+        "rounds": 3,
+        "server": {"max_update_mb": 2.0},
+    }
+    served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=30)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_level="warning"))
+    threads = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=served.coordinator.run)]
+    for thread in threads:
+        thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield Gateway(served, f"http://127.0.0.1:{port}")
+    served.coordinator.stop()
+    server.should_exit = True
+    for thread in threads:
+        thread.join(timeout=10)
+
+
+def register_all(gw: Gateway, samples: int = 100) -> dict[int, Any]:
+    for device in range(6):
+        assert gw.client(device).post("/v1/register", json={"num_samples": samples}).status_code == 200
+    state = gw.wait_round(0)
+    return state
+
+
+def update_for(gw: Gateway, device: int, r: int, plan: dict[str, Any], samples: int = 100) -> tuple[bytes, str]:
+    """A valid update: zeros of the model's float tensors, and a report that matches the plan."""
+    model = decode(gw.model_bytes())
+    delta = {k: torch.zeros_like(v) for k, v in model.items() if v.is_floating_point()}
+    p = Plan.from_dict(plan)
+    report = Report(r, device, samples, p.local_steps, p.batch_size, 0.5, 0.1, 0.1)
+    return encode(delta), json.dumps(report.to_dict())
+
+
+def post_update(gw: Gateway, device: int, r: int, body: bytes, report: str | None) -> httpx.Response:
+    headers = {"Content-Type": "application/octet-stream"}
+    if report is not None:
+        headers["X-Amble-Report"] = report
+    return gw.client(device).post(f"/v1/rounds/{r}/update", content=body, headers=headers)
+
+
+def assert_error(response: httpx.Response, status: int, reason: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == reason and body["message"]
+
+
+def test_requests_without_a_valid_token_are_401(gateway: Gateway) -> None:
+    assert_error(gateway.client().get("/v1/model"), 401, "unauthenticated")
+    assert_error(gateway.client(token="forged").get("/v1/task"), 401, "unknown_token")
+    assert_error(gateway.client(token="forged").post("/v1/rounds/0/update", content=b"x"), 401, "unknown_token")
+
+
+def test_a_selected_device_uploads_once_and_every_misuse_is_refused(gateway: Gateway) -> None:
+    state = register_all(gateway)
+    before = gateway.model_bytes()
+    chosen = sorted(state["expected"])
+    other = next(d for d in range(6) if d not in chosen)
+    first = chosen[0]
+    body, report = update_for(gateway, first, 0, state["plans"][str(first)])
+
+    assert_error(post_update(gateway, first, 5, body, report), 409, "future_round")
+    assert_error(post_update(gateway, other, 0, body, report), 403, "not_selected")
+    assert_error(gateway.client(other).get("/v1/rounds/0/plan"), 403, "not_selected")
+    assert post_update(gateway, first, 0, body, report).status_code == 202
+    assert_error(post_update(gateway, first, 0, body, report), 409, "replayed")
+    assert gateway.model_bytes() == before  # nothing published before the round is complete
+
+    for device in chosen[1:]:
+        b, rep = update_for(gateway, device, 0, state["plans"][str(device)])
+        assert post_update(gateway, device, 0, b, rep).status_code == 202
+    gateway.wait_round(1)
+    assert_error(post_update(gateway, first, 0, body, report), 409, "stale_round")
+    history = gateway.served.coordinator.status()["history"]
+    assert history[0]["counted"] == 3 and history[0]["status"] == "finalized"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "reason"),
+    [
+        ("shape", 422, "shape"),
+        ("nan", 422, "non_finite"),
+        ("dtype", 422, "dtype"),
+        ("truncated", 422, "malformed"),
+        ("missing", 422, "missing_tensor"),
+        ("no_report", 422, "malformed_report"),
+        ("bad_json_report", 422, "malformed_report"),
+        ("inflated_samples", 422, "malformed_report"),
+        ("too_large", 413, "too_large"),
+    ],
+)
+def test_a_bad_upload_gets_a_4xx_naming_it_and_the_model_is_unchanged(
+    gateway: Gateway, change: str, status: int, reason: str
+) -> None:
+    state = register_all(gateway)
+    device = sorted(state["expected"])[0]
+    body, report = update_for(gateway, device, 0, state["plans"][str(device)])
+    tensors = decode(body)
+    name = next(iter(tensors))
+    before = gateway.model_bytes()
+    sent_report: str | None = report
+    if change == "shape":
+        body = encode({**tensors, name: torch.zeros(3)})
+    elif change == "nan":
+        body = encode({**tensors, name: tensors[name] + float("nan")})
+    elif change == "dtype":
+        body = encode({**tensors, name: tensors[name].double()})
+    elif change == "truncated":
+        body = body[:-100]
+    elif change == "missing":
+        body = encode({k: v for k, v in tensors.items() if k != name})
+    elif change == "no_report":
+        sent_report = None
+    elif change == "bad_json_report":
+        sent_report = "{not json"
+    elif change == "inflated_samples":
+        sent_report = json.dumps({**json.loads(report), "num_samples": 10_000})
+    elif change == "too_large":
+        body = b"\0" * (3 * 2**20)
+
+    assert_error(post_update(gateway, device, 0, body, sent_report), status, reason)
+    assert gateway.model_bytes() == before
+    # The refusal did not use up the device's upload: a good one is still accepted.
+    assert (
+        post_update(gateway, device, 0, *update_for(gateway, device, 0, state["plans"][str(device)])).status_code == 202
+    )
+    metrics = gateway.client().get("/metrics").text
+    assert f'amble_updates_rejected_total{{reason="{reason}"}} 1' in metrics
+    assert "amble_updates_accepted_total 1" in metrics
+
+
+def test_an_unchanged_model_is_not_downloaded_again(gateway: Gateway) -> None:
+    first = gateway.client(0).get("/v1/model")
+    assert first.status_code == 200 and first.headers["ETag"] == '"v0"' and first.headers["X-Model-Version"] == "0"
+    again = gateway.client(0).get("/v1/model", headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_the_api_is_described_by_openapi(gateway: Gateway) -> None:
+    paths = gateway.client().get("/openapi.json").json()["paths"]
+    for path in (
+        "/v1/register",
+        "/v1/model",
+        "/v1/task",
+        "/v1/rounds/{round_index}/plan",
+        "/v1/rounds/{round_index}/update",
+    ):
+        assert path in paths
+
+
+def test_registration_is_validated(gateway: Gateway) -> None:
+    assert_error(gateway.client(0).post("/v1/register", json={"num_samples": -3}), 422, "invalid_request")
+    assert_error(gateway.client(0).post("/v1/register", content=b"not json"), 422, "invalid_request")
+    assert gateway.client(0).post("/v1/register", json={"num_samples": 10}).status_code == 200
+    assert_error(gateway.client(0).post("/v1/register", json={"num_samples": 11}), 409, "registration_conflict")
+
+
+_URL_SAFE = string.ascii_letters + string.digits + "-._~%/{}"
+_HEADER_SAFE = string.ascii_letters + string.digits + string.punctuation + " "
+_PATHS = ["/v1/model", "/v1/task", "/v1/whoami", "/v1/register", "/v1/rounds/0/update", "/v1/rounds/0/plan"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+    path=st.one_of(st.sampled_from(_PATHS), st.text(_URL_SAFE, min_size=1, max_size=30).map(lambda s: "/v1/" + s)),
+    token=st.one_of(st.none(), st.sampled_from(["0", "1"]), st.text(_URL_SAFE + "+=", min_size=1, max_size=40)),
+    body=st.binary(max_size=2048),
+    report=st.one_of(st.none(), st.text(_HEADER_SAFE, min_size=1, max_size=200).map(str.strip).filter(bool)),
+    round_index=st.integers(min_value=-5, max_value=10**12),
+)
+def test_fuzz_never_a_5xx_and_never_a_model_change(
+    gateway: Gateway, method: str, path: str, token: str | None, body: bytes, report: str | None, round_index: int
+) -> None:
+    if not hasattr(gateway, "initial"):
+        register_all(gateway)
+        gateway.initial = gateway.model_bytes()  # type: ignore[attr-defined]
+    headers = {}
+    if token in ("0", "1"):
+        headers["Authorization"] = f"Bearer {gateway.served.tokens[int(token)]}"
+    elif token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if report is not None:
+        headers["X-Amble-Report"] = report
+    path = path.replace("/0/", f"/{round_index}/")
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        response = client.request(method, path, content=body, headers=headers)
+    assert response.status_code < 500, response.text
+    assert gateway.model_bytes() == gateway.initial  # type: ignore[attr-defined]
+
+
+def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gateway) -> None:
+    agents = [DeviceAgent(gateway.url, gateway.served.tokens[d]) for d in range(6)]
+    threads = [threading.Thread(target=agent.run) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    status = gateway.client().get("/v1/status").json()
+    assert status["finished"] and [r["status"] for r in status["history"]] == ["finalized"] * 3
+    assert sum(len(a.rounds) for a in agents) == 3 * 3  # 3 devices per round, 3 rounds
+    assert all(log.status == 202 for a in agents for log in a.rounds)
+    accuracies = [r["accuracy"] for r in status["history"]]
+    assert accuracies[-1] > 0.2  # 10 classes: chance is 0.1
