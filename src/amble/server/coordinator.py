@@ -65,6 +65,8 @@ class RoundRecord:
     expected: int
     wall_s: float
     accuracy: float | None
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each selected device's plan (batch size, local steps, lr, ...), by device id."""
 
 
 @dataclass
@@ -182,6 +184,7 @@ class Coordinator:
             len(state.get("expected", [])),
             self.now_s(),
             accuracy,
+            dict(state.get("plans", {})),
         )
         with self.lock:
             self.history.append(record)

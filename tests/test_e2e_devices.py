@@ -1,0 +1,90 @@
+"""End to end with real processes on real data: `amble serve` and four `amble device` processes.
+
+Four devices, each really 1x, 2x, 3x or 5x slower (``--slowdown``), train LeNet-5 on Fashion-MNIST
+for three rounds over loopback HTTP. AMBLE plans from the devices' own measured timings: after the
+profiling round, faster devices get larger batches and more work, and the published model learns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import FASHION_MNIST
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)"
+    ),
+]
+
+SLOWDOWNS = {0: 1, 1: 2, 2: 3, 3: 5}
+
+
+def test_serve_and_four_device_processes_train_with_amble_plans(tmp_path: Path) -> None:
+    config = {
+        "name": "devices",
+        "seed": 0,
+        "data": {"dataset": "fashion-mnist", "partition": {"kind": "iid"}, "num_devices": 150},
+        "model": "lenet",
+        "rounds": 3,
+        "devices_per_round": 4,
+        "train": {"batch_size": 32, "local_epochs": 1, "lr": 0.05},
+        "strategies": [{"name": "amble", "epochs_max": 3}],
+        "eval": {"test_samples": 1000},
+    }
+    (tmp_path / "devices.yaml").write_text(yaml.safe_dump(config))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    amble = [sys.executable, "-m", "amble"]
+    serve = subprocess.Popen(
+        [*amble, "serve", str(tmp_path / "devices.yaml"), "--port", str(port), "--out", str(out), "--linger-s", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while not (out / "tokens.json").is_file():
+            assert serve.poll() is None, serve.communicate()[1].decode()
+            subprocess.run(["sleep", "0.1"], check=True)
+        tokens = json.loads((out / "tokens.json").read_text())
+        devices = [
+            subprocess.Popen(
+                [*amble, "device", "--server", f"http://127.0.0.1:{port}", "--slowdown", str(slowdown)],
+                env={**os.environ, "AMBLE_TOKEN": tokens[str(device)]},
+                stderr=subprocess.PIPE,
+            )
+            for device, slowdown in SLOWDOWNS.items()
+        ]
+        for process in devices:
+            _, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err.decode()
+        _, err = serve.communicate(timeout=60)
+        assert serve.returncode == 0, err.decode()
+    finally:
+        for process in [serve, *locals().get("devices", [])]:
+            if process.poll() is None:
+                process.kill()
+
+    rounds = [json.loads(line) for line in (out / "serve.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["status"], r["counted"]) for r in rounds] == [
+        (0, "finalized", 4),
+        (1, "finalized", 4),
+        (2, "finalized", 4),
+    ]
+    for r in rounds[1:]:  # after the profiling round, the plans follow the measured speeds
+        work = {int(d): p["batch_size"] * p["local_steps"] for d, p in r["plans"].items()}
+        batch = {int(d): p["batch_size"] for d, p in r["plans"].items()}
+        assert work[0] > work[3] and batch[0] >= batch[3], r["plans"]
+    accuracies = [r["accuracy"] for r in rounds]
+    assert accuracies[-1] > max(0.3, accuracies[0]), accuracies  # chance is 0.1; the model learns round on round
+    assert (out / "model_amble.safetensors").is_file()
