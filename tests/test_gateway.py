@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import socket
 import string
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -272,3 +274,16 @@ def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gatew
     assert all(log.status == 202 for a in agents for log in a.rounds)
     accuracies = [r["accuracy"] for r in status["history"]]
     assert accuracies[-1] > 0.2  # 10 classes: chance is 0.1
+
+
+def test_200_concurrent_uploads_are_each_accepted_exactly_once(tmp_path: Path) -> None:
+    """The load benchmark at test size: every upload 202 once, the model is the exact FedAvg, replays 409."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gateway_load.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--devices", "200", "--concurrency", "200", "--out", str(tmp_path / "load.md")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAILED" not in done.stdout
