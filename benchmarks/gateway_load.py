@@ -422,8 +422,8 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
             replayed = devices[:REPLAYS]
             late = asyncio.run(post_updates(url, 0, [jobs[d] for d in replayed], bodies, 1)).sent
             check(
-                f"round 0 closed: {len(replayed)} replays answered 409",
-                all(s.status == 409 for s in late),
+                f"round 0 closed: {len(replayed)} replays answered 409 replayed",
+                all(s.status == 409 and s.reason == "replayed" for s in late),
                 outcome(late),
             )
 
@@ -450,10 +450,7 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
             last = asyncio.run(post_updates(url, 1, [jobs[held]], bodies, 1)).sent
             record = wait_round_closed(served, 1)
             metrics = scrape(url)
-            expected_rejections = {
-                'amble_updates_rejected_total{reason="replayed"}': 2.0 * len(replayed),
-                'amble_updates_rejected_total{reason="stale_round"}': 1.0 * len(replayed),
-            }
+            expected_rejections = {'amble_updates_rejected_total{reason="replayed"}': 3.0 * len(replayed)}
             rejected = {k: v for k, v in metrics.items() if k.startswith("amble_updates_rejected_total") and v}
             check(
                 "round 1 finalized with N counted; accepted total = 2N; rejections = the replays",

@@ -67,6 +67,7 @@ def test_public_api_is_pinned() -> None:
         "load_dataset",
         "make_synthetic",
         "partition_indices",
+        "split_for",
         "read_idx",
         "write_idx",
     }

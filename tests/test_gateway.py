@@ -142,7 +142,8 @@ def test_a_selected_device_uploads_once_and_every_misuse_is_refused(gateway: Gat
         b, rep = update_for(gateway, device, 0, state["plans"][str(device)])
         assert post_update(gateway, device, 0, b, rep).status_code == 202
     gateway.wait_round(1)
-    assert_error(post_update(gateway, first, 0, body, report), 409, "stale_round")
+    assert_error(post_update(gateway, first, 0, body, report), 409, "replayed")  # its own, again
+    assert_error(post_update(gateway, other, 0, body, report), 409, "stale_round")
     history = gateway.served.coordinator.status()["history"]
     assert history[0]["counted"] == 3 and history[0]["status"] == "finalized"
 
@@ -287,3 +288,31 @@ def test_200_concurrent_uploads_are_each_accepted_exactly_once(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAILED" not in done.stdout
+
+
+def test_tls_with_uvicorns_certificate_options(tmp_path: Path) -> None:
+    """`amble serve --ssl-certfile/--ssl-keyfile`: devices reach it over HTTPS, trusting the certificate."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    openssl += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(openssl, check=True, capture_output=True)
+    raw = {**SMALL, "strategies": ["fedavg"], "rounds": 1}
+    served = prepare(config_from_dict(raw), tmp_path / "out")
+    port = _free_port()
+    config = uvicorn.Config(
+        served.app, host="127.0.0.1", port=port, log_level="warning", ssl_certfile=str(cert), ssl_keyfile=str(key)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = f"https://127.0.0.1:{port}"
+        agent = DeviceAgent(url, served.tokens[0], ca_cert=str(cert))
+        assert agent.client.get("/v1/whoami").json()["device"] == 0
+        with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused
+            httpx.get(url + "/v1/health")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

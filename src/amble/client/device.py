@@ -12,6 +12,7 @@ AMBLE's planner learns from is a measurement, not a number it was told.
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -40,11 +41,22 @@ class RoundLog:
 
 class DeviceAgent:
     def __init__(
-        self, url: str, token: str, slowdown: float = 1.0, poll_s: float = 0.1, data_root: str | None = None
+        self,
+        url: str,
+        token: str,
+        slowdown: float = 1.0,
+        poll_s: float = 0.1,
+        data_root: str | None = None,
+        ca_cert: str | None = None,
     ) -> None:
         if slowdown < 1.0:
             raise AmbleError(f"--slowdown must be at least 1 (it multiplies the real time), not {slowdown}")
-        self.client = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+            verify=ssl.create_default_context(cafile=ca_cert) if ca_cert else True,  # e.g. a self-signed server
+        )
         self.slowdown = slowdown
         self.poll_s = poll_s
         self.data_root = data_root

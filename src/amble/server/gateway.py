@@ -25,7 +25,7 @@ from amble.server import keys
 from amble.server.coordinator import REGISTERED, UPLOADED, Coordinator, device_of
 from amble.server.functions import RunSettings, check_report
 from amble.server.runtime.base import RuntimeStats
-from amble.server.tensors import encode, template_from_json, validate_update
+from amble.server.tensors import template_from_json, validate_update
 
 log = logging.getLogger("amble.gateway")
 
@@ -174,30 +174,33 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
         current = coordinator.current
         if state is None:
             raise reject(409, "future_round", f"round {round_index} has not started (current round: {current})", device)
-        if state["status"] != "open":
-            raise reject(409, "stale_round", f"round {round_index} is closed (current round: {current})", device)
-        if device not in state["expected"]:
-            raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
         if str(device) in store.set_members(UPLOADED + str(round_index)):
             raise reject(
                 409, "replayed", f"device {device} already uploaded its update for round {round_index}", device
             )
+        if state["status"] != "open":
+            raise reject(409, "stale_round", f"round {round_index} is closed (current round: {current})", device)
+        if device not in state["expected"]:
+            raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
         if raw_report is None or len(raw_report) > MAX_REPORT_BYTES:
             raise reject(422, "malformed_report", "send the update's JSON report in the X-Amble-Report header", device)
         try:
             report = check_report(store, round_index, device, json.loads(raw_report), state)
-            delta = validate_update(body, template, settings.max_update_bytes)
+            validate_update(body, template, settings.max_update_bytes)
         except json.JSONDecodeError:
             raise reject(422, "malformed_report", "X-Amble-Report is not valid JSON", device) from None
         except UpdateRejected as exc:
             raise reject(422, exc.reason, str(exc), device) from None
-        with coordinator.lock:  # the round may have closed while the update was checked
+        with coordinator.lock:  # uploads are taken one at a time: the round may have closed meanwhile
             if (coordinator.server.round_state(round_index) or {}).get("status") != "open":
                 raise reject(409, "stale_round", f"round {round_index} closed before the update arrived", device)
-            if not store.add_to_set(UPLOADED + str(round_index), str(device)):  # a racing replay lost
+            if str(device) in store.set_members(UPLOADED + str(round_index)):  # a racing replay lost
                 message = f"device {device} already uploaded its update for round {round_index}"
                 raise reject(409, "replayed", message, device)
-            upload_id = coordinator.accept(lambda at_s: coordinator.server.upload(report, encode(delta), at_s))
+            # The validated bytes are stored as sent; the device counts as uploaded only once they are
+            # in (a failure here leaves it free to retry; the functions count a repeat once anyway).
+            upload_id = coordinator.accept(lambda at_s: coordinator.server.upload(report, body, at_s))
+            store.add_to_set(UPLOADED + str(round_index), str(device))
         store.incr(ACCEPTED)
         log.info(json.dumps({"event": "accepted", "round": round_index, "device": device, "upload": upload_id}))
         return {"upload": upload_id, "round": round_index, "device": device}
