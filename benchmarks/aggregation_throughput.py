@@ -29,7 +29,6 @@ import argparse
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,13 +36,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 import torch
+from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict
 from amble.models import build_model
@@ -51,7 +51,7 @@ from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import decode_event
 from amble.server.events.redis import RedisEventLog
 from amble.server.functions import FOLD_CONFLICTS
-from amble.server.runtime.workers import HEARTBEATS
+from amble.server.runtime.workers import HEARTBEATS, stop_processes
 from amble.server.store.redis import connect
 from amble.server.tensors import encode
 from amble.sim.factory import build_server, release_server
@@ -219,13 +219,21 @@ def workers(url: str, count: int, threads: int | None) -> Iterator[None]:
     """``count`` ``amble worker`` processes serving every run registered in the Redis at ``url``.
 
     Started once and reused for every model size (each size is a fresh namespace they discover),
-    so their start-up (importing torch) is paid once per worker count. ``threads`` caps each one's
-    torch threads (``OMP_NUM_THREADS``); None leaves torch's default (one per CPU).
+    so their start-up (importing torch) is paid once per worker count. ``threads`` is each one's
+    torch thread count (``amble worker --threads``); None gives each one thread per CPU.
     """
     client = connect(url)
-    command = [sys.executable, "-m", "amble", "worker", "--store", url]
-    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    processes = [subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env) for _ in range(count)]
+    command = [
+        sys.executable,
+        "-m",
+        "amble",
+        "worker",
+        "--store",
+        url,
+        "--threads",
+        str(threads or os.cpu_count() or 1),
+    ]
+    processes = [subprocess.Popen(command, stdin=subprocess.DEVNULL) for _ in range(count)]
     try:
         deadline = time.monotonic() + 120.0
         while int(client.hlen(HEARTBEATS)) < count:
@@ -234,14 +242,7 @@ def workers(url: str, count: int, threads: int | None) -> Iterator[None]:
             time.sleep(0.1)
         yield
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(processes)
         client.delete(HEARTBEATS)
         client.close()
 
@@ -444,24 +445,11 @@ How to read it (median over the measured rounds, min–max in brackets; one warm
 
 
 def machine(redis_version: str, threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    with suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    cpu = cpu_name()
     return (
         f"{cpu} ({platform.system()} {platform.release()}), {os.cpu_count()} CPUs, {threads} torch thread(s) "
         f"per function process, Python {platform.python_version()}, torch {torch.__version__}, {redis_version}"
     )
-
-
-def code_version() -> str:
-    run = subprocess.run
-    commit = run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=ROOT).returncode != 0
-    return f"commit {commit}" + (" with uncommitted changes in src/" if dirty else "")
 
 
 def redis_server_version() -> str:
@@ -536,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         "# Aggregation throughput",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {where}, {code_version()}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {where}, {commit()}.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall).{quick}",
         "",
     ]

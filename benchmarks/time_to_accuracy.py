@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
 from amble.sim import run_experiment
@@ -309,16 +310,7 @@ def reuse_experiment(out_root: Path, rounds: int) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-        cpu = model
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return (
         f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
     )
@@ -347,10 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(render_cell(result))
         print(sections[-1], flush=True)
     reuse = reuse_experiment(args.out, 20) if args.reuse else ""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     command = "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, commit {commit.strip()}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, {commit()}.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall, including reused runs).",
         "",
     ]

@@ -45,7 +45,8 @@ def mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         thread.join()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on loopback."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -61,7 +62,7 @@ class RedisServer:
         self.binary = binary
         self.directory = directory
         self.appendonly = appendonly
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 

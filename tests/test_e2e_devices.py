@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FASHION_MNIST
+from tests.conftest import FASHION_MNIST, free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -42,9 +41,7 @@ def test_serve_and_four_device_processes_train_with_amble_plans(tmp_path: Path) 
         "eval": {"test_samples": 1000},
     }
     (tmp_path / "devices.yaml").write_text(yaml.safe_dump(config))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out"
     amble = [sys.executable, "-m", "amble"]
     serve = subprocess.Popen(

@@ -31,13 +31,23 @@ import yaml
 from safetensors.torch import load_file
 
 from amble.config import config_from_dict
-from amble.server import ParameterServer, RunSettings, keys
-from amble.server.runtime.workers import FOLDING, HEARTBEATS, NAMESPACES
+from amble.server import ParameterServer, RunSettings
+from amble.server.runtime.workers import FOLDING, HEARTBEATS, NAMESPACES, stop_processes
 from amble.server.tensors import encode
 from amble.sim import run_experiment
 from amble.sim.factory import build_server, release_server
 from tests.conftest import RedisServer
-from tests.test_functions import INITIAL, MALFORMED, SAMPLES, assert_model, delta, reference, report, upload_all
+from tests.test_functions import (
+    INITIAL,
+    MALFORMED,
+    SAMPLES,
+    assert_malformed_update_rejected,
+    assert_model,
+    delta,
+    reference,
+    report,
+    upload_all,
+)
 from tests.test_sim import SMALL, read_jsonl
 
 TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
@@ -54,18 +64,6 @@ def start_worker(url: str, **env: str) -> subprocess.Popen[bytes]:
         stdin=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -105,7 +103,7 @@ def worker_db(redis_server: RedisServer) -> Iterator[str]:
     client = redis.Redis.from_url(url)
     wait_for(lambda: client.hlen(HEARTBEATS) >= 2, 60, "two workers to start")
     yield url
-    stop(workers)
+    stop_processes(workers)
 
 
 def make_server(url: str, quorum: float = 0.5) -> ParameterServer:
@@ -149,16 +147,7 @@ def test_duplicates_and_a_redelivery_after_a_dead_consumer_are_counted_once(work
 @pytest.mark.parametrize(("blob", "reason"), MALFORMED)
 def test_worker_processes_reject_malformed_updates_and_keep_the_model(worker_db: str, blob: bytes, reason: str) -> None:
     server = make_server(worker_db, quorum=1.0)
-    server.start_round(0, [0, 1, 2], 0.0)
-    upload_all(server, [0, 2])
-    upload = server.upload(report(1), blob, 1.0)
-    outcome = server.close_round(0, 3.0)
-
-    assert outcome.rejected == {1: reason}
-    message = json.loads(server.store.get(keys.round_rejection(0, 1, upload)) or b"{}")
-    assert message["reason"] == reason and message["message"]
-    assert outcome.status == "failed"
-    assert_model(server, INITIAL, version=0)
+    assert_malformed_update_rejected(server, blob, reason)
     release_server(server)
 
 
@@ -193,7 +182,7 @@ def test_workers_killed_mid_fold_20_times_change_nothing(redis_server: RedisServ
     finally:
         done.set()
         thread.join()
-        stop(workers)
+        stop_processes(workers)
 
     assert len(kills) == 20
     results = summary["strategies"]["fedavg"]
@@ -217,7 +206,7 @@ def test_with_30_percent_of_devices_dropping_every_round_ends_by_its_deadline(
     try:
         run_experiment(config_from_dict(raw), tmp_path, progress=False)
     finally:
-        stop(workers)
+        stop_processes(workers)
     rounds = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rounds] == list(range(6))
     assert sum(r["dropped"] for r in rounds) > 0

@@ -157,7 +157,11 @@ MALFORMED = [
 
 @pytest.mark.parametrize(("blob", "reason"), MALFORMED)
 def test_a_malformed_update_is_rejected_with_its_reason_and_the_model_is_unchanged(blob: bytes, reason: str) -> None:
-    server = make_server(quorum=1.0)
+    assert_malformed_update_rejected(make_server(quorum=1.0), blob, reason)
+
+
+def assert_malformed_update_rejected(server: ParameterServer, blob: bytes, reason: str) -> None:
+    """Device 1 uploads ``blob`` among good updates: rejected for ``reason``, the model untouched."""
     server.start_round(0, [0, 1, 2], 0.0)
 
     upload_all(server, [0, 2])

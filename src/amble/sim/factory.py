@@ -105,18 +105,16 @@ def build_server(
     """
     strategy = build_strategy(config.strategies[strategy_index], config)
     if config.server.store == "memory":
-        server = build_embedded_server(strategy, config.server, snapshot)
-    else:
-        store = RedisStore(config.server.store, namespace)
-        events = RedisEventLog(config.server.store, namespace, store.client)
-        runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
-        server = ParameterServer(store, events, runtime)
-    server.store.put(RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
-    server.store.put(POOL_KEY, pool_settings(config.server).to_json())
-    if isinstance(server.runtime, WorkerRuntime):
-        server.runtime.redis.client.sadd(NAMESPACES, namespace)
-        server.runtime.start_workers(config.server.workers)
-    return server
+        return build_embedded_server(strategy, config.server, snapshot)
+    store = RedisStore(config.server.store, namespace)
+    events = RedisEventLog(config.server.store, namespace, store.client)
+    runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
+    # What a worker needs to rebuild this run's functions, then the run joins the list workers serve.
+    store.put(RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
+    store.put(POOL_KEY, pool_settings(config.server).to_json())
+    store.client.sadd(NAMESPACES, namespace)
+    runtime.start_workers(config.server.workers)
+    return ParameterServer(store, events, runtime)
 
 
 def saved_checkpoint(config: ExperimentConfig, namespace: str, snapshot: Path) -> dict[str, Any] | None:

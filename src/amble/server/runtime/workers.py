@@ -314,13 +314,18 @@ class WorkerRuntime(Runtime):
             self.processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
 
     def close(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes)
         self.processes = []
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
+    """SIGTERM each process (a worker finishes its event and leaves), SIGKILL what outlives ``timeout_s``."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

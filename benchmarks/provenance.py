@@ -1,0 +1,32 @@
+"""What every benchmark records next to its numbers: the CPU it ran on and the code it measured."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from contextlib import suppress
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpu = platform.processor() or platform.machine()
+    with suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return cpu
+
+
+def commit() -> str:
+    """``commit <short hash>``, marked when src/ has uncommitted or untracked changes."""
+    run = subprocess.run
+    head = run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=ROOT).returncode != 0
+    untracked = run(["git", "ls-files", "--others", "--exclude-standard", "src"], capture_output=True, cwd=ROOT)
+    changed = dirty or bool(untracked.stdout.strip())
+    return f"commit {head}" + (" with uncommitted changes in src/" if changed else "")
