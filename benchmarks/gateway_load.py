@@ -37,7 +37,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,9 +54,10 @@ import fastapi
 import httpx
 import torch
 import uvicorn
+from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict
-from amble.serve import Served, prepare
+from amble.serve import Served, http_config, prepare
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import encode
 from amble.sim.factory import release_server
@@ -229,7 +229,7 @@ def running_gateway(served: Served) -> Iterator[str]:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
     port = int(listener.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(http_config(served.app, "127.0.0.1", port))
     http = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     rounds = threading.Thread(target=served.coordinator.run, daemon=True)
     http.start()
@@ -537,27 +537,12 @@ How to read it:
 
 def machine() -> str:
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    cpu = platform.processor() or platform.machine()
-    with suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    cpu = cpu_name()
     return (
         f"{cpu} ({platform.system()} {platform.release()}), {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} thread(s)), "
         f"fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__} ({http}), httpx {httpx.__version__}"
     )
-
-
-def code_version() -> str:
-    run = subprocess.run
-    commit = run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=ROOT).returncode != 0
-    untracked = run(["git", "ls-files", "--others", "--exclude-standard", "src"], capture_output=True, cwd=ROOT)
-    changed = dirty or bool(untracked.stdout.strip())
-    return f"commit {commit}" + (" with uncommitted changes in src/" if changed else "")
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -605,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     body = [
         "# Gateway load",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, {code_version()}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, {commit()}.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall).{quick}",
         "",
         f"{devices} devices upload one update of the `{args.model}` model each, over HTTP on loopback "

@@ -7,7 +7,6 @@ uvicorn in a thread; the rounds run in another thread, as under ``amble serve``.
 from __future__ import annotations
 
 import json
-import socket
 import string
 import subprocess
 import sys
@@ -27,9 +26,10 @@ from hypothesis import strategies as st
 
 from amble.client.device import DeviceAgent
 from amble.config import config_from_dict
-from amble.serve import Served, prepare
+from amble.serve import Served, http_config, prepare
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Plan, Report
+from tests.conftest import free_port
 from tests.test_sim import SMALL
 
 
@@ -57,12 +57,6 @@ class Gateway:
         raise AssertionError(f"round {r} was never planned")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
     raw = {
@@ -74,8 +68,8 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         "server": {"max_update_mb": 2.0},
     }
     served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=30)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_level="warning"))
+    port = free_port()
+    server = uvicorn.Server(http_config(served.app, "127.0.0.1", port))
     threads = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=served.coordinator.run)]
     for thread in threads:
         thread.start()
@@ -298,11 +292,8 @@ def test_tls_with_uvicorns_certificate_options(tmp_path: Path) -> None:
     subprocess.run(openssl, check=True, capture_output=True)
     raw = {**SMALL, "strategies": ["fedavg"], "rounds": 1}
     served = prepare(config_from_dict(raw), tmp_path / "out")
-    port = _free_port()
-    config = uvicorn.Config(
-        served.app, host="127.0.0.1", port=port, log_level="warning", ssl_certfile=str(cert), ssl_keyfile=str(key)
-    )
-    server = uvicorn.Server(config)
+    port = free_port()
+    server = uvicorn.Server(http_config(served.app, "127.0.0.1", port, str(cert), str(key)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

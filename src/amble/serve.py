@@ -103,6 +103,27 @@ def prepare(
     return Served(create_app(coordinator, public), coordinator, tokens, tokens_file, labels[index])
 
 
+KEEP_ALIVE_S = 60.0
+"""How long an idle device connection stays open. uvicorn's default of 5 s closed pooled connections
+that a client was about to reuse, while a burst of uploads kept the server busy for longer than
+that; the client then saw the connection reset and its upload was lost."""
+
+
+def http_config(
+    app: FastAPI, host: str, port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+) -> uvicorn.Config:
+    """How the gateway is served, by ``amble serve`` and by the tests and benchmarks alike."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_keep_alive=int(KEEP_ALIVE_S),
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )
+
+
 def serve(
     served: Served,
     host: str,
@@ -114,11 +135,7 @@ def serve(
 ) -> None:
     """Run the rounds and the gateway until the last round closed (plus ``linger_s`` to tell devices)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = uvicorn.Server(
-        uvicorn.Config(
-            served.app, host=host, port=port, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
-        )
-    )
+    server = uvicorn.Server(http_config(served.app, host, port, ssl_certfile, ssl_keyfile))
     coordinator = served.coordinator
 
     def rounds() -> None:
