@@ -18,7 +18,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def test_model_names_are_pinned() -> None:
     # Assert
-    assert MODEL_NAMES == ("mlp", "cnn", "lenet", "resnet20", "cifar-cnn")
+    assert MODEL_NAMES == ("mlp", "cnn", "lenet", "resnet20", "cifar-cnn", "mlp-small")
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,7 @@ def test_model_names_are_pinned() -> None:
     [
         # 784*200+200 + 200*200+200 + 200*10+10
         ("mlp", MNIST_SHAPE, 199_210),
+        ("mlp-small", MNIST_SHAPE, 50_890),
         # (32*1*25+32) + (64*32*25+64) + (64*7*7*512+512) + (512*10+10)
         ("cnn", MNIST_SHAPE, 1_663_370),
         # (6*25+6) + (16*6*25+16) + (16*5*5*120+120) + (120*84+84) + (84*10+10)
@@ -96,7 +97,7 @@ def test_unknown_model_lists_allowed_names() -> None:
 
     # Assert
     assert "'vgg16'" in str(caught.value)
-    assert "mlp, cnn, lenet, resnet20, cifar-cnn" in str(caught.value)
+    assert "mlp, cnn, lenet, resnet20, cifar-cnn, mlp-small" in str(caught.value)
 
 
 def test_input_too_small_for_lenet_is_a_config_error() -> None:

@@ -212,7 +212,7 @@ class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     data: DataConfig = DataConfig()
-    model: Literal["mlp", "cnn", "lenet", "resnet20", "cifar-cnn"] = "lenet"
+    model: Literal["mlp", "cnn", "lenet", "resnet20", "cifar-cnn", "mlp-small"] = "lenet"
     fleet: FleetConfig = FleetConfig()
     rounds: int = Field(50, ge=1)
     devices_per_round: int = Field(10, ge=1)

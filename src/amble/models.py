@@ -7,6 +7,7 @@ Parameter counts for 10 classes (trainable weights and biases, BatchNorm affine 
     lenet     (1, 28, 28)    61,706   LeNet-5, LeCun et al. 1998 (ReLU, max pooling)
     resnet20  (3, 32, 32)   269,722   ResNet-20 for CIFAR, He et al. 2016 (option-A shortcuts)
     cifar-cnn (3, 32, 32)   188,810   three 3x3 conv-pool blocks (32, 64, 64), fc 128: a fast CIFAR baseline
+    mlp-small (1, 28, 28)    50,890   one hidden layer of 64 ReLU units: the simulator benchmarks' tiny model
 
 Every model takes ``(input_shape, num_classes)`` and sizes its layers from them, so the same model
 runs on MNIST-like ``(1, 28, 28)`` and CIFAR-like ``(3, 32, 32)`` inputs.
@@ -40,6 +41,20 @@ class MLP(nn.Module):
         x = F.relu(self.fc1(x))  # (B, hidden)
         x = F.relu(self.fc2(x))  # (B, hidden)
         logits: torch.Tensor = self.fc3(x)  # (B, num_classes)
+        return logits
+
+
+class SmallMLP(nn.Module):
+    """784-64-10: one fully connected hidden layer of 64 ReLU units (cheap enough to measure overhead)."""
+
+    def __init__(self, input_shape: InputShape, num_classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(math.prod(input_shape), hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x.flatten(1)))  # (B, hidden)
+        logits: torch.Tensor = self.fc2(x)  # (B, num_classes)
         return logits
 
 
@@ -185,6 +200,7 @@ _MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "lenet": LeNet5,
     "resnet20": ResNet20,
     "cifar-cnn": CifarCNN,
+    "mlp-small": SmallMLP,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
