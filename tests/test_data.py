@@ -420,6 +420,21 @@ def test_synthetic_is_deterministic_per_seed() -> None:
     assert not torch.equal(first.x_train, other.x_train)
 
 
+def test_synthetic_size_comes_from_the_config() -> None:
+    # Setup
+    from amble.config import ConfigError, config_from_dict
+
+    config = config_from_dict({"data": {"dataset": "synthetic", "synthetic_size": [300, 40]}})
+
+    # Execute
+    dataset = load_dataset("synthetic", seed=1, synthetic_size=config.data.synthetic_size)
+
+    # Assert
+    assert (len(dataset.y_train), len(dataset.y_test)) == (300, 40)
+    with pytest.raises(ConfigError, match="synthetic_size"):
+        config_from_dict({"data": {"synthetic_size": [0, 40]}})
+
+
 def test_synthetic_is_learnable_in_a_few_steps() -> None:
     # Prepare
     dataset = make_synthetic(num_train=500, num_test=200, seed=0)

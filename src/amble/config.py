@@ -34,6 +34,15 @@ class DataConfig(_Section):
     root: str = "auto"
     partition: PartitionConfig = PartitionConfig()
     num_devices: int = Field(100, ge=1)
+    synthetic_size: tuple[int, int] = (2000, 500)
+    """Train and test samples of the generated ``synthetic`` dataset (ignored by real datasets)."""
+
+    @field_validator("synthetic_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError("data.synthetic_size must be [train, test] with both >= 1")
+        return value
 
 
 class TierConfig(_Section):

@@ -56,7 +56,9 @@ def prepare(
     if strategy is not None and strategy not in labels:
         raise ConfigError(f"--strategy {strategy} is not in the config; choose one of {', '.join(labels)}")
     index = 0 if strategy is None else labels.index(strategy)
-    dataset = load_dataset(config.data.dataset, config.data.root, seed=config.seed)
+    dataset = load_dataset(
+        config.data.dataset, config.data.root, seed=config.seed, synthetic_size=config.data.synthetic_size
+    )
     torch.manual_seed(config.seed)
     model = build_model(config.model, dataset.input_shape, dataset.num_classes)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -93,7 +93,9 @@ class DeviceAgent:
         self.device = int(me["device"])
         self.config = config_from_dict(me["config"], "the server's config")
         data = self.config.data
-        dataset = load_dataset(data.dataset, self.data_root or data.root, seed=self.config.seed)
+        dataset = load_dataset(
+            data.dataset, self.data_root or data.root, seed=self.config.seed, synthetic_size=data.synthetic_size
+        )
         mine = torch.as_tensor(split_for(data, dataset.y_train.numpy(), self.config.seed)[self.device])
         self.x, self.y = dataset.x_train[mine], dataset.y_train[mine]
         model = build_model(self.config.model, dataset.input_shape, dataset.num_classes)

@@ -47,12 +47,17 @@ _LOADERS: dict[str, DatasetLoader] = {
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
 
-def load_dataset(name: str, root: Root = "auto", *, seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str, root: Root = "auto", *, seed: int = 0, synthetic_size: tuple[int, int] | None = None
+) -> Dataset:
     """Load dataset ``name`` whole into memory; ``root`` is a folder or ``"auto"`` to search for it.
 
-    ``seed`` only matters for generated data (``synthetic``); real datasets ignore it.
+    ``seed`` and ``synthetic_size`` (train, test samples) only matter for generated data
+    (``synthetic``); real datasets ignore them.
     """
     loader = _LOADERS.get(name)
     if loader is None:
         raise DataError(f"unknown dataset {name!r}; data.dataset must be one of: {', '.join(DATASET_NAMES)}")
+    if name == "synthetic" and synthetic_size is not None:
+        return make_synthetic(num_train=synthetic_size[0], num_test=synthetic_size[1], seed=seed)
     return loader(root, seed)

@@ -54,7 +54,9 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, cache_dir: Path | None = None) -> None:
         self.config = config
         seed = config.seed
-        self.dataset: Dataset = load_dataset(config.data.dataset, config.data.root, seed=seed)
+        self.dataset: Dataset = load_dataset(
+            config.data.dataset, config.data.root, seed=seed, synthetic_size=config.data.synthetic_size
+        )
         indices = split_for(config.data, self.dataset.y_train.numpy(), seed)
         # Pre-sliced per-device tensors: no DataLoader, no per-step indexing into the full set.
         self.device_data = [
