@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from amble.server.events.base import EventLog
 from amble.server.events.memory import MemoryEventLog
-from amble.server.runtime.base import Handler, PoolSettings, Runtime
+from amble.server.runtime.base import PoolSettings, Runtime
 from amble.server.runtime.local import LocalRuntime
 from amble.server.store.base import Store
 from amble.server.store.memory import MemoryStore
 from tests.contract.events_contract import EventLogContract
-from tests.contract.runtime_contract import RuntimeContract
+from tests.contract.runtime_contract import HandlersFor, RuntimeContract
 from tests.contract.store_contract import StoreContract
 
 
@@ -26,5 +24,5 @@ class TestMemoryEventLog(EventLogContract):
 
 
 class TestLocalRuntime(RuntimeContract):
-    def make(self, store: Store, events: EventLog, handlers: Mapping[str, Handler], settings: PoolSettings) -> Runtime:
-        return LocalRuntime(store, events, handlers, settings)
+    def make(self, store: Store, events: EventLog, handlers_for: HandlersFor, settings: PoolSettings) -> Runtime:
+        return LocalRuntime(store, events, handlers_for(store), settings)

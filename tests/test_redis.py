@@ -19,7 +19,7 @@ from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, connect, wipe
 from tests.conftest import RedisServer
 from tests.contract.events_contract import EventLogContract
-from tests.contract.runtime_contract import RuntimeContract
+from tests.contract.runtime_contract import HandlersFor, RuntimeContract
 from tests.contract.store_contract import StoreContract
 
 
@@ -76,14 +76,11 @@ def test_values_survive_a_redis_restart_with_aof(tmp_path: pytest.TempPathFactor
 class _ThreadedWorkers(WorkerRuntime):
     """The worker runtime with its workers as threads of this process (same code as `amble worker`)."""
 
-    def __init__(
-        self, store: RedisStore, events: RedisEventLog, handlers: Mapping[str, Handler], settings: PoolSettings
-    ):
+    def __init__(self, store: RedisStore, events: RedisEventLog, handlers_for: HandlersFor, settings: PoolSettings):
         super().__init__(store, events, settings, drain_timeout_s=30.0)
         store.put(POOL_KEY, settings.to_json())
         self.workers = [
-            FunctionWorker(store.url, lambda _store: handlers, f"w{i}", [store.namespace])
-            for i in range(settings.max_instances)
+            FunctionWorker(store.url, handlers_for, f"w{i}", [store.namespace]) for i in range(settings.max_instances)
         ]
         self.threads = [threading.Thread(target=w.serve, daemon=True) for w in self.workers]
         for thread in self.threads:
@@ -114,23 +111,27 @@ class TestWorkerRuntime(RuntimeContract):
     def make_events(self) -> EventLog:
         return RedisEventLog(self.url, self.namespace)
 
-    def make(self, store: Store, events: EventLog, handlers: Mapping[str, Handler], settings: PoolSettings) -> Runtime:
+    def make(self, store: Store, events: EventLog, handlers_for: HandlersFor, settings: PoolSettings) -> Runtime:
         assert isinstance(store, RedisStore) and isinstance(events, RedisEventLog)
         if settings.visibility_timeout_s == PoolSettings().visibility_timeout_s:  # retries within the test's time
             settings = replace(settings, visibility_timeout_s=0.05)
-        runtime = _ThreadedWorkers(store, events, handlers, settings)
+        runtime = _ThreadedWorkers(store, events, handlers_for, settings)
         self.runtimes.append(runtime)
         return runtime
 
     def test_simultaneous_events_start_parallel_instances_up_to_the_limit(self) -> None:
         # Real workers take events as they free up, so "simultaneous" needs events that keep a worker busy.
-        def handle(event: Event, inv: Invocation) -> None:
-            time.sleep(0.3)
-
         _, events, runtime = self._setup(
-            {"work": handle}, max_instances=2, keep_alive_s=100.0, cold_start_s=1.0, visibility_timeout_s=10.0
+            _busy_handlers, max_instances=2, keep_alive_s=100.0, cold_start_s=1.0, visibility_timeout_s=10.0
         )
         for _ in range(4):
             events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=0.0)
         runtime.drain()
         assert (runtime.stats().cold_starts, runtime.stats().warm_starts) == (2, 2)
+
+
+def _busy_handlers(store: Store) -> Mapping[str, Handler]:
+    def handle(event: Event, inv: Invocation) -> None:
+        time.sleep(0.3)
+
+    return {"work": handle}

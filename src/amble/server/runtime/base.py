@@ -64,6 +64,9 @@ class Invocation:
 
 
 Handler = Callable[[Event, Invocation], None]
+HandlersFor = Callable[[Store], Mapping[str, Handler]]
+"""Builds a run's function handlers from a Store (each function instance, in whatever process it
+runs, builds its own from the store it reaches)."""
 
 
 @dataclass(frozen=True)

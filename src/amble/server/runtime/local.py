@@ -30,10 +30,52 @@ from amble.server.store.base import Store
 
 
 @dataclass
-class _Instance:
+class PoolInstance:
     id: int
     free_at_s: float
     cache: dict[str, Any] = field(default_factory=dict)
+
+
+class InstancePool:
+    """The serverless instance pool, simulated on the virtual clock (shared by the in-process and the
+    Ray runtime, so both decide cold and warm starts identically)."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.idle: list[PoolInstance] = []
+        """Instances alive (busy until ``free_at_s``, or idle since then)."""
+        self._next_id = 0
+
+    def acquire(self, at_s: float) -> tuple[PoolInstance, float, bool]:
+        """Pick the instance for an event at ``at_s``: (instance, start time, cold?)."""
+        s = self.settings
+        self.idle = [i for i in self.idle if i.free_at_s > at_s or at_s - i.free_at_s <= s.keep_alive_s]
+        if not s.reuse:  # a finished instance is never invoked again
+            self.idle = [i for i in self.idle if i.free_at_s > at_s]
+        ready = [i for i in self.idle if i.free_at_s <= at_s]
+        if ready:
+            instance = max(ready, key=lambda i: i.free_at_s)
+            self.idle.remove(instance)
+            return instance, at_s, False
+        if len(self.idle) < s.max_instances:
+            self._next_id += 1
+            return PoolInstance(self._next_id, at_s), at_s, True
+        # Every instance is busy: queue for the first to free up.
+        instance = min(self.idle, key=lambda i: i.free_at_s)
+        self.idle.remove(instance)
+        if s.reuse:
+            return instance, instance.free_at_s, False
+        self._next_id += 1
+        return PoolInstance(self._next_id, instance.free_at_s), instance.free_at_s, True
+
+    def release(self, instance: PoolInstance, free_at_s: float) -> None:
+        """A finished instance rejoins the pool (a failed one is simply never released: it is lost)."""
+        instance.free_at_s = free_at_s
+        self.idle.append(instance)
+
+    def discard(self, instance: PoolInstance) -> None:
+        if instance in self.idle:
+            self.idle.remove(instance)
 
 
 class LocalRuntime(Runtime):
@@ -50,36 +92,13 @@ class LocalRuntime(Runtime):
         self.handlers = dict(handlers)
         self.settings = settings or PoolSettings()
         self.consumer = consumer
-        self._idle: list[_Instance] = []
-        self._next_id = 0
-
-    def _acquire(self, at_s: float) -> tuple[_Instance, float, bool]:
-        """Pick the instance for an event at ``at_s``: (instance, start time, cold?)."""
-        s = self.settings
-        self._idle = [i for i in self._idle if i.free_at_s > at_s or at_s - i.free_at_s <= s.keep_alive_s]
-        if not s.reuse:  # a finished instance is never invoked again
-            self._idle = [i for i in self._idle if i.free_at_s > at_s]
-        ready = [i for i in self._idle if i.free_at_s <= at_s]
-        if ready:
-            instance = max(ready, key=lambda i: i.free_at_s)
-            self._idle.remove(instance)
-            return instance, at_s, False
-        if len(self._idle) < s.max_instances:
-            self._next_id += 1
-            return _Instance(self._next_id, at_s), at_s, True
-        # Every instance is busy: queue for the first to free up.
-        instance = min(self._idle, key=lambda i: i.free_at_s)
-        self._idle.remove(instance)
-        if s.reuse:
-            return instance, instance.free_at_s, False
-        self._next_id += 1
-        return _Instance(self._next_id, instance.free_at_s), instance.free_at_s, True
+        self.pool = InstancePool(self.settings)
 
     def _run(self, event: Event) -> None:
         if event.type not in self.handlers:
             dead_letter(self.store, self.events, event, f"no function handles events of type '{event.type}'")
             return
-        instance, start_s, cold = self._acquire(event.at_s)
+        instance, start_s, cold = self.pool.acquire(event.at_s)
         end_s = invoke(
             self.store,
             self.events,
@@ -90,8 +109,7 @@ class LocalRuntime(Runtime):
             self.settings,
         )
         if end_s is not None:  # a failed instance is lost; a finished one rejoins the pool
-            instance.free_at_s = end_s
-            self._idle.append(instance)
+            self.pool.release(instance, end_s)
 
     def drain(self) -> None:
         while True:

@@ -42,12 +42,12 @@ from amble.server.runtime.base import (
     FUNCTIONS_GROUP,
     FUNCTIONS_TOPIC,
     Handler,
+    HandlersFor,
     Invocation,
     PoolSettings,
     Runtime,
     invoke,
 )
-from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, connect
 
 NAMESPACES = "amble:namespaces"
@@ -57,9 +57,6 @@ HEARTBEATS = "amble:workers"
 POOL_KEY = "run/pool"
 """A run's PoolSettings, as JSON, in its namespace."""
 HEARTBEAT_STALE_S = 10.0
-
-HandlersFor = Callable[[Store], Mapping[str, Handler]]
-"""Builds a run's function handlers from what its Store holds (run spec, settings)."""
 
 
 def server_time(client: redis.Redis) -> float:

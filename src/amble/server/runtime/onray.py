@@ -1,0 +1,201 @@
+"""The Ray Runtime: the parameter server's functions run on Ray actors, the warm instances.
+
+The driver consumes the functions topic and decides, on the virtual clock and with the same
+:class:`~amble.server.runtime.local.InstancePool` as the embedded runtime, which instance runs each
+event and whether it starts cold; so for a fixed seed the cold/warm counts and event times match the
+embedded run. Each live instance is one Ray actor, created when the pool opens a new instance
+(never more than ``max_instances``), handed to the next new instance when its own expires, and
+stopped when idle for ``keep_alive_s`` real seconds: the pool scales between 0 and
+``max_instances``. Actors run their calls in order, so events on different instances run in
+parallel and events on one instance run one after another, as a serverless platform would.
+
+An actor is stateless beyond its warm cache: it reads and writes the run's state in Redis (the
+store every node can reach) and runs :func:`~amble.server.runtime.base.invoke`, which publishes what
+the function emitted and acks last. An actor that dies mid-event leaves the event pending; the next
+pass redelivers it to another actor, and an event whose instance died ``max_attempts`` times is
+dead-lettered. Events travel to actors as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from amble.errors import AmbleError
+from amble.raycluster import import_ray
+from amble.server.events.base import Event
+from amble.server.events.redis import RedisEventLog
+from amble.server.runtime.base import (
+    FUNCTIONS_GROUP,
+    FUNCTIONS_TOPIC,
+    HandlersFor,
+    Invocation,
+    PoolSettings,
+    Runtime,
+    dead_letter,
+    invoke,
+)
+from amble.server.runtime.local import InstancePool, PoolInstance
+from amble.server.store.redis import RedisStore
+
+
+class FunctionInstance:
+    """One function instance, as a Ray actor: its own connections, handlers and warm cache."""
+
+    def __init__(self, url: str, namespace: str, handlers_for: HandlersFor, settings: str, slot: int) -> None:
+        self.store = RedisStore(url, namespace)
+        self.events = RedisEventLog(url, namespace, self.store.client)
+        self.handlers = handlers_for(self.store)
+        self.settings = PoolSettings.from_json(settings.encode())
+        self.slot = slot
+        self.cache: dict[str, Any] = {}
+        self.fresh = True
+        """Nothing cached yet (just started, or the last invocation failed and lost the cache)."""
+
+    def run(self, event: str, instance_id: int, cold: bool, start_s: float) -> str:
+        """Run one event (as JSON); returns JSON ``{"end_s": float | null, "cold": bool}``."""
+        data = json.loads(event)
+        cold = cold or self.fresh
+        if cold:
+            self.cache.clear()
+        invocation = Invocation(instance_id, cold, self.cache, shard=self.slot)
+        end_s = invoke(self.store, self.events, self.handlers, Event(**data), invocation, start_s, self.settings)
+        self.fresh = end_s is None
+        return json.dumps({"end_s": end_s, "cold": cold})
+
+    def ready(self) -> bool:
+        return True
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    slot: int
+    """Which shard of a round's partial sums this actor folds into (unique per actor)."""
+    used_at: float
+    """Real (monotonic) time of its last call."""
+
+
+class RayRuntime(Runtime):
+    def __init__(
+        self,
+        store: RedisStore,
+        events: RedisEventLog,
+        handlers_for: HandlersFor,
+        settings: PoolSettings,
+        drain_timeout_s: float = 120.0,
+        consumer: str = "ray-driver",
+    ) -> None:
+        self.ray = import_ray()
+        self.store = store
+        self.redis = store
+        self.events = events
+        self.handlers_for = handlers_for
+        self.types = set(handlers_for(store))
+        self.settings = settings
+        self.drain_timeout_s = drain_timeout_s
+        self.consumer = consumer
+        self.pool = InstancePool(settings)
+        self.actors: dict[int, _Actor] = {}
+        """The actor running each live virtual instance (by instance id)."""
+        self.spare: list[_Actor] = []
+        """Actors whose instance expired: the next new instance takes one over (cold)."""
+        self._slots = 0
+        # Ray pickles the actor's constructor arguments: give it the handler factory, never the handlers.
+        self._actor_class = self.ray.remote(num_cpus=0, max_restarts=0)(FunctionInstance)
+
+    @property
+    def actor_count(self) -> int:
+        return len(self.actors) + len(self.spare)
+
+    def _actor_for(self, instance: PoolInstance) -> _Actor:
+        live = {i.id for i in self.pool.idle} | {instance.id}
+        for instance_id in [i for i in self.actors if i not in live]:
+            self.spare.append(self.actors.pop(instance_id))  # its instance expired
+        actor = self.actors.get(instance.id)
+        if actor is None:
+            if self.spare:
+                actor = self.spare.pop()
+            else:
+                self._slots += 1
+                handle = self._actor_class.remote(
+                    self.redis.url,
+                    self.redis.namespace,
+                    self.handlers_for,
+                    self.settings.to_json().decode(),
+                    self._slots,
+                )
+                actor = _Actor(handle, self._slots, time.monotonic())
+            self.actors[instance.id] = actor
+        actor.used_at = time.monotonic()
+        return actor
+
+    def drain(self) -> None:
+        self._retire_idle()
+        while True:
+            # Everything pending here was handed to an actor of an earlier pass that has since
+            # returned or died: take it back at once.
+            batch = self.events.claim_stale(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, min_idle_s=0.0)
+            batch += self.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer)
+            if not batch:
+                return
+            calls: list[tuple[Event, PoolInstance, _Actor, Any]] = []
+            for event in sorted(batch, key=lambda e: e.at_s):
+                if event.type not in self.types:
+                    dead_letter(self.store, self.events, event, f"no function handles events of type '{event.type}'")
+                    continue
+                if event.deliveries > self.settings.max_attempts:  # its instance died every time
+                    dead_letter(
+                        self.store, self.events, event, f"its function instance died {event.deliveries - 1} times"
+                    )
+                    continue
+                instance, start_s, cold = self.pool.acquire(event.at_s)
+                actor = self._actor_for(instance)
+                body = json.dumps({**asdict(event)})
+                calls.append((event, instance, actor, actor.handle.run.remote(body, instance.id, cold, start_s)))
+                # Later events of this pass may queue on the instance: free it when it should end.
+                charged_s = self.settings.invocation_s or 0.0
+                self.pool.release(instance, start_s + (self.settings.cold_start_s if cold else 0.0) + charged_s)
+            self._collect(calls)
+
+    def _collect(self, calls: list[tuple[Event, PoolInstance, _Actor, Any]]) -> None:
+        ray = self.ray
+        for event, instance, actor, ref in calls:
+            try:
+                result = json.loads(ray.get(ref, timeout=self.drain_timeout_s))
+            except ray.exceptions.GetTimeoutError:
+                raise AmbleError(
+                    f"a function actor ran event {event.id} ({event.type}) for over {self.drain_timeout_s:g} s: "
+                    "check the Ray logs, or raise server.drain_timeout_s"
+                ) from None
+            except ray.exceptions.RayActorError:  # the instance died: its event stays pending for redelivery
+                self.pool.discard(instance)
+                self._forget(actor)
+                continue
+            actor.used_at = time.monotonic()
+            if result["end_s"] is None:  # the function failed: its instance is lost (its next start is cold)
+                self.pool.discard(instance)
+            else:
+                instance.free_at_s = max(instance.free_at_s, float(result["end_s"]))
+
+    def _forget(self, actor: _Actor) -> None:
+        for instance_id, held in list(self.actors.items()):
+            if held is actor:
+                del self.actors[instance_id]
+        if actor in self.spare:
+            self.spare.remove(actor)
+
+    def _retire_idle(self) -> None:
+        """Stop actors unused for ``keep_alive_s`` real seconds: an idle pool shrinks to nothing."""
+        now = time.monotonic()
+        for actor in [*self.actors.values(), *self.spare]:
+            if now - actor.used_at > self.settings.keep_alive_s:
+                self._forget(actor)
+                self.ray.kill(actor.handle, no_restart=True)
+
+    def close(self) -> None:
+        for actor in [*self.actors.values(), *self.spare]:
+            self.ray.kill(actor.handle, no_restart=True)
+        self.actors, self.spare = {}, []

@@ -1,0 +1,110 @@
+"""The Ray runtime and Ray device training, on a real local Ray instance (started once: it takes seconds)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from amble.server.events.base import Event, EventLog
+from amble.server.events.redis import RedisEventLog
+from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
+from amble.server.store.base import Store
+from amble.server.store.redis import RedisStore
+from tests.conftest import RedisServer
+from tests.contract.runtime_contract import HandlersFor, RuntimeContract
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'amble[ray]'")
+
+from amble.server.runtime.onray import RayRuntime  # noqa: E402 - needs Ray
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[Any]:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class TestRayRuntime(RuntimeContract):
+    """Real actors in other processes: they reach the run's state through Redis."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_server: RedisServer, ray_instance: Any) -> Iterator[None]:
+        self.url = redis_server.url
+        self.runtimes: list[RayRuntime] = []
+        yield
+        for runtime in self.runtimes:
+            runtime.close()
+
+    def make_store(self) -> Store:
+        self.namespace = f"test-{uuid.uuid4().hex}"
+        return RedisStore(self.url, self.namespace)
+
+    def make_events(self) -> EventLog:
+        return RedisEventLog(self.url, self.namespace)
+
+    def make(self, store: Store, events: EventLog, handlers_for: HandlersFor, settings: PoolSettings) -> Runtime:
+        assert isinstance(store, RedisStore) and isinstance(events, RedisEventLog)
+        runtime = RayRuntime(store, events, handlers_for, settings, drain_timeout_s=60.0)
+        self.runtimes.append(runtime)
+        return runtime
+
+    def test_an_instance_that_dies_mid_event_has_its_event_redelivered(self) -> None:
+        def handlers_for(store: Store) -> Mapping[str, Handler]:
+            def fragile(event: Event, inv: Invocation) -> None:
+                if event.deliveries == 1:
+                    os._exit(1)  # the actor's process dies in the middle of the function
+                store.incr(f"done/{event.payload['i']}")
+
+            return {"work": fragile}
+
+        store, events, runtime = self._setup(handlers_for, max_instances=2)
+        for i in range(3):
+            events.publish(FUNCTIONS_TOPIC, "work", {"i": i}, at_s=float(i))
+        runtime.drain()
+        assert [store.counter(f"done/{i}") for i in range(3)] == [1, 1, 1]
+        assert events.pending(FUNCTIONS_TOPIC, "functions") == 0
+        assert runtime.stats().dead_letters == 0
+
+    def test_an_event_that_always_kills_its_instance_is_dead_lettered(self) -> None:
+        def handlers_for(store: Store) -> Mapping[str, Handler]:
+            def deadly(event: Event, inv: Invocation) -> None:
+                os._exit(1)
+
+            return {"work": deadly}
+
+        store, events, runtime = self._setup(handlers_for, max_attempts=2)
+        events.publish(FUNCTIONS_TOPIC, "work", {})
+        runtime.drain()
+        assert runtime.stats().dead_letters == 1
+        assert any(b"died 2 times" in (store.get(k) or b"") for k in store.keys("runtime/dead_letter/"))
+
+    def test_the_pool_scales_up_to_max_instances_and_back_to_zero(self) -> None:
+        _store, events, runtime = self._setup(_noop, max_instances=2, keep_alive_s=1.0, cold_start_s=1.0)
+        assert isinstance(runtime, RayRuntime) and runtime.actor_count == 0
+        for _ in range(6):
+            events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=0.0)  # a burst: more events than instances
+        runtime.drain()
+        assert runtime.actor_count == 2
+        time.sleep(1.5)  # idle past keep_alive_s
+        runtime.drain()
+        assert runtime.actor_count == 0
+        events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=1.0)
+        runtime.drain()
+        assert runtime.actor_count == 1
+        runtime.close()
+        assert runtime.actor_count == 0
+
+
+def _noop(store: Store) -> Mapping[str, Handler]:
+    def handle(event: Event, inv: Invocation) -> None:
+        pass
+
+    return {"work": handle}
