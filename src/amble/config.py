@@ -190,7 +190,9 @@ class ServerConfig(_Section):
     store: str = Field("memory", pattern=r"^(memory|rediss?://.+|unix://.+)$")
     """``memory`` (embedded, one process) or a Redis URL such as ``redis://127.0.0.1:6379/0``, whose
     functions run in ``amble worker`` processes."""
-    runtime: Literal["local"] = "local"
+    runtime: Literal["local", "ray"] = "local"
+    """Where functions run: ``local`` (in process with ``memory``, else ``amble worker`` processes) or
+    ``ray`` (Ray actors; needs a Redis store every node can reach, see the ``ray`` section)."""
     workers: int = Field(0, ge=0)
     """With a Redis store: local ``amble worker`` processes to start for the run (0: use running ones)."""
     visibility_timeout_s: float = Field(30.0, gt=0)
@@ -208,6 +210,20 @@ class ServerConfig(_Section):
     quorum: float = Field(0.5, gt=0, le=1)
     max_update_mb: float = Field(256.0, gt=0)
     max_attempts: int = Field(5, ge=1)
+
+
+class RayConfig(_Section):
+    """Running on Ray (the ``amble[ray]`` extra): with ``server.runtime: ray`` and/or ``train``."""
+
+    address: str = Field("local", pattern=r"^(local|auto|ray://.+|[^\s:/]+:\d+)$")
+    """``local`` (start Ray in this process), ``auto`` (a cluster started with ``ray start``) or
+    ``ray://HOST:PORT`` / ``HOST:PORT``."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a ``local`` Ray instance (default: all of this machine's)."""
+    train: bool | None = None
+    """Train the devices of each round on Ray actors; ``None``: when ``server.runtime`` is ``ray``."""
+    trainers: int | None = Field(None, ge=1)
+    """Training actors, one CPU each (default: the cluster's CPUs)."""
 
 
 class EvalConfig(_Section):
@@ -230,6 +246,7 @@ class ExperimentConfig(_Section):
     aggregator: Aggregator | None = None
     """Overrides every strategy's aggregator (a strategy's own ``aggregator`` key wins); None: their defaults."""
     server: ServerConfig = ServerConfig()
+    ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
 
     @field_validator("strategies", mode="before")
@@ -253,6 +270,16 @@ class ExperimentConfig(_Section):
                     f"strategy '{strategy_label(strategy)}': epochs_max ({strategy.epochs_max}) is below "
                     f"train.local_epochs ({self.train.local_epochs}); raise epochs_max"
                 )
+        if self.server.runtime == "ray" and self.server.store == "memory":
+            raise ValueError(
+                "server.runtime 'ray' runs functions on Ray actors in other processes, which need a shared "
+                "store: set server.store to a Redis URL (redis://HOST:PORT/DB) every Ray node can reach"
+            )
+        if self.server.runtime == "ray" and self.server.workers:
+            raise ValueError(
+                "server.workers starts `amble worker` processes, but with server.runtime 'ray' functions run on "
+                "Ray actors: set server.workers to 0"
+            )
         if self.devices_per_round > self.data.num_devices:
             raise ValueError(
                 f"devices_per_round ({self.devices_per_round}) exceeds data.num_devices ({self.data.num_devices})"
@@ -351,3 +378,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "(dict)") -> ExperimentC
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able data (what summary.json records)."""
     return config.model_dump(mode="json")
+
+
+def trains_on_ray(config: ExperimentConfig) -> bool:
+    """Whether the simulation trains its devices on Ray (``ray.train``, by default with the Ray runtime)."""
+    return config.server.runtime == "ray" if config.ray.train is None else config.ray.train

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from amble.client import LocalTrainer, derive_seed, evaluate
-from amble.config import ExperimentConfig, config_from_dict, config_to_dict, strategy_label
-from amble.data import Dataset, load_dataset, split_for
+from amble import raycluster
+from amble.client import derive_seed, evaluate
+from amble.config import ExperimentConfig, config_from_dict, config_to_dict, strategy_label, trains_on_ray
+from amble.data import Dataset
 from amble.durable import write_atomic
 from amble.errors import AmbleError
 from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
@@ -37,6 +38,8 @@ from amble.server import ParameterServer, RoundOutcome, RunSettings
 from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
 from amble.sim.factory import CHECKPOINT, build_server, release_server, saved_checkpoint, wipe_run
+from amble.sim.raytraining import RayDevices
+from amble.sim.training import DeviceTrainers, LocalDevices, TrainJob, device_shards, local_trainer
 from amble.strategies import Params, Plan, Report
 
 Progress = Callable[[str], None]
@@ -54,14 +57,8 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, cache_dir: Path | None = None) -> None:
         self.config = config
         seed = config.seed
-        self.dataset: Dataset = load_dataset(
-            config.data.dataset, config.data.root, seed=seed, synthetic_size=config.data.synthetic_size
-        )
-        indices = split_for(config.data, self.dataset.y_train.numpy(), seed)
-        # Pre-sliced per-device tensors: no DataLoader, no per-step indexing into the full set.
-        self.device_data = [
-            (self.dataset.x_train[torch.as_tensor(i)], self.dataset.y_train[torch.as_tensor(i)]) for i in indices
-        ]
+        self.dataset: Dataset
+        self.dataset, self.device_data = device_shards(config)
         self.fleet: list[DeviceProfile] = generate_fleet(config.fleet, config.data.num_devices, seed)
 
         torch.manual_seed(seed)
@@ -89,6 +86,7 @@ class Experiment:
             ]
             test_x, test_y = test_x[keep], test_y[keep]
         self.test = (test_x, test_y)
+        self._devices: DeviceTrainers | None = None
 
     def run(
         self,
@@ -101,10 +99,33 @@ class Experiment:
         """Run every strategy in turn. With ``state_dir``, each round is checkpointed there (and, with a
         Redis store, in the store); with ``resume`` a strategy with a checkpoint continues after it."""
         results = {}
-        for index in range(len(self.config.strategies)):
-            outcome = self.run_strategy(index, writer, progress, namespace, state_dir, resume)
-            results[outcome.label] = outcome.summary
+        try:
+            for index in range(len(self.config.strategies)):
+                outcome = self.run_strategy(index, writer, progress, namespace, state_dir, resume)
+                results[outcome.label] = outcome.summary
+        finally:
+            self.close()
         return results
+
+    def devices(self) -> DeviceTrainers:
+        """Where this experiment's devices train (started on first use, kept for every strategy)."""
+        if self._devices is None:
+            config = self.config
+            if trains_on_ray(config):
+                raycluster.connect(config.ray.address, config.ray.num_cpus)
+                self._devices = RayDevices(config, config.ray.trainers)
+            else:
+                self._devices = LocalDevices(
+                    local_trainer(config, self.dataset, copy.deepcopy(self.model)), self.device_data
+                )
+        return self._devices
+
+    def close(self) -> None:
+        """Stop the training actors and the Ray instance this process started, if any."""
+        if self._devices is not None:
+            self._devices.close()
+            self._devices = None
+        raycluster.disconnect()
 
     def run_strategy(
         self,
@@ -159,7 +180,6 @@ class Experiment:
                 max_update_bytes=int(config.server.max_update_mb * 2**20),
             ),
         )
-        trainer = LocalTrainer(copy.deepcopy(self.model), config.train.momentum, config.train.weight_decay)
         eval_model = copy.deepcopy(self.model)
         tally = _Tally.from_json(checkpoint["tally"]) if checkpoint else _Tally()
         first = checkpoint["round"] + 1 if checkpoint else 0
@@ -168,7 +188,7 @@ class Experiment:
         rounds = range(first, config.rounds)
         bar = tqdm(rounds, desc=f"{label:>10}", unit="round", disable=not progress, leave=True, initial=first)
         for r in bar:
-            record = self._play_round(server, trainer, label, r, tally)
+            record = self._play_round(server, label, r, tally)
             loss: float | None = None
             evaluated = (r + 1) % config.eval.every == 0 or r == config.rounds - 1
             if evaluated:
@@ -207,9 +227,7 @@ class Experiment:
         if isinstance(server.store, MemoryStore):
             server.store.save(snapshot)
 
-    def _play_round(
-        self, server: ParameterServer, trainer: LocalTrainer, label: str, r: int, tally: _Tally
-    ) -> _RoundRecord:
+    def _play_round(self, server: ParameterServer, label: str, r: int, tally: _Tally) -> _RoundRecord:
         """One round: plan, train every planned device, upload at virtual arrival times, finalise."""
         available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
         plans, start_s = server.start_round(r, available, tally.now_s)
@@ -223,11 +241,13 @@ class Experiment:
         rows: list[dict[str, Any]] = []
         finished_s: dict[int, float] = {}
         drop_times: list[float] = []
+        timings: dict[int, RoundTiming] = {}
         samples = 0
+        jobs: list[TrainJob] = []
         for k, plan in sorted(plans.items()):
             timing = self.clock.timing(self.fleet[k], r, k, plan.batch_size, plan.local_steps)
             plan, timing = apply_deadline(plan, timing)
-            x, y = self.device_data[k]
+            _, y = self.device_data[k]
             row: dict[str, Any] = {  # the plan as the device ran it (cut at its deadline if it had to)
                 "strategy": label,
                 "round": r,
@@ -247,15 +267,28 @@ class Experiment:
                 row.update(compute_s=spent_computing, comm_s=timing.dropped_at_s - spent_computing, status="dropped")
                 drop_times.append(start_s + timing.dropped_at_s)
                 continue
-            tic = time.perf_counter()
-            result = trainer.train(start_params, x, y, plan, derive_seed(self.config.seed, r, k))
-            tally.train_compute_s += time.perf_counter() - tic
+            jobs.append(TrainJob(k, plan, derive_seed(self.config.seed, r, k)))
+            timings[k] = timing
+        trained = self.devices().train(start_params, jobs)
+        for row in rows:
+            k = row["device"]
+            if k not in trained:
+                continue
+            result, timing = trained[k], timings[k]
+            tally.train_compute_s += result.compute_s
             samples += result.samples
             report = Report(
-                r, k, len(y), result.steps, plan.batch_size, timing.compute_s, timing.download_s, timing.upload_s
+                r,
+                k,
+                len(self.device_data[k][1]),
+                result.steps,
+                row["batch_size"],
+                timing.compute_s,
+                timing.download_s,
+                timing.upload_s,
             )
             finished_s[k] = start_s + timing.total_s
-            uploads.append((finished_s[k], report, encode(result.delta)))
+            uploads.append((finished_s[k], report, result.update))
             cut = result.steps < planned_steps[k]
             row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
         uploads.sort(key=lambda item: (item[0], item[1].device))

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from amble import raycluster
 from amble.config import (
     AdaBatchConfig,
     AmbleConfig,
@@ -23,6 +24,7 @@ from amble.errors import AmbleError
 from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterServer, PoolSettings, ServerFunctions
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import Handler
+from amble.server.runtime.onray import RayRuntime
 from amble.server.runtime.workers import NAMESPACES, POOL_KEY, WorkerRuntime
 from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, wipe
@@ -108,11 +110,17 @@ def build_server(
         return build_embedded_server(strategy, config.server, snapshot)
     store = RedisStore(config.server.store, namespace)
     events = RedisEventLog(config.server.store, namespace, store.client)
-    runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
-    # What a worker needs to rebuild this run's functions, then the run joins the list workers serve.
+    # What a function instance needs to rebuild this run's functions.
     store.put(RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
     store.put(POOL_KEY, pool_settings(config.server).to_json())
-    store.client.sadd(NAMESPACES, namespace)
+    if config.server.runtime == "ray":
+        raycluster.connect(config.ray.address, config.ray.num_cpus)
+        on_ray = RayRuntime(
+            store, events, handlers_from_store, pool_settings(config.server), config.server.drain_timeout_s
+        )
+        return ParameterServer(store, events, on_ray)
+    runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
+    store.client.sadd(NAMESPACES, namespace)  # the run joins the list `amble worker` processes serve
     runtime.start_workers(config.server.workers)
     return ParameterServer(store, events, runtime)
 
