@@ -6,10 +6,13 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors.torch import load_file
 
+from amble.config import config_from_dict
 from amble.server.events.base import Event, EventLog
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
@@ -17,10 +20,13 @@ from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore
 from tests.conftest import RedisServer
 from tests.contract.runtime_contract import HandlersFor, RuntimeContract
+from tests.test_faults import assert_same_model
+from tests.test_sim import SMALL, read_jsonl
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'amble[ray]'")
 
 from amble.server.runtime.onray import RayRuntime  # noqa: E402 - needs Ray
+from amble.sim.driver import run_experiment  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +114,40 @@ def _noop(store: Store) -> Mapping[str, Handler]:
         pass
 
     return {"work": handle}
+
+
+# -- a whole simulated run on Ray: the same plans and, within float tolerance, the same results ----------
+
+
+def _plans(run_dir: Path) -> list[tuple[Any, ...]]:
+    keys = ("strategy", "round", "device", "batch_size", "local_steps", "lr", "status")
+    return [tuple(row[k] for k in keys) for row in read_jsonl(run_dir / "devices.jsonl")]
+
+
+def _accuracies(run_dir: Path) -> dict[tuple[str, int], float]:
+    return {(row["strategy"], row["round"]): row["accuracy"] for row in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def test_a_run_on_ray_matches_the_embedded_run(redis_server: RedisServer, ray_instance: Any, tmp_path: Path) -> None:
+    # Setup: the same config and seed, embedded vs functions and training on Ray.
+    embedded = run_experiment(config_from_dict(SMALL), tmp_path / "embedded", progress=False)
+    on_ray = {**SMALL, "server": {"store": redis_server.url, "runtime": "ray"}, "ray": {"trainers": 2}}
+
+    # Execute
+    summary = run_experiment(config_from_dict(on_ray), tmp_path / "ray", progress=False)
+
+    # Assert: plans are decided on the virtual clock, so they match exactly; the updates are summed in
+    # another order (one partial sum per actor) with one torch thread per actor, which moves weights
+    # by about 2e-8 here: accuracies within 0.005, weights within the fault tests' tolerance.
+    assert _plans(tmp_path / "ray") == _plans(tmp_path / "embedded")
+    got, want = _accuracies(tmp_path / "ray"), _accuracies(tmp_path / "embedded")
+    assert got.keys() == want.keys()
+    assert all(abs(got[k] - want[k]) <= 0.005 for k in got), (got, want)
+    for label in ("fedavg", "amble"):
+        ray_model = load_file(tmp_path / "ray" / f"model_{label}.safetensors")
+        assert_same_model(ray_model, load_file(tmp_path / "embedded" / f"model_{label}.safetensors"))
+        for key in ("updates_aggregated", "samples_processed", "cold_starts", "warm_starts", "function_invocations"):
+            assert summary["strategies"][label][key] == embedded["strategies"][label][key], key
+        assert summary["strategies"][label]["virtual_time_s"] == pytest.approx(
+            embedded["strategies"][label]["virtual_time_s"], abs=1e-9
+        )

@@ -7,7 +7,10 @@ embedded run. Each live instance is one Ray actor, created when the pool opens a
 (never more than ``max_instances``), handed to the next new instance when its own expires, and
 stopped when idle for ``keep_alive_s`` real seconds: the pool scales between 0 and
 ``max_instances``. Actors run their calls in order, so events on different instances run in
-parallel and events on one instance run one after another, as a serverless platform would.
+parallel and events on one instance run one after another, as a serverless platform would. The last
+event of each pass waits for the others, so the fold that completes a round (and the virtual time
+of its ``round_ready``) is the one the embedded runtime picks: a Ray run keeps the embedded run's
+virtual times, with ``invocation_s`` fixed.
 
 An actor is stateless beyond its warm cache: it reads and writes the run's state in Redis (the
 store every node can reach) and runs :func:`~amble.server.runtime.base.invoke`, which publishes what
@@ -142,7 +145,14 @@ class RayRuntime(Runtime):
             if not batch:
                 return
             calls: list[tuple[Event, PoolInstance, _Actor, Any]] = []
-            for event in sorted(batch, key=lambda e: e.at_s):
+            ordered = sorted(batch, key=lambda e: e.at_s)  # stable: ties keep log order
+            for position, event in enumerate(ordered):
+                if position and position == len(ordered) - 1:
+                    # The last event runs once the others have finished, as it would in the embedded
+                    # runtime: then the fold that completes a round, and the virtual time its
+                    # round_ready carries, do not depend on which actor happened to finish first.
+                    self._collect(calls)
+                    calls = []
                 if event.type not in self.types:
                     dead_letter(self.store, self.events, event, f"no function handles events of type '{event.type}'")
                     continue
