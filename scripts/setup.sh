@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up AMBLE on a fresh machine: Fashion-MNIST (Debian package, when apt is available and no copy
 # is found), a virtual environment in .venv with the CPU build of PyTorch, and the package itself.
-# Usage: scripts/setup.sh [--dev]     (--dev adds the test and lint tools). Safe to run again.
+# Usage: scripts/setup.sh [--dev]     (--dev adds the test and lint tools, and Ray). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+[ "${1:-}" = "--dev" ] && extras="[dev,ray]"  # the tests run Ray locally too
 
 python=${PYTHON:-}
 if [ -z "$python" ]; then

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from amble.config import AmbleConfig, load_config
-from amble.errors import ConfigError
+from amble.errors import AmbleError, ConfigError
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 
@@ -71,3 +71,28 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def test_duplicate_strategy_labels_are_refused() -> None:
     with pytest.raises(ConfigError, match="distinct labels"):
         load_config(QUICKSTART, ["strategies=[fedavg, fedavg]"])
+
+
+def test_ray_needs_a_shared_store_and_no_local_workers() -> None:
+    from amble.config import config_from_dict, trains_on_ray
+
+    with pytest.raises(ConfigError, match="need a shared store"):
+        config_from_dict({"server": {"runtime": "ray"}})
+    with pytest.raises(ConfigError, match=r"set server\.workers to 0"):
+        config_from_dict({"server": {"runtime": "ray", "store": "redis://h:1/0", "workers": 2}})
+    with pytest.raises(ConfigError, match=r"ray\.address"):
+        config_from_dict({"ray": {"address": "http://head"}})
+    on_ray = config_from_dict({"server": {"runtime": "ray", "store": "redis://h:1/0"}})
+    assert trains_on_ray(on_ray)
+    assert not trains_on_ray(config_from_dict({}))
+    assert trains_on_ray(config_from_dict({"ray": {"train": True}}))  # training on Ray, functions embedded
+
+
+def test_a_missing_ray_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from amble.raycluster import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does when it is not installed
+    with pytest.raises(AmbleError, match=r"pip install 'amble\[ray\]'"):
+        import_ray()
