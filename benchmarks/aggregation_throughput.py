@@ -29,11 +29,9 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import redis
 import torch
+from processes import redis_server
 from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict
@@ -172,46 +171,6 @@ def memory_bandwidth(nbytes: int, reps: int) -> dict[tuple[str, int], float]:
 
 
 # -- redis-server and workers ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    """A private ``redis-server`` on a free loopback port, without persistence; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit(
-            "redis-server is not installed: apt-get install redis-server, or run with --workers (no counts)"
-        )
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="amble-bench-redis-") as directory:
-        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", ""]
-        args += ["--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10.0
-            while not answers_ping(port):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"redis-server did not start on port {port}")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
-
-
-def answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @contextmanager

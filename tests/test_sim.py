@@ -93,6 +93,8 @@ def test_summary_holds_config_and_counts(small_run: tuple[Path, dict[str, Any]])
         # per round: plan_round + 4 aggregates + finalize
         assert s["function_invocations"] == 24 == s["cold_starts"] + s["warm_starts"]
         assert 0 < s["train_compute_s"] <= s["wall_time_s"]
+        per_round = [r["train_compute_s"] for r in read_jsonl(out / "metrics.jsonl") if r["strategy"] == name]
+        assert min(per_round) > 0 and sum(per_round) == pytest.approx(s["train_compute_s"])
         assert s["time_to_target_s"] is None or s["rounds_to_target"] >= 1
     assert summary["strategies"] == on_disk["strategies"]
 

@@ -209,6 +209,7 @@ class Experiment:
                     "completed": len(record.outcome.counted) if finalized else 0,
                     "dropped": sum(1 for row in record.devices if row["status"] == "dropped"),
                     "samples_processed": record.samples,
+                    "train_compute_s": record.train_compute_s,
                     "status": record.outcome.status,
                 }
             )
@@ -243,6 +244,7 @@ class Experiment:
         drop_times: list[float] = []
         timings: dict[int, RoundTiming] = {}
         samples = 0
+        train_compute_s = 0.0
         jobs: list[TrainJob] = []
         for k, plan in sorted(plans.items()):
             timing = self.clock.timing(self.fleet[k], r, k, plan.batch_size, plan.local_steps)
@@ -275,7 +277,7 @@ class Experiment:
             if k not in trained:
                 continue
             result, timing = trained[k], timings[k]
-            tally.train_compute_s += result.compute_s
+            train_compute_s += result.compute_s
             samples += result.samples
             report = Report(
                 r,
@@ -310,8 +312,9 @@ class Experiment:
         tally.updates_rejected += len(outcome.rejected)
         tally.rounds_failed += not finalized
         tally.samples += samples
+        tally.train_compute_s += train_compute_s
         tally.now_s = end_s
-        return _RoundRecord(outcome, rows, samples)
+        return _RoundRecord(outcome, rows, samples, train_compute_s)
 
 
 def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
@@ -336,6 +339,8 @@ class _RoundRecord:
     outcome: RoundOutcome
     devices: list[dict[str, Any]]
     samples: int
+    train_compute_s: float
+    """Seconds spent inside this round's local training (summed over devices, wherever they ran)."""
 
 
 @dataclass
