@@ -184,6 +184,7 @@ def scale_out(args: argparse.Namespace, redis_url: str, work: Path) -> dict[str,
     overhead = call_overhead(args)
     # W: a round's training compute, measured inside the actors, over the rounds timed above.
     work_s = statistics.median(row["train_compute_s"] for row in runs[1].rounds[1:-1])
+    work_2_s = statistics.median(row["train_compute_s"] for row in runs[2].rounds[1:-1])
     c = overhead["call_s"]
     t1 = statistics.median(measured[1])
     fixed_s = t1 - work_s - c  # F
@@ -202,12 +203,14 @@ def scale_out(args: argparse.Namespace, redis_url: str, work: Path) -> dict[str,
         "measured_round_s": {str(n): statistics.median(v) for n, v in measured.items()},
         "measured_round_s_all": {str(n): v for n, v in measured.items()},
         "train_compute_per_round_s": work_s,
-        "train_compute_per_round_s_with_2": statistics.median(row["train_compute_s"] for row in runs[2].rounds[1:-1]),
+        "train_compute_per_round_s_with_2": work_2_s,
         "per_call_overhead": overhead,
         "fixed_per_round_s": fixed_s,
         "largest_device_share": largest_share,
         "modelled_round_s": {str(n): t for n, t in predicted.items()},
         "model_error_at_2": predicted[2] / statistics.median(measured[2]) - 1 if 2 in predicted else None,
+        # The same check with the compute measured at 2 actors, which shared this machine's cores:
+        "model_error_at_2_with_its_compute": (fixed_s + work_2_s / 2 + 2 * c) / statistics.median(measured[2]) - 1,
         "modelled_speedup": {str(n): predicted[1] / t for n, t in predicted.items()},
     }
 
