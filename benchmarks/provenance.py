@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +32,16 @@ def commit() -> str:
     untracked = run(["git", "ls-files", "--others", "--exclude-standard", "src"], capture_output=True, cwd=ROOT)
     changed = dirty or bool(untracked.stdout.strip())
     return f"commit {head}" + (" with uncommitted changes in src/" if changed else "")
+
+
+def provenance(command: str, **extra: Any) -> dict[str, Any]:
+    """The machine, code and command a result came from, and ``extra`` versions or settings."""
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "commit": commit(),
+        "command": command.strip(),
+        "python": platform.python_version(),
+        **extra,
+    }

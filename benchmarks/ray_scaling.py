@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ from typing import Any
 
 import ray
 from processes import MB, TreeMemory, redis_server, stop_leftovers
-from provenance import commit, cpu_name
+from provenance import provenance
 
 from amble.server.tensors import encode
 from amble.sim.training import device_shards
@@ -230,15 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "ray_scaling",
         "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "provenance": {
-            "cpu": cpu_name(),
-            "cores": os.cpu_count(),
-            "system": f"{platform.system()} {platform.release()}",
-            "commit": commit(),
-            "command": ("python benchmarks/ray_scaling.py " + " ".join(argv)).strip(),
-            "python": platform.python_version(),
-            "ray": ray.__version__,
-        },
+        "provenance": provenance("python benchmarks/ray_scaling.py " + " ".join(argv), ray=ray.__version__),
     }
     with tempfile.TemporaryDirectory(prefix="ray-scaling-") as tmp:
         work = Path(tmp)

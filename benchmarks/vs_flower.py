@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from typing import Any
 import torch
 from flower_app import RESULT_MARKER, RoundLog, Workload, accuracy, print_result
 from processes import MB, TreeMemory, stop_leftovers
-from provenance import commit, cpu_name
+from provenance import provenance
 
 from amble.client import derive_seed
 from amble.config import ExperimentConfig, config_from_dict
@@ -477,17 +476,9 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> int:
     result = {
         "benchmark": "vs_flower",
         "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "provenance": {
-            "cpu": cpu_name(),
-            "cores": os.cpu_count(),
-            "system": f"{platform.system()} {platform.release()}",
-            "commit": commit(),
-            "command": command.strip(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "flower_venv": flower,
-            "wall_s": time.perf_counter() - began,
-        },
+        "provenance": provenance(
+            command, torch=torch.__version__, flower_venv=flower, wall_s=time.perf_counter() - began
+        ),
         "workload": {
             "model": "mlp-small (784-64-10)",
             "dataset": "synthetic, IID",

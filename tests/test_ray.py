@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore
 from amble.sim.driver import run_experiment
 from tests.conftest import RedisServer
-from tests.contract.runtime_contract import HandlersFor, RuntimeContract
+from tests.contract.runtime_contract import HandlersFor
 from tests.test_faults import assert_same_model
+from tests.test_redis import RedisRuntimeContract
 from tests.test_sim import SMALL, read_jsonl
 
 if os.environ.get("CI"):  # CI installs the extra (scripts/setup.sh --dev): a missing Ray is a failure there
@@ -40,23 +40,9 @@ def ray_instance() -> Iterator[Any]:
         ray.shutdown()
 
 
-class TestRayRuntime(RuntimeContract):
+@pytest.mark.usefixtures("ray_instance")
+class TestRayRuntime(RedisRuntimeContract):
     """Real actors in other processes: they reach the run's state through Redis."""
-
-    @pytest.fixture(autouse=True)
-    def _server(self, redis_server: RedisServer, ray_instance: Any) -> Iterator[None]:
-        self.url = redis_server.url
-        self.runtimes: list[RayRuntime] = []
-        yield
-        for runtime in self.runtimes:
-            runtime.close()
-
-    def make_store(self) -> Store:
-        self.namespace = f"test-{uuid.uuid4().hex}"
-        return RedisStore(self.url, self.namespace)
-
-    def make_events(self) -> EventLog:
-        return RedisEventLog(self.url, self.namespace)
 
     def make(self, store: Store, events: EventLog, handlers_for: HandlersFor, settings: PoolSettings) -> Runtime:
         assert isinstance(store, RedisStore) and isinstance(events, RedisEventLog)

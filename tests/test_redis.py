@@ -93,8 +93,9 @@ class _ThreadedWorkers(WorkerRuntime):
             thread.join(timeout=5)
 
 
-class TestWorkerRuntime(RuntimeContract):
-    """Real workers: claims after a (short) visibility timeout, warm caches, cold/warm on the event clock."""
+class RedisRuntimeContract(RuntimeContract):
+    """The runtime contract for runtimes whose instances share a run through Redis (one namespace per
+    test); ``make`` appends its runtime to ``self.runtimes`` to have it closed after the test."""
 
     @pytest.fixture(autouse=True)
     def _server(self, redis_server: RedisServer) -> Iterator[None]:
@@ -110,6 +111,10 @@ class TestWorkerRuntime(RuntimeContract):
 
     def make_events(self) -> EventLog:
         return RedisEventLog(self.url, self.namespace)
+
+
+class TestWorkerRuntime(RedisRuntimeContract):
+    """Real workers: claims after a (short) visibility timeout, warm caches, cold/warm on the event clock."""
 
     def make(self, store: Store, events: EventLog, handlers_for: HandlersFor, settings: PoolSettings) -> Runtime:
         assert isinstance(store, RedisStore) and isinstance(events, RedisEventLog)
