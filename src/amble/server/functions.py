@@ -152,6 +152,21 @@ class ServerFunctions:
         template: dict[str, TensorSpec] = inv.cache["template"]
         return template
 
+    def _round_state(self, inv: Invocation, round_index: int) -> dict[str, Any] | None:
+        """The round's state (status, expected devices, every plan): parsed once per version per warm
+        instance, not once per upload (it grows with the devices per round). Callers must not change it."""
+        key = keys.round_state(round_index)
+        cached = inv.cache.get("state")
+        if cached is not None and cached[0] == key and cached[1] == self.store.version(key):
+            state: dict[str, Any] = cached[2]
+            return state
+        current = self.store.get_versioned(key)
+        if current is None:
+            return None
+        state = json.loads(current.value)
+        inv.cache["state"] = (key, current.version, state)
+        return state
+
     def _model(self, inv: Invocation, version: int) -> Params:
         cached = inv.cache.get("model")
         if cached is None or cached[0] != version:
@@ -211,7 +226,7 @@ class ServerFunctions:
                 self.store.delete(update_key)
 
     def _fold(self, inv: Invocation, round_index: int, device: int, update_key: str | None, payload: Any) -> None:
-        state = read_json(self.store, keys.round_state(round_index))
+        state = self._round_state(inv, round_index)
         if state is None:
             raise UpdateRejected("unknown_round", f"round {round_index} was never planned")
         if device not in state["expected"]:
@@ -236,8 +251,12 @@ class ServerFunctions:
                 delta = self._load_update(inv, device, update_key, payload)
                 sums, shard_version = self._shard_sums(inv, shard_key)
                 contribution = self.strategy.aggregator.contribution(report)
-                new_sums = {name: sums[name] + contribution.weight * delta[name] for name in sums}
-                folded = _Folded(shard_version, new_sums, encode(new_sums), contribution.stats)
+                # In place, so the warm copy leaves the cache until the commit puts it back: no path
+                # that ends without committing (a duplicate, a late fold, a crash) can reuse it.
+                inv.cache.pop("shard", None)
+                for name, total in sums.items():
+                    total.add_(delta[name], alpha=contribution.weight)
+                folded = _Folded(shard_version, sums, encode(sums), contribution.stats)
                 continue
             meta["counted"].append(device)
             for stat, value in folded.stats.items():
@@ -256,7 +275,7 @@ class ServerFunctions:
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
             self.store.incr(FOLD_CONFLICTS)  # another instance committed first: re-read, commit again
-            state = read_json(self.store, keys.round_state(round_index))
+            state = self._round_state(inv, round_index) or state
         raise RuntimeError(f"could not fold device {device} into round {round_index}: too much contention")
 
     def _load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:

@@ -109,6 +109,10 @@ class ParameterServer:
             self._settings = RunSettings.from_json(blob)
         return self._settings.max_update_bytes
 
+    def run_functions(self) -> None:
+        """Run the functions on everything published so far (uploads are folded as they come)."""
+        self.runtime.drain()
+
     def close_round(self, round_index: int, deadline_at_s: float) -> RoundOutcome:
         """Run the functions; if the round is still open, its deadline fires at ``deadline_at_s``."""
         self.runtime.drain()

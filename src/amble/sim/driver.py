@@ -39,10 +39,12 @@ from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
 from amble.sim.factory import CHECKPOINT, build_server, release_server, saved_checkpoint, wipe_run
 from amble.sim.raytraining import RayDevices
-from amble.sim.training import DeviceTrainers, LocalDevices, TrainJob, device_shards, local_trainer
+from amble.sim.training import DeviceTrainers, TrainJob, device_shards, local_devices
 from amble.strategies import Params, Plan, Report
 
 Progress = Callable[[str], None]
+UPLOAD_CHUNK = 256
+"""Devices a round trains and uploads at a time (the rest of the round's updates are not yet in memory)."""
 
 
 @dataclass
@@ -115,9 +117,7 @@ class Experiment:
                 raycluster.connect(config.ray.address, config.ray.num_cpus)
                 self._devices = RayDevices(config, config.ray.trainers)
             else:
-                self._devices = LocalDevices(
-                    local_trainer(config, self.dataset, copy.deepcopy(self.model)), self.device_data
-                )
+                self._devices = local_devices(config, self.dataset, self.device_data, copy.deepcopy(self.model))
         return self._devices
 
     def close(self) -> None:
@@ -238,7 +238,6 @@ class Experiment:
         # train again for the rows and tallies, but do not upload what was already aggregated.
         decided = state.get("status", "open") != "open"
         start_params = server.model(int(state["base_version"]))
-        uploads: list[tuple[float, Report, bytes]] = []
         rows: list[dict[str, Any]] = []
         finished_s: dict[int, float] = {}
         drop_times: list[float] = []
@@ -271,31 +270,34 @@ class Experiment:
                 continue
             jobs.append(TrainJob(k, plan, derive_seed(self.config.seed, r, k)))
             timings[k] = timing
-        trained = self.devices().train(start_params, jobs)
-        for row in rows:
-            k = row["device"]
-            if k not in trained:
-                continue
-            result, timing = trained[k], timings[k]
-            train_compute_s += result.compute_s
-            samples += result.samples
-            report = Report(
-                r,
-                k,
-                len(self.device_data[k][1]),
-                result.steps,
-                row["batch_size"],
-                timing.compute_s,
-                timing.download_s,
-                timing.upload_s,
-            )
-            finished_s[k] = start_s + timing.total_s
-            uploads.append((finished_s[k], report, result.update))
-            cut = result.steps < planned_steps[k]
-            row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
-        uploads.sort(key=lambda item: (item[0], item[1].device))
-        for arrival_s, report, blob in [] if decided else uploads:
-            server.upload(report, blob, arrival_s)
+        # In arrival order, a chunk at a time: each chunk's updates are folded before the next trains,
+        # so memory holds at most UPLOAD_CHUNK updates however many devices the round has.
+        jobs.sort(key=lambda job: (start_s + timings[job.device].total_s, job.device))
+        by_device = {row["device"]: row for row in rows}
+        for begin in range(0, len(jobs), UPLOAD_CHUNK):
+            chunk = jobs[begin : begin + UPLOAD_CHUNK]
+            trained = self.devices().train(start_params, chunk)
+            for job in chunk:
+                k = job.device
+                result, timing, row = trained[k], timings[k], by_device[k]
+                train_compute_s += result.compute_s
+                samples += result.samples
+                report = Report(
+                    r,
+                    k,
+                    len(self.device_data[k][1]),
+                    result.steps,
+                    job.plan.batch_size,
+                    timing.compute_s,
+                    timing.download_s,
+                    timing.upload_s,
+                )
+                finished_s[k] = start_s + timing.total_s
+                cut = result.steps < planned_steps[k]
+                row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
+                if not decided:
+                    server.upload(report, result.update, finished_s[k])
+            server.run_functions()
         last_event_s = max([*finished_s.values(), *drop_times], default=start_s)
         outcome = server.close_round(r, last_event_s)
         end_s = max(outcome.ended_at_s, last_event_s)

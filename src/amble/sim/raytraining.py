@@ -19,7 +19,7 @@ import torch
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
 from amble.raycluster import cpus, import_ray
 from amble.server.tensors import decode, encode
-from amble.sim.training import DeviceTrainers, Trained, TrainJob, device_shards, local_trainer, train_jobs
+from amble.sim.training import DeviceTrainers, Trained, TrainJob, device_shards, local_devices
 from amble.strategies import Params, Plan
 
 
@@ -27,13 +27,13 @@ class TrainingActor:
     def __init__(self, config: str, threads: int) -> None:
         torch.set_num_threads(threads)
         self.config = config_from_dict(json.loads(config), "the run's config sent to a Ray training actor")
-        dataset, self.shards = device_shards(self.config)
-        self.trainer = local_trainer(self.config, dataset)
+        dataset, shards = device_shards(self.config)
+        self.devices = local_devices(self.config, dataset, shards)
 
     def train(self, start: bytes, jobs: str) -> tuple[str, list[bytes]]:
         """Train the devices of ``jobs`` (JSON) from ``start`` (safetensors); (results JSON, updates)."""
         parsed = [TrainJob(int(j["device"]), Plan.from_dict(j["plan"]), int(j["seed"])) for j in json.loads(jobs)]
-        trained = train_jobs(self.trainer, self.shards, decode(start), parsed)
+        trained = self.devices.train(decode(start), parsed)
         rows = [
             {"device": k, "steps": t.steps, "samples": t.samples, "compute_s": t.compute_s} for k, t in trained.items()
         ]

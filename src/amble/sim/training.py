@@ -20,9 +20,13 @@ from amble.config import ExperimentConfig
 from amble.data import Dataset, load_dataset, split_for
 from amble.models import build_model
 from amble.server.tensors import encode
+from amble.sim.vectorized import VectorizedTrainer, group_key, why_not_vectorized
 from amble.strategies import Params, Plan
 
 DeviceData = list[tuple[torch.Tensor, torch.Tensor]]
+VECTOR_GROUP = 128
+"""Devices trained in one vectorised computation at most (their stacked parameters, gradients and
+batches are held at once)."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +85,43 @@ class DeviceTrainers(ABC):
 
 
 class LocalDevices(DeviceTrainers):
-    """Devices train one after another in this process, on one reused model object."""
+    """Devices train in this process: one after another on one reused model object, or, with a
+    ``vectorized`` trainer, devices sharing a plan in groups of up to ``VECTOR_GROUP`` at once."""
 
-    def __init__(self, trainer: LocalTrainer, shards: DeviceData) -> None:
+    def __init__(self, trainer: LocalTrainer, shards: DeviceData, vectorized: VectorizedTrainer | None = None) -> None:
         self.trainer = trainer
         self.shards = shards
+        self.vectorized = vectorized
 
     def train(self, start: Params, jobs: list[TrainJob]) -> dict[int, Trained]:
-        return train_jobs(self.trainer, self.shards, start, jobs)
+        if self.vectorized is None:
+            return train_jobs(self.trainer, self.shards, start, jobs)
+        groups: dict[tuple[object, ...], list[TrainJob]] = {}
+        for job in jobs:
+            groups.setdefault(group_key(job.plan, len(self.shards[job.device][1])), []).append(job)
+        trained: dict[int, Trained] = {}
+        for group in groups.values():
+            if len(group) == 1:  # a plan of its own: nothing to stack it with
+                trained.update(train_jobs(self.trainer, self.shards, start, group))
+                continue
+            for begin in range(0, len(group), VECTOR_GROUP):
+                chunk = group[begin : begin + VECTOR_GROUP]
+                tic = time.perf_counter()
+                data = [self.shards[job.device] for job in chunk]
+                results = self.vectorized.train(start, data, chunk[0].plan, [job.seed for job in chunk])
+                updates = [encode(result.delta) for result in results]
+                share_s = (time.perf_counter() - tic) / len(chunk)  # the group's time, split evenly
+                for job, result, update in zip(chunk, results, updates, strict=True):
+                    trained[job.device] = Trained(result.steps, result.samples, update, share_s)
+        return trained
+
+
+def local_devices(
+    config: ExperimentConfig, dataset: Dataset, shards: DeviceData, model: nn.Module | None = None
+) -> LocalDevices:
+    """In-process training as the config asks: vectorised (``train.vectorize``) where the model allows."""
+    trainer = local_trainer(config, dataset, model)
+    vectorized = None
+    if config.train.vectorize and why_not_vectorized(trainer.model) is None:
+        vectorized = VectorizedTrainer(trainer.model, config.train.momentum, config.train.weight_decay)
+    return LocalDevices(trainer, shards, vectorized)

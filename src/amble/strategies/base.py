@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,7 +45,8 @@ class Plan:
     (send nothing)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat fields only: a shallow copy, not asdict's recursive deep copy (called once per upload).
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
@@ -70,7 +71,8 @@ class Report:
         return self.compute_s / max(self.local_steps, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat fields only: a shallow copy, not asdict's recursive deep copy (called once per upload).
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
