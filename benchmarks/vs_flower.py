@@ -7,6 +7,8 @@ each round, 20 rounds, at 10 and at 100 clients. The three contenders train the 
 
 - **amble**: AMBLE's simulator (``Experiment`` of ``amble.sim.driver``, memory store, ``fleet.t_ref``
   set so nothing is calibrated), every update through its parameter server;
+- **amble-vmap**: the same with ``train.vectorize``: each round's devices (one plan: FedAvg) train as
+  one ``torch.func.vmap`` computation over stacked parameters;
 - **flower**: Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend) with a
   ServerApp running FedAvg and a ClientApp per SuperNode, in its own venv (``.venv-flower``, created
   on first use);
@@ -63,7 +65,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 FLOWER_VENV = ROOT / ".venv-flower"
 # torch pinned to the CPU build on disk: a bare "torch" pulls a multi-GB CUDA build.
 FLOWER_REQUIREMENTS = ["flwr[simulation]==1.42.0", "torch==2.13.0", "safetensors"]
-FRAMEWORKS = ("amble", "flower", "plain")
+FRAMEWORKS = ("amble", "amble-vmap", "flower", "plain")
+"""``amble-vmap`` is AMBLE with ``train.vectorize``: the round's devices trained as one vmap computation."""
 SAMPLES_PER_CLIENT = 256
 TEST_SAMPLES = 2000
 BATCH_SIZE = 32
@@ -72,7 +75,7 @@ LR = 0.05
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # no network calls from the runs
 
 
-def experiment_config(clients: int, rounds: int, seed: int) -> ExperimentConfig:
+def experiment_config(clients: int, rounds: int, seed: int, vectorize: bool = False) -> ExperimentConfig:
     """FedAvg over all ``clients`` devices every round; one evaluation, after the last round."""
     raw = {
         "name": f"vs-flower-{clients}",
@@ -87,7 +90,7 @@ def experiment_config(clients: int, rounds: int, seed: int) -> ExperimentConfig:
         "fleet": {"t_ref": {BATCH_SIZE: 0.001}},  # virtual step time given: no calibration run
         "rounds": rounds,
         "devices_per_round": clients,
-        "train": {"batch_size": BATCH_SIZE, "local_epochs": LOCAL_EPOCHS, "lr": LR},
+        "train": {"batch_size": BATCH_SIZE, "local_epochs": LOCAL_EPOCHS, "lr": LR, "vectorize": vectorize},
         "strategies": ["fedavg"],
         "server": {"store": "memory"},
         "eval": {"every": rounds},
@@ -137,14 +140,14 @@ class TimedExperiment(Experiment):
         return record
 
 
-def run_amble(clients: int, rounds: int, seed: int, run_dir: Path) -> None:
-    config = experiment_config(clients, rounds, seed)
+def run_amble(clients: int, rounds: int, seed: int, run_dir: Path, vectorize: bool) -> None:
+    config = experiment_config(clients, rounds, seed, vectorize)
     experiment = TimedExperiment(config)
     experiment.log = RoundLog()
     with RunWriter(run_dir) as writer:
         summary = experiment.run(writer, progress=False)["fedavg"]
     print_result(
-        "amble",
+        "amble-vmap" if vectorize else "amble",
         experiment.log,
         run_dir / "model_fedavg.safetensors",
         reported_accuracy=summary["final_accuracy"],
@@ -311,9 +314,9 @@ def commands(framework: str, clients: int, args: argparse.Namespace, work: Path,
     rounds = ["--rounds", str(args.rounds)]
     workload = str(work / f"workload-{clients}.safetensors")
     model_out = str(work / f"{framework}-{tag}.safetensors")
-    if framework == "amble":
-        amble = ["--clients", str(clients), "--seed", str(args.seed), "--run-dir", str(work / f"amble-{tag}")]
-        return [sys.executable, str(here), "--one", "amble", *rounds, *amble]
+    if framework in ("amble", "amble-vmap"):
+        amble = ["--clients", str(clients), "--seed", str(args.seed), "--run-dir", str(work / f"{framework}-{tag}")]
+        return [sys.executable, str(here), "--one", framework, *rounds, *amble]
     app, files = str(here.with_name("flower_app.py")), ["--workload", workload, "--model-out", model_out]
     if framework == "plain":  # AMBLE's venv, without importing amble
         return [sys.executable, app, "--plain", *rounds, *files]
@@ -375,6 +378,10 @@ def summarise(setting: Setting, expected_samples: int, expected_steps: int) -> d
         ratios["flower/amble"] = median["flower"] / median["amble"]
     if "amble" in median and "plain" in median:
         ratios["amble/plain"] = median["amble"] / median["plain"]
+    if "amble-vmap" in median and "plain" in median:
+        ratios["amble-vmap/plain"] = median["amble-vmap"] / median["plain"]
+    if "flower" in median and "amble-vmap" in median:
+        ratios["flower/amble-vmap"] = median["flower"] / median["amble-vmap"]
     return {
         "clients": setting.clients,
         "expected_per_round": {"samples": expected_samples, "local_steps": expected_steps},
@@ -526,11 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "vs_flower.json")
     # One run of one framework, in the child process the benchmark spawns:
     # One AMBLE run, in the child process the benchmark spawns:
-    parser.add_argument("--one", choices=("amble",), help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=("amble", "amble-vmap"), help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.one == "amble":
-        run_amble(args.clients[0], args.rounds, args.seed, args.run_dir)
+    if args.one is not None:
+        run_amble(args.clients[0], args.rounds, args.seed, args.run_dir, vectorize=args.one == "amble-vmap")
         return 0
     return run_benchmark(args, argv)
 
