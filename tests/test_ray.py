@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -78,21 +77,21 @@ class TestRayRuntime(RedisRuntimeContract):
         events.publish(FUNCTIONS_TOPIC, "work", {})
         runtime.drain()
         assert runtime.stats().dead_letters == 1
-        assert any(b"died 2 times" in (store.get(k) or b"") for k in store.keys("runtime/dead_letter/"))
+        letters = [store.get(k) or b"" for k in store.keys("runtime/dead_letter/")]
+        assert len(letters) == 1 and b"died 2 times" in letters[0] and b"last error: " in letters[0]
+        assert b"ActorDied" in letters[0] or b"RayActorError" in letters[0]  # what killed it, kept
 
-    def test_the_pool_scales_up_to_max_instances_and_back_to_zero(self) -> None:
-        _store, events, runtime = self._setup(_noop, max_instances=2, keep_alive_s=1.0, cold_start_s=1.0)
+    def test_the_pool_scales_with_the_virtual_clock_and_close_stops_every_actor(self) -> None:
+        _store, events, runtime = self._setup(_noop, max_instances=2, keep_alive_s=5.0, cold_start_s=1.0)
         assert isinstance(runtime, RayRuntime) and runtime.actor_count == 0
         for _ in range(6):
             events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=0.0)  # a burst: more events than instances
         runtime.drain()
         assert runtime.actor_count == 2
-        time.sleep(1.5)  # idle past keep_alive_s
-        runtime.drain()
-        assert runtime.actor_count == 0
-        events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=1.0)
+        events.publish(FUNCTIONS_TOPIC, "work", {}, at_s=100.0)  # both instances expired long before
         runtime.drain()
         assert runtime.actor_count == 1
+        assert (runtime.stats().cold_starts, runtime.stats().warm_starts) == (3, 4)
         runtime.close()
         assert runtime.actor_count == 0
 
@@ -139,3 +138,12 @@ def test_a_run_on_ray_matches_the_embedded_run(redis_server: RedisServer, ray_in
         assert summary["strategies"][label]["virtual_time_s"] == pytest.approx(
             embedded["strategies"][label]["virtual_time_s"], abs=1e-9
         )
+
+
+def test_more_training_actors_than_cpus_is_refused_before_any_round(ray_instance: Any) -> None:
+    from amble.errors import ConfigError
+    from amble.sim.raytraining import RayDevices
+
+    config = config_from_dict({**SMALL, "ray": {"train": True, "trainers": 3}})
+    with pytest.raises(ConfigError, match=r"ray\.trainers is 3 but the Ray cluster has 2 CPUs"):
+        RayDevices(config, config.ray.trainers)

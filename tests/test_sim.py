@@ -10,7 +10,7 @@ import pytest
 
 from amble.cli import main
 from amble.config import config_from_dict
-from amble.sim import run_experiment
+from amble.sim import driver, run_experiment
 
 SMALL: dict[str, Any] = {
     "name": "small",
@@ -105,6 +105,22 @@ def test_a_run_is_a_function_of_config_and_seed(small_run: tuple[Path, dict[str,
     first = [(r["accuracy"], r["samples_processed"]) for r in read_jsonl(out / "metrics.jsonl")]
     again = [(r["accuracy"], r["samples_processed"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
     assert first == again
+
+
+def test_uploading_in_chunks_changes_nothing(
+    small_run: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One device per chunk: every upload is folded before the next device trains.
+    monkeypatch.setattr(driver, "UPLOAD_CHUNK", 1)
+    out, summary = small_run
+    again = run_experiment(config_from_dict(SMALL), tmp_path, progress=False)
+    for label in ("fedavg", "amble"):
+        assert (tmp_path / f"model_{label}.safetensors").read_bytes() == (
+            out / f"model_{label}.safetensors"
+        ).read_bytes()
+        for key in ("virtual_time_s", "final_accuracy", "cold_starts", "warm_starts", "updates_aggregated"):
+            assert again["strategies"][label][key] == summary["strategies"][label][key]
+    assert read_jsonl(tmp_path / "devices.jsonl") == read_jsonl(out / "devices.jsonl")
 
 
 def test_report_rebuilds_from_the_files_alone(small_run: tuple[Path, dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -96,11 +97,44 @@ def test_devices_with_their_own_plan_or_a_batchnorm_model_train_per_device() -> 
     assert local_devices(resnet, dataset, shards).vectorized is None  # falls back to per-device training
 
 
-def test_a_vectorized_run_matches_the_per_device_run(tmp_path: pytest.TempPathFactory) -> None:
+def test_devices_whose_data_is_smaller_than_the_batch_group_by_their_effective_batch() -> None:
+    # Setup: effective batch 20 for all three (20 samples at batch 32, 20 at 20, 57 at 20)
+    torch.manual_seed(0)
+    model = build_model("mlp-small", (1, 28, 28), 10)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shards = _devices(3, sizes=(20, 20, 57))
+    plans = [Plan(batch_size=32, local_steps=3, lr=0.05), Plan(20, 3, 0.05), Plan(20, 3, 0.05)]
+    jobs = [TrainJob(k, plan, 7 + k) for k, plan in enumerate(plans)]
+    devices = LocalDevices(LocalTrainer(model), shards, VectorizedTrainer(model))
+
+    # Execute
+    grouped = devices.train(start, jobs)
+    one_by_one = LocalDevices(LocalTrainer(model), shards).train(start, jobs)
+
+    # Assert
+    for k in range(3):
+        assert (grouped[k].steps, grouped[k].samples) == (one_by_one[k].steps, one_by_one[k].samples) == (3, 60)
+        got, want = decode(grouped[k].update), decode(one_by_one[k].update)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOLERANCE)
+
+
+def test_a_vectorized_run_matches_the_per_device_run(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = {**SMALL, "model": "mlp-small"}
     vectorized = {**raw, "train": {**raw["train"], "vectorize": True}}
+    groups: list[int] = []
+    original = VectorizedTrainer.train
+
+    def counted(self: VectorizedTrainer, *args: Any, **kwargs: Any) -> Any:
+        groups.append(len(args[1]))
+        return original(self, *args, **kwargs)
+
     run_experiment(config_from_dict(raw), tmp_path / "loop", progress=False)  # type: ignore[operator]
+    monkeypatch.setattr(VectorizedTrainer, "train", counted)
     run_experiment(config_from_dict(vectorized), tmp_path / "vmap", progress=False)  # type: ignore[operator]
+    assert groups and max(groups) >= 2  # devices did train stacked (FedAvg: one plan per round)
     keys = ("strategy", "round", "device", "batch_size", "local_steps", "lr", "status")
     rows = {name: read_jsonl(tmp_path / name / "devices.jsonl") for name in ("loop", "vmap")}  # type: ignore[operator]
     assert [tuple(r[k] for k in keys) for r in rows["loop"]] == [tuple(r[k] for k in keys) for r in rows["vmap"]]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
+from amble.errors import AmbleError, ConfigError
 from amble.raycluster import cpus, import_ray
 from amble.server.tensors import decode, encode
 from amble.sim.training import DeviceTrainers, Trained, TrainJob, device_shards, local_devices
@@ -29,6 +30,9 @@ class TrainingActor:
         self.config = config_from_dict(json.loads(config), "the run's config sent to a Ray training actor")
         dataset, shards = device_shards(self.config)
         self.devices = local_devices(self.config, dataset, shards)
+
+    def ready(self) -> bool:
+        return True
 
     def train(self, start: bytes, jobs: str) -> tuple[str, list[bytes]]:
         """Train the devices of ``jobs`` (JSON) from ``start`` (safetensors); (results JSON, updates)."""
@@ -52,12 +56,35 @@ def balance(jobs: list[TrainJob], groups: int) -> list[list[TrainJob]]:
 
 
 class RayDevices(DeviceTrainers):
-    def __init__(self, config: ExperimentConfig, actors: int | None = None) -> None:
+    def __init__(self, config: ExperimentConfig, actors: int | None = None, start_timeout_s: float = 300.0) -> None:
         self.ray = import_ray()
-        count = actors or cpus()
+        available = cpus()
+        count = actors or available
+        if count > available:  # an actor that can never get its CPU would leave every round waiting
+            raise ConfigError(
+                f"ray.trainers is {count} but the Ray cluster has {available} CPUs (one per training actor): "
+                "lower ray.trainers, or add nodes"
+            )
         actor_class = self.ray.remote(num_cpus=1)(TrainingActor)
         blob = json.dumps(config_to_dict(config))
         self.actors: list[Any] = [actor_class.remote(blob, 1) for _ in range(count)]
+        self._wait_until_started(start_timeout_s)
+
+    def _wait_until_started(self, timeout_s: float) -> None:
+        """Every actor has loaded its data, or the run stops here with the reason (data missing on a
+        node, CPUs held by other jobs) instead of waiting in its first round."""
+        ray = self.ray
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise AmbleError(
+                f"the {len(self.actors)} Ray training actors did not all start within {timeout_s:g} s: the "
+                "cluster's CPUs may be held by other jobs (see `ray status`); lower ray.trainers"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise AmbleError(f"a Ray training actor could not start: {exc}") from None
 
     def train(self, start: Params, jobs: list[TrainJob]) -> dict[int, Trained]:
         ray = self.ray

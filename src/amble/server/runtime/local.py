@@ -46,12 +46,17 @@ class InstancePool:
         """Instances alive (busy until ``free_at_s``, or idle since then)."""
         self._next_id = 0
 
+    def expire(self, now_s: float) -> None:
+        """Forget instances that are no longer warm at ``now_s``."""
+        s = self.settings
+        self.idle = [i for i in self.idle if i.free_at_s > now_s or now_s - i.free_at_s <= s.keep_alive_s]
+        if not s.reuse:  # a finished instance is never invoked again
+            self.idle = [i for i in self.idle if i.free_at_s > now_s]
+
     def acquire(self, at_s: float) -> tuple[PoolInstance, float, bool]:
         """Pick the instance for an event at ``at_s``: (instance, start time, cold?)."""
         s = self.settings
-        self.idle = [i for i in self.idle if i.free_at_s > at_s or at_s - i.free_at_s <= s.keep_alive_s]
-        if not s.reuse:  # a finished instance is never invoked again
-            self.idle = [i for i in self.idle if i.free_at_s > at_s]
+        self.expire(at_s)
         ready = [i for i in self.idle if i.free_at_s <= at_s]
         if ready:
             instance = max(ready, key=lambda i: i.free_at_s)

@@ -4,8 +4,8 @@ The driver consumes the functions topic and decides, on the virtual clock and wi
 :class:`~amble.server.runtime.local.InstancePool` as the embedded runtime, which instance runs each
 event and whether it starts cold; so for a fixed seed the cold/warm counts and event times match the
 embedded run. Each live instance is one Ray actor, created when the pool opens a new instance
-(never more than ``max_instances``), handed to the next new instance when its own expires, and
-stopped when idle for ``keep_alive_s`` real seconds: the pool scales between 0 and
+(never more than ``max_instances``) and stopped when its instance expires on the virtual clock
+(idle past ``keep_alive_s``, or used once with ``reuse`` off): the pool scales between 0 and
 ``max_instances``. Actors run their calls in order, so events on different instances run in
 parallel and events on one instance run one after another, as a serverless platform would. The last
 event of each pass waits for the others, so the fold that completes a round (and the virtual time
@@ -22,7 +22,6 @@ dead-lettered. Events travel to actors as JSON.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,8 +76,6 @@ class _Actor:
     handle: Any
     slot: int
     """Which shard of a round's partial sums this actor folds into (unique per actor)."""
-    used_at: float
-    """Real (monotonic) time of its last call."""
 
 
 class RayRuntime(Runtime):
@@ -106,6 +103,8 @@ class RayRuntime(Runtime):
         self.spare: list[_Actor] = []
         """Actors whose instance expired: the next new instance takes one over (cold)."""
         self._slots = 0
+        self.now_s = 0.0
+        """The latest event time seen: the virtual clock the pool expires instances on."""
         # Ray pickles the actor's constructor arguments: give it the handler factory, never the handlers.
         self._actor_class = self.ray.remote(num_cpus=0, max_restarts=0)(FunctionInstance)
 
@@ -130,13 +129,17 @@ class RayRuntime(Runtime):
                     self.settings.to_json().decode(),
                     self._slots,
                 )
-                actor = _Actor(handle, self._slots, time.monotonic())
+                actor = _Actor(handle, self._slots)
             self.actors[instance.id] = actor
-        actor.used_at = time.monotonic()
         return actor
 
     def drain(self) -> None:
-        self._retire_idle()
+        try:
+            self._drain()
+        finally:
+            self._retire_expired()
+
+    def _drain(self) -> None:
         while True:
             # Everything pending here was handed to an actor of an earlier pass that has since
             # returned or died: take it back at once.
@@ -157,10 +160,11 @@ class RayRuntime(Runtime):
                     dead_letter(self.store, self.events, event, f"no function handles events of type '{event.type}'")
                     continue
                 if event.deliveries > self.settings.max_attempts:  # its instance died every time
-                    dead_letter(
-                        self.store, self.events, event, f"its function instance died {event.deliveries - 1} times"
-                    )
+                    last = (self.store.get(f"runtime/last_error/{event.id}") or b"").decode()
+                    reason = f"its function instance died {event.deliveries - 1} times; last error: {last}"
+                    dead_letter(self.store, self.events, event, reason)
                     continue
+                self.now_s = max(self.now_s, event.at_s)
                 instance, start_s, cold = self.pool.acquire(event.at_s)
                 actor = self._actor_for(instance)
                 body = json.dumps({**asdict(event)})
@@ -180,15 +184,19 @@ class RayRuntime(Runtime):
                     f"a function actor ran event {event.id} ({event.type}) for over {self.drain_timeout_s:g} s: "
                     "check the Ray logs, or raise server.drain_timeout_s"
                 ) from None
-            except ray.exceptions.RayActorError:  # the instance died: its event stays pending for redelivery
+            except ray.exceptions.RayError as exc:
+                # The instance died (or could not start): its event stays pending for redelivery to
+                # another, with what killed it kept where a dead letter will report it.
+                self.store.put(f"runtime/last_error/{event.id}", f"{type(exc).__name__}: {exc}"[-2000:].encode())
                 self.pool.discard(instance)
                 self._forget(actor)
                 continue
-            actor.used_at = time.monotonic()
             if result["end_s"] is None:  # the function failed: its instance is lost (its next start is cold)
                 self.pool.discard(instance)
             else:
                 instance.free_at_s = max(instance.free_at_s, float(result["end_s"]))
+                if instance not in self.pool.idle:  # an earlier event of this pass failed on it: it is warm again
+                    self.pool.idle.append(instance)
 
     def _forget(self, actor: _Actor) -> None:
         for instance_id, held in list(self.actors.items()):
@@ -197,13 +205,17 @@ class RayRuntime(Runtime):
         if actor in self.spare:
             self.spare.remove(actor)
 
-    def _retire_idle(self) -> None:
-        """Stop actors unused for ``keep_alive_s`` real seconds: an idle pool shrinks to nothing."""
-        now = time.monotonic()
-        for actor in [*self.actors.values(), *self.spare]:
-            if now - actor.used_at > self.settings.keep_alive_s:
-                self._forget(actor)
-                self.ray.kill(actor.handle, no_restart=True)
+    def _retire_expired(self) -> None:
+        """Stop the actors of instances that expired on the virtual clock (idle past ``keep_alive_s``, or
+        used once with ``reuse`` off): the pool shrinks as the embedded one does, to nothing when every
+        instance has expired, and a retired actor never held an instance the pool still counts warm."""
+        self.pool.expire(self.now_s)
+        live = {instance.id for instance in self.pool.idle}
+        for instance_id in [i for i in self.actors if i not in live]:
+            self.spare.append(self.actors.pop(instance_id))
+        for actor in self.spare:
+            self.ray.kill(actor.handle, no_restart=True)
+        self.spare = []
 
     def close(self) -> None:
         for actor in [*self.actors.values(), *self.spare]:
