@@ -91,6 +91,7 @@ def test_devices_with_their_own_plan_or_a_batchnorm_model_train_per_device() -> 
         for name in want:
             torch.testing.assert_close(got[name], want[name], **TOLERANCE)
     assert why_not_vectorized(build_model("resnet20", (3, 32, 32), 10)) is not None
+    assert "dropout" in (why_not_vectorized(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())) or "")
     resnet = config_from_dict({**config.model_dump(), "model": "resnet20"})
     with pytest.raises(ValueError, match="buffers"):
         VectorizedTrainer(build_model("resnet20", (3, 32, 32), 10))

@@ -39,6 +39,8 @@ def why_not_vectorized(model: nn.Module) -> str | None:
     """Why this model's devices cannot train vectorised, or None if they can."""
     if any(True for _ in model.buffers()):
         return "the model has buffers (BatchNorm running statistics), which devices cannot share in one step"
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+        return "the model has dropout, whose random masks vmap cannot draw per device"
     return None
 
 
