@@ -254,8 +254,8 @@ class ServerFunctions:
                 # In place, so the warm copy leaves the cache until the commit puts it back: no path
                 # that ends without committing (a duplicate, a late fold, a crash) can reuse it.
                 inv.cache.pop("shard", None)
-                for name, total in sums.items():
-                    total.add_(delta[name], alpha=contribution.weight)
+                for name, total in sums.items():  # multiply, then add: not add_(alpha=), whose fused
+                    total.add_(delta[name].mul_(contribution.weight))  # multiply-add rounds differently
                 folded = _Folded(shard_version, sums, encode(sums), contribution.stats)
                 continue
             meta["counted"].append(device)
