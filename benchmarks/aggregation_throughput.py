@@ -50,7 +50,7 @@ from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import decode_event
 from amble.server.events.redis import RedisEventLog
 from amble.server.functions import FOLD_CONFLICTS
-from amble.server.runtime.workers import HEARTBEATS, stop_processes
+from amble.server.runtime.workers import HEARTBEATS, stop_processes, worker_command
 from amble.server.store.redis import connect
 from amble.server.tensors import encode
 from amble.sim.factory import build_server, release_server
@@ -182,16 +182,7 @@ def workers(url: str, count: int, threads: int | None) -> Iterator[None]:
     torch thread count (``amble worker --threads``); None gives each one thread per CPU.
     """
     client = connect(url)
-    command = [
-        sys.executable,
-        "-m",
-        "amble",
-        "worker",
-        "--store",
-        url,
-        "--threads",
-        str(threads or os.cpu_count() or 1),
-    ]
+    command = worker_command(url, "--threads", str(threads or os.cpu_count() or 1))
     processes = [subprocess.Popen(command, stdin=subprocess.DEVNULL) for _ in range(count)]
     try:
         deadline = time.monotonic() + 120.0

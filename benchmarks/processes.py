@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 MB = 2**20
@@ -142,3 +143,48 @@ def answers_ping(port: int) -> bool:
             return conn.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A finished process as seen from outside: its output, wall time and the peak memory of its tree."""
+
+    returncode: int
+    stdout: str
+    spawned_at: float
+    """``time.time()`` when it was spawned (its own stamps are on the same clock)."""
+    wall_s: float
+    peak_rss_mb: float
+    peak_pss_mb: float
+    most_processes: int
+    leftovers: int
+    """Processes it started and left behind (stopped here)."""
+
+
+def run_measured(command: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> Measured:
+    """Run ``command`` to the end, sampling its process tree; stderr (then stdout) go to ``log_path``.
+    A non-zero exit ends the benchmark with the end of the log."""
+    spawned_at = time.time()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=cwd)
+        with TreeMemory(process.pid) as memory:
+            stdout, _ = process.communicate()
+        wall_s = time.time() - spawned_at
+        log.write(stdout)
+    leftovers = [pid for pid in memory.alive() if pid != process.pid]
+    stop_leftovers(leftovers)
+    if process.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise SystemExit(
+            f"{' '.join(command[:4])} ... failed (exit {process.returncode}); the end of {log_path}:\n{tail}"
+        )
+    return Measured(
+        process.returncode,
+        stdout,
+        spawned_at,
+        wall_s,
+        memory.peak_rss / MB,
+        memory.peak_pss / MB,
+        memory.most_processes,
+        len(leftovers),
+    )

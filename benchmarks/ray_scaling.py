@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from processes import MB, TreeMemory, redis_server, stop_leftovers
+from processes import MB, redis_server, run_measured
 from provenance import provenance
 
 from amble.server.tensors import encode
@@ -76,20 +75,11 @@ def amble_run(label: str, overrides: list[str], work: Path) -> Run:
     command = [sys.executable, "-m", "amble", "run", str(QUICKSTART), "--out", str(out), "--no-progress"]
     for override in overrides:
         command += ["--set", override]
-    began = time.perf_counter()
-    with (work / f"{label}.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET}, cwd=ROOT)
-        with TreeMemory(process.pid) as memory:
-            process.wait()
-    wall_s = time.perf_counter() - began
-    stop_leftovers([pid for pid in memory.alive() if pid != process.pid])
-    if process.returncode != 0:
-        tail = "\n".join((work / f"{label}.log").read_text().splitlines()[-20:])
-        raise SystemExit(f"the {label} run failed (exit {process.returncode}):\n{tail}")
+    done = run_measured(command, work / f"{label}.log", {**os.environ, **QUIET}, ROOT)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     devices = [json.loads(line) for line in (out / "devices.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())["strategies"]
-    return Run(label, wall_s, memory.peak_rss / MB, memory.peak_pss / MB, memory.most_processes, summary, rows, devices)
+    return Run(label, done.wall_s, done.peak_rss_mb, done.peak_pss_mb, done.most_processes, summary, rows, devices)
 
 
 def plans(run: Run) -> list[tuple[Any, ...]]:

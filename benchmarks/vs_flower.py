@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 from flower_app import RESULT_MARKER, RoundLog, Workload, accuracy, print_result
-from processes import MB, TreeMemory, stop_leftovers
+from processes import run_measured
 from provenance import provenance
 
 from amble.client import derive_seed
@@ -228,30 +228,21 @@ def measure(framework: str, clients: int, rep: int, command: list[str], log_path
     env = {**os.environ, **QUIET}
     if threads and framework != "flower":
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    spawned_at = time.time()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
-        with TreeMemory(process.pid) as memory:
-            stdout, _ = process.communicate()
-        wall_s = time.time() - spawned_at
-        log.write(stdout)
-    leftovers = [pid for pid in memory.alive() if pid != process.pid]
-    stop_leftovers(leftovers)
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if process.returncode != 0 or not lines:
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
-        raise SystemExit(f"the {framework} run failed (exit {process.returncode}); the end of {log_path}:\n{tail}")
+    done = run_measured(command, log_path, env, ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if not lines:
+        raise SystemExit(f"the {framework} run printed no result line; see {log_path}")
     return Run(
         framework,
         clients,
         rep,
         json.loads(lines[-1][len(RESULT_MARKER) :]),
-        spawned_at,
-        wall_s,
-        memory.peak_rss / MB,
-        memory.peak_pss / MB,
-        memory.most_processes,
-        len(leftovers),
+        done.spawned_at,
+        done.wall_s,
+        done.peak_rss_mb,
+        done.peak_pss_mb,
+        done.most_processes,
+        done.leftovers,
     )
 
 

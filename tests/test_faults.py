@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from amble.config import config_from_dict
 from amble.server import ParameterServer, RunSettings
-from amble.server.runtime.workers import FOLDING, HEARTBEATS, NAMESPACES, stop_processes
+from amble.server.runtime.workers import FOLDING, HEARTBEATS, NAMESPACES, stop_processes, worker_command
 from amble.server.tensors import encode
 from amble.sim import run_experiment
 from amble.sim.factory import build_server, release_server
@@ -59,7 +59,7 @@ update moves weights by about 1e-2: a hundred times this tolerance."""
 def start_worker(url: str, **env: str) -> subprocess.Popen[bytes]:
     """An ``amble worker`` process (serving every run in the database at ``url``)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "amble", "worker", "--store", url],
+        worker_command(url),
         env={**os.environ, **env},
         stdin=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

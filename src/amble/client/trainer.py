@@ -31,6 +31,15 @@ def batch_indices(num_samples: int, batch_size: int, steps: int, generator: torc
     return stream[:needed].view(steps, batch_size)
 
 
+def step_lr(plan: Plan, step: int) -> float:
+    """The learning rate of ``step``: a linear warm-up from ``lr_warmup_from`` over ``lr_warmup_steps``
+    (step 0 runs at ``lr_warmup_from``), then ``lr``."""
+    if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
+        ramp = step / plan.lr_warmup_steps
+        return plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * ramp
+    return plan.lr
+
+
 class LocalTrainer:
     """Reuses one model object for every device, loading each round's start state into it."""
 
@@ -52,11 +61,8 @@ class LocalTrainer:
         order = batch_indices(len(y), batch_size, plan.local_steps, generator)
         total_loss = torch.zeros(())
         for step, index in enumerate(order):
-            if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
-                ramp = step / plan.lr_warmup_steps  # step 0 runs at lr_warmup_from
-                optimizer.param_groups[0]["lr"] = plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * ramp
-            elif plan.lr_warmup_steps:
-                optimizer.param_groups[0]["lr"] = plan.lr
+            if plan.lr_warmup_steps:
+                optimizer.param_groups[0]["lr"] = step_lr(plan, step)
             optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(model(x[index]), y[index])
             total_loss += loss.detach()

@@ -270,9 +270,10 @@ class Experiment:
                 continue
             jobs.append(TrainJob(k, plan, derive_seed(self.config.seed, r, k)))
             timings[k] = timing
+            finished_s[k] = start_s + timing.total_s  # its upload's arrival, known before it trains
         # In arrival order, a chunk at a time: each chunk's updates are folded before the next trains,
         # so memory holds at most UPLOAD_CHUNK updates however many devices the round has.
-        jobs.sort(key=lambda job: (start_s + timings[job.device].total_s, job.device))
+        jobs.sort(key=lambda job: (finished_s[job.device], job.device))
         by_device = {row["device"]: row for row in rows}
         for begin in range(0, len(jobs), UPLOAD_CHUNK):
             chunk = jobs[begin : begin + UPLOAD_CHUNK]
@@ -292,7 +293,6 @@ class Experiment:
                     timing.download_s,
                     timing.upload_s,
                 )
-                finished_s[k] = start_s + timing.total_s
                 cut = result.steps < planned_steps[k]
                 row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
                 if not decided:

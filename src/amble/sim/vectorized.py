@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from amble.client.trainer import batch_indices
+from amble.client.trainer import batch_indices, step_lr
 from amble.strategies import Params, Plan
 
 
@@ -48,13 +48,6 @@ def group_key(plan: Plan, num_samples: int) -> tuple[object, ...]:
     """Devices with equal keys can train in one vectorised group."""
     batch = min(plan.batch_size, num_samples)
     return (batch, plan.local_steps, plan.lr, plan.prox_mu, plan.lr_warmup_steps, plan.lr_warmup_from)
-
-
-def step_lr(plan: Plan, step: int) -> float:
-    """The learning rate of ``step``, with LocalTrainer's linear warm-up."""
-    if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
-        return plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * step / plan.lr_warmup_steps
-    return plan.lr
 
 
 class VectorizedTrainer:

@@ -40,6 +40,11 @@ class PoolSettings:
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
 
+    def end_s(self, start_s: float, cold: bool, busy_s: float) -> float:
+        """Virtual time an invocation started at ``start_s`` ends, having run ``busy_s`` real seconds."""
+        charged_s = busy_s if self.invocation_s is None else self.invocation_s
+        return start_s + (self.cold_start_s if cold else 0.0) + charged_s
+
     @classmethod
     def from_json(cls, blob: bytes) -> PoolSettings:
         return cls(**json.loads(blob))
@@ -130,12 +135,20 @@ def invoke(
         return None
     busy_s = time.perf_counter() - began
     record_invocation(store, cold=invocation.cold, busy_s=busy_s, failed=False)
-    charged_s = busy_s if settings.invocation_s is None else settings.invocation_s
-    end_s = start_s + (settings.cold_start_s if invocation.cold else 0.0) + charged_s
+    end_s = settings.end_s(start_s, invocation.cold, busy_s)
     for topic, type_, payload in invocation.emitted:
         events.publish(topic, type_, payload, at_s=end_s)
     events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
     return end_s
+
+
+def next_events(events: EventLog, consumer: str) -> list[Event]:
+    """The next functions events for a runtime that is the only consumer of its run, in virtual-time
+    order (stable: ties keep log order). Whatever it left pending (an instance that failed or died
+    before acking) comes back at once: nothing else can be running it."""
+    batch = events.claim_stale(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, consumer, min_idle_s=0.0)
+    batch += events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, consumer)
+    return sorted(batch, key=lambda e: e.at_s)
 
 
 def dead_letter(store: Store, events: EventLog, event: Event, reason: str) -> None:

@@ -17,14 +17,13 @@ from typing import Any
 
 from amble.server.events.base import Event, EventLog
 from amble.server.runtime.base import (
-    FUNCTIONS_GROUP,
-    FUNCTIONS_TOPIC,
     Handler,
     Invocation,
     PoolSettings,
     Runtime,
     dead_letter,
     invoke,
+    next_events,
 )
 from amble.server.store.base import Store
 
@@ -117,10 +116,6 @@ class LocalRuntime(Runtime):
             self.pool.release(instance, end_s)
 
     def drain(self) -> None:
-        while True:
-            batch = self.events.claim_stale(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, min_idle_s=0.0)
-            batch += self.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer)
-            if not batch:
-                return
-            for event in sorted(batch, key=lambda e: e.at_s):  # stable: ties keep log order
+        while batch := next_events(self.events, self.consumer):
+            for event in batch:
                 self._run(event)

@@ -30,14 +30,13 @@ from amble.raycluster import import_ray
 from amble.server.events.base import Event
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import (
-    FUNCTIONS_GROUP,
-    FUNCTIONS_TOPIC,
     HandlersFor,
     Invocation,
     PoolSettings,
     Runtime,
     dead_letter,
     invoke,
+    next_events,
 )
 from amble.server.runtime.local import InstancePool, PoolInstance
 from amble.server.store.redis import RedisStore
@@ -57,7 +56,7 @@ class FunctionInstance:
         """Nothing cached yet (just started, or the last invocation failed and lost the cache)."""
 
     def run(self, event: str, instance_id: int, cold: bool, start_s: float) -> str:
-        """Run one event (as JSON); returns JSON ``{"end_s": float | null, "cold": bool}``."""
+        """Run one event (as JSON); returns JSON ``{"end_s": float | null}`` (null: the function failed)."""
         data = json.loads(event)
         cold = cold or self.fresh
         if cold:
@@ -65,7 +64,7 @@ class FunctionInstance:
         invocation = Invocation(instance_id, cold, self.cache, shard=self.slot)
         end_s = invoke(self.store, self.events, self.handlers, Event(**data), invocation, start_s, self.settings)
         self.fresh = end_s is None
-        return json.dumps({"end_s": end_s, "cold": cold})
+        return json.dumps({"end_s": end_s})
 
     def ready(self) -> bool:
         return True
@@ -140,15 +139,9 @@ class RayRuntime(Runtime):
             self._retire_expired()
 
     def _drain(self) -> None:
-        while True:
-            # Everything pending here was handed to an actor of an earlier pass that has since
-            # returned or died: take it back at once.
-            batch = self.events.claim_stale(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, min_idle_s=0.0)
-            batch += self.events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer)
-            if not batch:
-                return
+        # Everything pending was handed to an actor of an earlier pass that has since returned or died.
+        while ordered := next_events(self.events, self.consumer):
             calls: list[tuple[Event, PoolInstance, _Actor, Any]] = []
-            ordered = sorted(batch, key=lambda e: e.at_s)  # stable: ties keep log order
             for position, event in enumerate(ordered):
                 if position and position == len(ordered) - 1:
                     # The last event runs once the others have finished, as it would in the embedded
@@ -167,11 +160,11 @@ class RayRuntime(Runtime):
                 self.now_s = max(self.now_s, event.at_s)
                 instance, start_s, cold = self.pool.acquire(event.at_s)
                 actor = self._actor_for(instance)
-                body = json.dumps({**asdict(event)})
+                body = json.dumps(asdict(event))
                 calls.append((event, instance, actor, actor.handle.run.remote(body, instance.id, cold, start_s)))
-                # Later events of this pass may queue on the instance: free it when it should end.
-                charged_s = self.settings.invocation_s or 0.0
-                self.pool.release(instance, start_s + (self.settings.cold_start_s if cold else 0.0) + charged_s)
+                # Later events of this pass may queue on the instance: free it when it should end
+                # (exactly, with a fixed invocation_s; corrected from the actor's answer otherwise).
+                self.pool.release(instance, self.settings.end_s(start_s, cold, busy_s=0.0))
             self._collect(calls)
 
     def _collect(self, calls: list[tuple[Event, PoolInstance, _Actor, Any]]) -> None:
@@ -193,10 +186,9 @@ class RayRuntime(Runtime):
                 continue
             if result["end_s"] is None:  # the function failed: its instance is lost (its next start is cold)
                 self.pool.discard(instance)
-            else:
-                instance.free_at_s = max(instance.free_at_s, float(result["end_s"]))
-                if instance not in self.pool.idle:  # an earlier event of this pass failed on it: it is warm again
-                    self.pool.idle.append(instance)
+            else:  # (back) in the pool, even if an earlier event of this pass failed on it: it is warm
+                self.pool.discard(instance)
+                self.pool.release(instance, max(instance.free_at_s, float(result["end_s"])))
 
     def _forget(self, actor: _Actor) -> None:
         for instance_id, held in list(self.actors.items()):

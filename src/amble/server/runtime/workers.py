@@ -295,24 +295,18 @@ class WorkerRuntime(Runtime):
 
     def start_workers(self, count: int) -> None:
         """Start ``count`` local ``amble worker`` processes serving this run (stopped by ``close``)."""
-        command = [
-            sys.executable,
-            "-m",
-            "amble",
-            "worker",
-            "--store",
-            self.redis.url,
-            "--namespace",
-            self.redis.namespace,
-            "--parent-pid",
-            str(os.getpid()),
-        ]
+        command = worker_command(self.redis.url, "--namespace", self.redis.namespace, "--parent-pid", str(os.getpid()))
         for _ in range(count):
             self.processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
 
     def close(self) -> None:
         stop_processes(self.processes)
         self.processes = []
+
+
+def worker_command(url: str, *options: str) -> list[str]:
+    """The command line of an ``amble worker`` serving the Redis at ``url``, with ``options``."""
+    return [sys.executable, "-m", "amble", "worker", "--store", url, *options]
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
