@@ -22,15 +22,18 @@ tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +45,8 @@ from matplotlib.figure import Figure
 from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
+from amble.fleet import calibrate
+from amble.models import build_model
 from amble.sim import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +59,11 @@ STRATEGIES: list[Any] = [
     # The same planner with the baselines' deadline quantile: slow devices get partial work instead of
     # setting the round length (SPEC 3.2). Added after the first reduced run: see BENCHMARKS.md.
     {"name": "amble", "label": "amble-q0.8", "deadline_quantile": 0.8},
+    # The two fixes the one-seed run pointed to, each on top of q = 0.8 and the same in every cell:
+    # FedNova's normalised aggregation (a device with 5x a straggler's steps no longer gets 5x its
+    # pull on the model) and a linear warm-up of the scaled lr over each round's first steps.
+    {"name": "amble", "label": "amble-q0.8-nova", "deadline_quantile": 0.8, "aggregator": "fednova"},
+    {"name": "amble", "label": "amble-q0.8-warmup", "deadline_quantile": 0.8, "lr_warmup_steps": 5},
     {"name": "deadline", "deadline_quantile": 0.8},
     {"name": "fedprox", "deadline_quantile": 0.8, "prox_mu": 0.01},
     {"name": "fednova", "deadline_quantile": 0.8},
@@ -62,6 +72,8 @@ STRATEGIES: list[Any] = [
 TIERS = {"kind": "tiers"}  # 50% 1x, 30% 3x, 20% 10x
 # sigma 0.92: the slowest of 100 devices (about +2.5 sigma) is ~10x the median.
 LOGNORMAL = {"kind": "lognormal", "sigma": 0.92}
+# Input shape and classes of each dataset, to calibrate its models' step times before any run.
+SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,9 @@ class Cell:
             "seed": seed,
             "data": data,
             "model": self.model,
-            "fleet": self.fleet,
+            # The reference step times are part of the config: every seed and every job of the matrix
+            # runs on the same virtual clock, whatever the threads or load of the process running it.
+            "fleet": {**self.fleet, "t_ref": reference_step_times(self.model, self.dataset)},
             "rounds": rounds or self.rounds,
             "devices_per_round": 10,
             "train": {"batch_size": 32, "local_epochs": 1, "lr": self.lr},
@@ -119,6 +133,14 @@ REDUCED = {
 # -- running ---------------------------------------------------------------------------------------
 
 
+@functools.cache
+def reference_step_times(model: str, dataset: str) -> dict[int, float]:
+    """``t_ref(B)`` of the model, calibrated once on this machine by the main process (cached on disk)."""
+    shape, classes = SHAPES[dataset]
+    step_time = calibrate(lambda: build_model(model, shape, classes), model, shape, classes)
+    return {int(b): t for b, t in step_time.to_json().items()}
+
+
 def code_version() -> str:
     """The tree of src/ plus a digest of its uncommitted changes: a finished run is reused only by the same code."""
     head = subprocess.run(["git", "rev-parse", "HEAD:src"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
@@ -139,13 +161,44 @@ def run_once(config: ExperimentConfig, out: Path) -> None:
         (out / "code_version.txt").write_text(code_version())
 
 
-def run_cell(cell: Cell, seed: int, rounds: int | None, out_root: Path) -> Path:
-    """One ``amble run`` of every strategy in the cell for one seed; reused if done by the same code."""
-    out = out_root / cell.name / f"seed{seed}"
-    began = time.perf_counter()
-    run_once(config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}"), out)
-    print(f"  {cell.name} seed {seed}: {time.perf_counter() - began:,.0f} s wall", flush=True)
-    return out
+def run_in_process(config: ExperimentConfig, out: Path, threads: int) -> None:
+    """``amble run`` of the config in a process of its own with ``threads`` torch threads; its output
+    goes to ``out/run.log``. The config crosses as a JSON file, the results come back as files."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "bench_config.json"
+    config_path.write_text(json.dumps(config_to_dict(config), indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "amble", "run", str(config_path), "--out", str(out), "--no-progress"]
+    with (out / "run.log").open("w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{out}: amble run exited with {done.returncode}; see {out / 'run.log'}")
+    (out / "code_version.txt").write_text(code_version())
+
+
+def run_cells(jobs: list[tuple[Cell, int, int | None]], out_root: Path, parallel: int) -> dict[str, list[Path]]:
+    """One ``amble run`` of every strategy per (cell, seed), ``parallel`` at a time, each in its own process
+    with ``cpus // parallel`` torch threads; a run finished by the same code with the same config is reused."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    runs: dict[str, list[Path]] = {}
+    pending: list[tuple[str, ExperimentConfig, Path]] = []
+    for cell, seed, rounds in jobs:
+        out = out_root / cell.name / f"seed{seed}"
+        runs.setdefault(cell.name, []).append(out)
+        config = config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}")
+        if not reusable(out, config):
+            pending.append((f"{cell.name} seed {seed}", config, out))
+
+    def one(label: str, config: ExperimentConfig, out: Path) -> None:
+        began = time.perf_counter()
+        run_in_process(config, out, threads)
+        print(f"  {label}: {time.perf_counter() - began:,.0f} s wall", flush=True)
+
+    print(f"{len(pending)} of {len(jobs)} runs to do, {parallel} at a time, {threads} torch thread(s) each", flush=True)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for future in [pool.submit(one, *job) for job in pending]:
+            future.result()
+    return runs
 
 
 # -- analysis --------------------------------------------------------------------------------------
@@ -230,7 +283,7 @@ def mean_spread(values: Iterable[float | int | None], digits: int = 3, unit: str
     return text
 
 
-def render_cell(result: CellResult) -> str:
+def render_cell(result: CellResult, plot: str) -> str:
     lines = [
         f"### {result.cell}",
         "",
@@ -253,7 +306,7 @@ def render_cell(result: CellResult) -> str:
             mean_spread(s.cold_starts, 0),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"![{result.cell}]({result.cell}.png)", ""]
+    lines += ["", f"![{result.cell}]({plot})", ""]
     return "\n".join(lines)
 
 
@@ -309,10 +362,11 @@ def reuse_experiment(out_root: Path, rounds: int) -> str:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = cpu_name()
+def machine(jobs: int) -> str:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
+        f"{cpu_name()}, {jobs} run(s) at a time with {threads} torch thread(s) each (step times calibrated with "
+        f"{torch.get_num_threads()}), Python {platform.python_version()}, torch {torch.__version__}"
     )
 
 
@@ -322,26 +376,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--cells", nargs="+", default=None, help="only cells whose name contains one of these")
     parser.add_argument("--reuse", action="store_true", help="also run the instance-reuse experiment")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each in its own process with cpus/jobs torch threads"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     args = parser.parse_args(argv)
 
-    seeds = args.seeds or ([0] if args.reduced else [0, 1, 2])
+    default_seeds = [0] if args.reduced else [0, 1, 2]
+    seeds = args.seeds or default_seeds
+    # Results of another number of seeds than the mode's default go beside its files, not over them.
+    suffix = ("_reduced" if args.reduced else "") + ("" if len(seeds) == len(default_seeds) else f"_{len(seeds)}seeds")
     cells = [c for c in FULL_MATRIX if not args.reduced or c.name in REDUCED]
     if args.cells:
         cells = [c for c in cells if any(part in c.name for part in args.cells)]
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     began = time.perf_counter()
+    jobs = [(cell, seed, REDUCED[cell.name] if args.reduced else None) for cell in cells for seed in seeds]
+    runs = run_cells(jobs, args.out, args.jobs)
     sections = []
     for cell in cells:
-        rounds = REDUCED[cell.name] if args.reduced else None
-        runs = [run_cell(cell, seed, rounds, args.out) for seed in seeds]
-        result = analyse(cell.name, runs)
-        plot_cell(result, RESULTS / f"{cell.name}.png")
-        sections.append(render_cell(result))
+        result = analyse(cell.name, runs[cell.name])
+        plot = f"{cell.name}{suffix}.png"
+        plot_cell(result, RESULTS / plot)
+        sections.append(render_cell(result, plot))
         print(sections[-1], flush=True)
     reuse = reuse_experiment(args.out, 20) if args.reuse else ""
     command = "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, {commit()}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine(args.jobs)}, {commit()}.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall, including reused runs).",
         "",
     ]
@@ -349,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if reuse:
         body += "\n### Instance reuse (AMBLE, fmnist-shards2-tiers-lenet, 20 rounds, seed 0)\n\n" + reuse + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "time_to_accuracy_reduced.md" if args.reduced else "time_to_accuracy.md"
+    name = f"time_to_accuracy{suffix}.md"
     (RESULTS / name).write_text(body)
     print(f"wrote {RESULTS / name}")
     return 0
