@@ -1,0 +1,105 @@
+"""The time-to-accuracy benchmark's analysis, on hand-written run files with hand-computed answers.
+
+The benchmark's numbers go into BENCHMARKS.md; these tests pin what they mean: the target, the
+budget, time and rounds to target, the ratio to AMBLE and "not reached".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from amble.config import config_from_dict
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def tta() -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))  # for its own `from provenance import ...`
+    try:
+        spec = importlib.util.spec_from_file_location("time_to_accuracy", BENCHMARKS / "time_to_accuracy.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def write_run(path: Path, curves: dict[str, list[tuple[float, float | None]]]) -> Path:
+    """A run directory as `amble run` leaves it: metrics.jsonl rows and summary.json counters."""
+    path.mkdir(parents=True)
+    rows = [
+        {"strategy": name, "round": r, "virtual_time_s": t, "accuracy": acc}
+        for name, curve in curves.items()
+        for r, (t, acc) in enumerate(curve)
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary: dict[str, Any] = {
+        name: {"samples_processed": 100 * len(curve), "function_invocations": 12, "cold_starts": 1}
+        for name, curve in curves.items()
+    }
+    (path / "summary.json").write_text(json.dumps({"strategies": summary}))
+    return path
+
+
+def test_target_times_ratios_and_budget_by_hand(tta: ModuleType, tmp_path: Path) -> None:
+    seed0 = write_run(
+        tmp_path / "seed0",
+        {
+            "fedavg": [(2.0, 0.30), (4.0, 0.50), (6.0, 0.62), (8.0, 0.58)],
+            "amble": [(2.0, 0.40), (4.0, 0.61), (5.0, 0.66)],
+            "deadline": [(1.0, 0.20), (2.0, None), (3.0, 0.40)],
+        },
+    )
+    seed1 = write_run(
+        tmp_path / "seed1",
+        {
+            "fedavg": [(2.0, 0.45), (4.0, 0.66)],
+            "amble": [(1.0, 0.55), (3.0, 0.64)],
+            "deadline": [(1.5, 0.61), (3.5, 0.65)],
+        },
+    )
+    result = tta.analyse("cell", [seed0, seed1])
+    # FedAvg's best: 0.62 and 0.66, mean 0.64; 95% of it is 0.608, rounded down to a hundredth.
+    assert result.target == 0.60
+    assert result.seeds == 2
+    # The budget is the shortest strategy's total virtual time in each seed.
+    assert result.budget_s == [3.0, 3.0]
+    fedavg, amble, deadline = (result.strategies[name] for name in ("fedavg", "amble", "deadline"))
+    assert fedavg.time_to_target_s == [6.0, 4.0] and fedavg.rounds_to_target == [3, 2]
+    assert amble.time_to_target_s == [4.0, 3.0] and amble.rounds_to_target == [2, 2]
+    assert deadline.time_to_target_s == [None, 1.5] and deadline.rounds_to_target == [None, 1]
+    assert fedavg.ratio_to_amble == [1.5, pytest.approx(4 / 3)]
+    assert deadline.ratio_to_amble == [None, 0.5]
+    # Within the budget: the last and best accuracy measured at or before it (None rows skipped).
+    assert fedavg.final_at_budget == [0.30, 0.45] and fedavg.best_at_budget == [0.30, 0.45]
+    assert deadline.final_at_budget == [0.40, 0.61] and deadline.best_at_budget == [0.40, 0.61]
+    assert amble.samples == [300, 200] and amble.cold_starts == [1, 1]
+    # The plot shows seed 0 without the rounds that were not evaluated.
+    assert result.curves["deadline"] == [(1.0, 0.20), (3.0, 0.40)]
+
+
+def test_a_strategy_that_never_reaches_the_target_says_so(tta: ModuleType) -> None:
+    assert tta.mean_spread([None, None]) == "not reached"
+    assert tta.mean_spread([2.0, 4.0, None], 1) == "3.0 ± 1.4 (1 not reached)"
+    assert tta.mean_spread([0.5]) == "0.500"
+
+
+def test_every_cell_config_is_valid_and_pins_the_reference_step_times(tta: ModuleType) -> None:
+    first = tta.FULL_MATRIX[0].config(seed=1)
+    config = config_from_dict(first)
+    assert config.fleet.t_ref, "runs of one cell must share one virtual clock, whatever process runs them"
+    assert config.fleet.t_ref == config_from_dict(tta.FULL_MATRIX[0].config(seed=2)).fleet.t_ref
+    labels = [s.label or s.name for s in config.strategies]
+    assert len(labels) == len(set(labels)) and "fedavg" in labels and "amble" in labels
+    names = [cell.name for cell in tta.FULL_MATRIX]
+    assert len(names) == len(set(names)) and set(tta.REDUCED) <= set(names)
