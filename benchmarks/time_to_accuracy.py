@@ -47,7 +47,6 @@ from provenance import commit, cpu_name
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
 from amble.fleet import calibrate
 from amble.models import build_model
-from amble.sim import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -155,12 +154,6 @@ def reusable(out: Path, config: ExperimentConfig) -> bool:
     return bool(json.loads(summary_path.read_text()).get("config") == config_to_dict(config))
 
 
-def run_once(config: ExperimentConfig, out: Path) -> None:
-    if not reusable(out, config):
-        run_experiment(config, out, progress=False)
-        (out / "code_version.txt").write_text(code_version())
-
-
 def run_in_process(config: ExperimentConfig, out: Path, threads: int) -> None:
     """``amble run`` of the config in a process of its own with ``threads`` torch threads; its output
     goes to ``out/run.log``. The config crosses as a JSON file, the results come back as files."""
@@ -176,29 +169,34 @@ def run_in_process(config: ExperimentConfig, out: Path, threads: int) -> None:
     (out / "code_version.txt").write_text(code_version())
 
 
-def run_cells(jobs: list[tuple[Cell, int, int | None]], out_root: Path, parallel: int) -> dict[str, list[Path]]:
-    """One ``amble run`` of every strategy per (cell, seed), ``parallel`` at a time, each in its own process
-    with ``cpus // parallel`` torch threads; a run finished by the same code with the same config is reused."""
+def run_all(runs: list[tuple[str, ExperimentConfig, Path]], parallel: int) -> None:
+    """Each (label, config, out) as one ``amble run``, ``parallel`` at a time, each in its own process with
+    ``cpus // parallel`` torch threads; a run finished by the same code with the same config is reused."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    runs: dict[str, list[Path]] = {}
-    pending: list[tuple[str, ExperimentConfig, Path]] = []
-    for cell, seed, rounds in jobs:
-        out = out_root / cell.name / f"seed{seed}"
-        runs.setdefault(cell.name, []).append(out)
-        config = config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}")
-        if not reusable(out, config):
-            pending.append((f"{cell.name} seed {seed}", config, out))
+    pending = [run for run in runs if not reusable(run[2], run[1])]
 
     def one(label: str, config: ExperimentConfig, out: Path) -> None:
         began = time.perf_counter()
         run_in_process(config, out, threads)
         print(f"  {label}: {time.perf_counter() - began:,.0f} s wall", flush=True)
 
-    print(f"{len(pending)} of {len(jobs)} runs to do, {parallel} at a time, {threads} torch thread(s) each", flush=True)
+    print(f"{len(pending)} of {len(runs)} runs to do, {parallel} at a time, {threads} torch thread(s) each", flush=True)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in [pool.submit(one, *job) for job in pending]:
+        for future in [pool.submit(one, *run) for run in pending]:
             future.result()
-    return runs
+
+
+def run_cells(jobs: list[tuple[Cell, int, int | None]], out_root: Path, parallel: int) -> dict[str, list[Path]]:
+    """Every strategy of each (cell, seed) in one ``amble run``; the run directories by cell."""
+    by_cell: dict[str, list[Path]] = {}
+    runs = []
+    for cell, seed, rounds in jobs:
+        out = out_root / cell.name / f"seed{seed}"
+        by_cell.setdefault(cell.name, []).append(out)
+        config = config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}")
+        runs.append((f"{cell.name} seed {seed}", config, out))
+    run_all(runs, parallel)
+    return by_cell
 
 
 # -- analysis --------------------------------------------------------------------------------------
@@ -338,19 +336,23 @@ REUSE_VARIANTS = {
 
 
 def reuse_experiment(out_root: Path, rounds: int) -> str:
-    """The thesis' "reusing serverless instance" experiment: same AMBLE run, pool settings varied."""
+    """The thesis' "reusing serverless instance" experiment: same AMBLE run, pool settings varied.
+
+    The functions' time is measured (``invocation_s: measured``), so these runs go one at a time."""
     cell = Cell("reuse", "fashion-mnist", SHARDS, "lenet", TIERS, rounds)
     lines = [
         "| pool | cold starts | warm starts | aggregation latency at round end (s) | busy function-s "
         "| virtual time (s) |",
         "|---|---|---|---|---|---|",
     ]
+    runs = []
     for label, pool in REUSE_VARIANTS.items():
         raw = cell.config(0, rounds)
         raw["strategies"] = [{"name": "amble"}]
         raw["server"] = {**pool, "invocation_s": "measured", "cold_start_s": 0.25, "max_instances": 4}
-        out = out_root / "reuse" / label.replace(",", "").replace(" ", "-")
-        run_once(config_from_dict(raw), out)
+        runs.append((label, config_from_dict(raw), out_root / "reuse" / label.replace(",", "").replace(" ", "-")))
+    run_all(runs, parallel=1)
+    for label, _, out in runs:
         s = json.loads((out / "summary.json").read_text())["strategies"]["amble"]
         lines.append(
             f"| {label} | {s['cold_starts']} | {s['warm_starts']} | {s['aggregation_latency_s']:.3f} "
