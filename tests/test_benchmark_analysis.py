@@ -88,6 +88,40 @@ def test_target_times_ratios_and_budget_by_hand(tta: ModuleType, tmp_path: Path)
     assert result.curves["deadline"] == [(1.0, 0.20), (3.0, 0.40)]
 
 
+def test_aim_check_against_fedavg_and_each_seeds_best_baseline(tta: ModuleType, tmp_path: Path) -> None:
+    seed0 = write_run(
+        tmp_path / "seed0",
+        {
+            "fedavg": [(2.0, 0.30), (4.0, 0.50), (6.0, 0.62)],
+            "amble": [(2.0, 0.40), (4.0, 0.61), (5.0, 0.66)],
+            "deadline": [(1.0, 0.20), (3.0, 0.40)],  # never reaches 0.60: its 3 s run is a lower bound
+        },
+    )
+    seed1 = write_run(
+        tmp_path / "seed1",
+        {
+            "fedavg": [(2.0, 0.45), (4.0, 0.66)],
+            "amble": [(1.0, 0.55), (3.0, 0.64)],
+            "deadline": [(1.5, 0.61), (3.5, 0.65)],
+        },
+    )
+    (check,) = tta.aim_checks(tta.analyse("cell", [seed0, seed1]))
+    assert check.variant == "amble"
+    assert check.vs_fedavg == [1.5, pytest.approx(4 / 3)]
+    assert check.best == ["deadline", "deadline"] and check.vs_best == [0.75, 0.5]
+    assert check.censored == 1 and check.missed == 0
+    # Final accuracy at each seed's 3 s budget: AMBLE 0.40 and 0.64, FedAvg 0.30 and 0.45, deadline 0.40 and 0.61.
+    assert (check.final, check.final_fedavg, check.final_best) == pytest.approx((0.52, 0.375, 0.505))
+    assert not check.met()
+    assert "| cell | amble | ≥ 1.42 ± 0.12 | ≥ 0.62 ± 0.18 | deadline 2 | 0.520 / 0.375 / 0.505 | no |" in (
+        tta.render_aims([tta.analyse("cell", [seed0, seed1])])
+    )
+    fast = tta.AimCheck("amble", [2.5, 2.1], [1.4, 1.3], ["fednova"] * 2, 0, 0, 0.7, 0.6, 0.7)
+    assert fast.met()
+    assert not tta.AimCheck("amble", [2.5, 2.1], [1.4, 1.3], ["fednova"] * 2, 0, 0, 0.69, 0.6, 0.7).met()
+    assert not tta.AimCheck("amble", [2.5, 2.1], [1.4, 1.3], ["fednova"] * 2, 0, 1, 0.7, 0.6, 0.7).met()
+
+
 def test_a_strategy_that_never_reaches_the_target_says_so(tta: ModuleType) -> None:
     assert tta.mean_spread([None, None]) == "not reached"
     assert tta.mean_spread([2.0, 4.0, None], 1) == "3.0 ± 1.4 (1 not reached)"
