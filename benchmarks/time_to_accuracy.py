@@ -467,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process with cpus/jobs torch threads"
     )
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every cell (default: the cell's own)")
+    parser.add_argument("--tag", default=None, help="results go to time_to_accuracy_TAG.md (default: by mode)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     args = parser.parse_args(argv)
 
@@ -474,13 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or default_seeds
     # Results of another number of seeds than the mode's default go beside its files, not over them.
     suffix = ("_reduced" if args.reduced else "") + ("" if len(seeds) == len(default_seeds) else f"_{len(seeds)}seeds")
+    if args.tag:
+        suffix = f"_{args.tag}"
     cells = [c for c in FULL_MATRIX if not args.reduced or c.name in REDUCED]
     if args.cells:
         cells = [c for c in cells if any(part in c.name for part in args.cells)]
+    if not cells:
+        parser.error(f"no cell matches --cells {' '.join(args.cells)}; the cells: {', '.join(c.name for c in FULL_MATRIX)}")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     began = time.perf_counter()
-    jobs = [(cell, seed, REDUCED[cell.name] if args.reduced else None) for cell in cells for seed in seeds]
+    jobs = [
+        (cell, seed, args.rounds or (REDUCED[cell.name] if args.reduced else None)) for cell in cells for seed in seeds
+    ]
     runs = run_cells(jobs, args.out, args.jobs)
     sections, results = [], []
     for cell in cells:
