@@ -482,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cells:
         cells = [c for c in cells if any(part in c.name for part in args.cells)]
     if not cells:
-        parser.error(f"no cell matches --cells {' '.join(args.cells)}; the cells: {', '.join(c.name for c in FULL_MATRIX)}")
+        parser.error(
+            f"no cell matches --cells {' '.join(args.cells)}; the cells: {', '.join(c.name for c in FULL_MATRIX)}"
+        )
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     began = time.perf_counter()
