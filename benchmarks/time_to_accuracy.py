@@ -45,7 +45,7 @@ from matplotlib.figure import Figure
 from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
-from amble.fleet import calibrate
+from amble.fleet import StepTime, calibrate
 from amble.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,8 @@ def run_all(runs: list[tuple[str, ExperimentConfig, Path]], parallel: int) -> No
     ``cpus // parallel`` torch threads; a run finished by the same code with the same config is reused."""
     threads = threads_per_run(parallel)
     version = code_version()
-    pending = [run for run in runs if not reusable(run[2], run[1])]
+    # Longest first, so that the last runs to finish are short ones and no worker idles long at the end.
+    pending = sorted((run for run in runs if not reusable(run[2], run[1])), key=lambda run: -expected_cost(run[1]))
 
     def one(label: str, config: ExperimentConfig, out: Path) -> None:
         began = time.perf_counter()
@@ -191,6 +192,12 @@ def run_all(runs: list[tuple[str, ExperimentConfig, Path]], parallel: int) -> No
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def expected_cost(config: ExperimentConfig) -> float:
+    """Rounds times the reference device's base step: proportional to a run's time, for ordering runs."""
+    t_ref = config.fleet.t_ref or {1: 1.0}
+    return config.rounds * StepTime.from_mapping(t_ref)(config.train.batch_size)
 
 
 def threads_per_run(parallel: int) -> int:
