@@ -152,6 +152,19 @@ def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
     assert plans[0].batch_size == 64
 
 
+def test_amble_proximal_term_reaches_every_plan() -> None:
+    devices = [DeviceState(5, 100), *DEVICES]
+    plans = Amble(BASE, AmbleSettings(deadline_quantile=0.5, prox_mu=0.01)).plan(3, devices)
+
+    assert {k: p.prox_mu for k, p in plans.items()} == {5: 0.01, 0: 0.01, 1: 0.01, 2: 0.01}
+    without = Amble(BASE, AmbleSettings(deadline_quantile=0.5)).plan(3, devices)
+    assert {p.prox_mu for p in without.values()} == {0.0}
+    # Only the objective changes: the same batches, steps and learning rates.
+    assert [(p.batch_size, p.local_steps, p.lr) for p in plans.values()] == [
+        (p.batch_size, p.local_steps, p.lr) for p in without.values()
+    ]
+
+
 def test_amble_deadline_cap_shortens_work() -> None:
     planner = Amble(BASE, AmbleSettings(deadline_s=5.0, deadline_slack=0.1))
 

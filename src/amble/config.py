@@ -126,6 +126,9 @@ class AmbleConfig(_Section):
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     lr_max_factor: float = Field(2.0, ge=1)
     lr_warmup_steps: int = Field(0, ge=0)
+    prox_mu: float = Field(0.0, ge=0)
+    """FedProx's proximal term ``mu/2 ||w - w_r||^2`` in every device's objective: holds long local runs
+    on non-IID data closer to the round's model (0: none)."""
     speed_decay: float = Field(0.7, gt=0, le=1)
     speed_window: int = Field(8, ge=1)
 

@@ -47,6 +47,7 @@ class AmbleSettings:
     lr_scaling: str = "linear"
     lr_max_factor: float = 2.0
     lr_warmup_steps: int = 0
+    prox_mu: float = 0.0
     speed_decay: float = 0.7
     speed_window: int = 8
 
@@ -79,7 +80,7 @@ class Amble(Strategy):
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         s, base = self.settings, self.base
-        plans = {d.device: base_plan(base, d) for d in devices if not d.reports}
+        plans = {d.device: base_plan(base, d, prox_mu=s.prox_mu) for d in devices if not d.reports}
         estimate = estimate_round(
             devices, base, s.deadline_quantile, decay=s.speed_decay, window=s.speed_window, cap_s=s.deadline_s
         )
@@ -111,5 +112,6 @@ class Amble(Strategy):
                 at_deadline=at_deadline,
                 lr_warmup_steps=s.lr_warmup_steps,
                 lr_warmup_from=base.lr if s.lr_warmup_steps else None,
+                prox_mu=s.prox_mu,
             )
         return plans
