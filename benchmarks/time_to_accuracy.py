@@ -11,12 +11,14 @@ to a hundredth: the level FedAvg itself reaches, so each ratio says how much soo
 strategy gets to where FedAvg gets. It is computed after the runs from ``metrics.jsonl``, the same
 number for every strategy of the cell; nothing is tuned per cell.
 
-    python benchmarks/time_to_accuracy.py --reduced          # one seed, a few cells (the README's)
-    python benchmarks/time_to_accuracy.py                    # the full matrix, 3 seeds (hours on 2 cores)
-    python benchmarks/time_to_accuracy.py --reuse            # also the instance-reuse experiment
+    python benchmarks/time_to_accuracy.py --reduced --reuse --jobs 2  # one seed, four cells (the README's)
+    python benchmarks/time_to_accuracy.py --reduced --variants --seeds 0 1 2 --jobs 2  # with the fixes tried
+    python benchmarks/time_to_accuracy.py --jobs 2           # the full matrix, 3 seeds (many hours on 2 cores)
 
-Runs land in ``runs/bench/<cell>/seed<k>-r<rounds>/`` (a finished run is reused when its config and the code match);
-tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
+``--jobs N`` runs N ``amble run`` processes at a time with cpus/N torch threads each; results do not
+depend on it (the virtual clock's step times are pinned in every config). Runs land in
+``runs/bench/<cell>/seed<k>-r<rounds>/`` (a finished run is reused when its config and the code
+match); tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ STRATEGIES: list[Any] = [
     {"name": "fednova", "deadline_quantile": 0.8},
     {"name": "adabatch"},
 ]
+# The fixes tried on top of AMBLE q = 0.8 (BENCHMARKS.md reports each): run only with --variants.
+VARIANTS = {"amble-q0.8-nova", "amble-q0.8-warmup", "amble-q0.8-prox", "amble-q0.8-e2"}
 TIERS = {"kind": "tiers"}  # 50% 1x, 30% 3x, 20% 10x
 # sigma 0.92: the slowest of 100 devices (about +2.5 sigma) is ~10x the median.
 LOGNORMAL = {"kind": "lognormal", "sigma": 0.92}
@@ -90,7 +94,7 @@ class Cell:
     rounds: int
     lr: float = 0.05
 
-    def config(self, seed: int, rounds: int | None = None) -> dict[str, Any]:
+    def config(self, seed: int, rounds: int | None = None, variants: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {"dataset": self.dataset, "partition": self.partition, "num_devices": 100}
         if self.dataset == "cifar10" and CIFAR_ARCHIVE.is_file():
             data["root"] = str(CIFAR_ARCHIVE)
@@ -105,7 +109,9 @@ class Cell:
             "rounds": rounds or self.rounds,
             "devices_per_round": 10,
             "train": {"batch_size": 32, "local_epochs": 1, "lr": self.lr},
-            "strategies": STRATEGIES,
+            "strategies": [
+                s for s in STRATEGIES if variants or not (isinstance(s, dict) and s.get("label") in VARIANTS)
+            ],
             "eval": {"every": 1, "target_accuracy": 0.99, "test_samples": 2000},
         }
 
@@ -209,14 +215,16 @@ def threads_per_run(parallel: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // parallel)
 
 
-def run_cells(jobs: list[tuple[Cell, int, int | None]], out_root: Path, parallel: int) -> dict[str, list[Path]]:
+def run_cells(
+    jobs: list[tuple[Cell, int, int | None]], out_root: Path, parallel: int, variants: bool = False
+) -> dict[str, list[Path]]:
     """Every strategy of each (cell, seed) in one ``amble run``; the run directories by cell."""
     by_cell: dict[str, list[Path]] = {}
     runs = []
     for cell, seed, rounds in jobs:
         out = out_root / cell.name / f"seed{seed}-r{rounds or cell.rounds}"
         by_cell.setdefault(cell.name, []).append(out)
-        config = config_from_dict(cell.config(seed, rounds), source=f"benchmark cell {cell.name}")
+        config = config_from_dict(cell.config(seed, rounds, variants), source=f"benchmark cell {cell.name}")
         runs.append((f"{cell.name} seed {seed}", config, out))
     run_all(runs, parallel)
     return by_cell
@@ -506,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--cells", nargs="+", default=None, help="only cells whose name contains one of these")
     parser.add_argument("--reuse", action="store_true", help="also run the instance-reuse experiment")
+    parser.add_argument("--variants", action="store_true", help="also the AMBLE variants tried as fixes (VARIANTS)")
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process with cpus/jobs torch threads"
     )
@@ -533,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [
         (cell, seed, args.rounds or (REDUCED[cell.name] if args.reduced else None)) for cell in cells for seed in seeds
     ]
-    runs = run_cells(jobs, args.out.resolve(), args.jobs)
+    runs = run_cells(jobs, args.out.resolve(), args.jobs, args.variants)
     sections, results = [], []
     for cell in cells:
         results.append(analyse(cell.name, runs[cell.name]))

@@ -153,5 +153,9 @@ def test_every_cell_config_is_valid_and_pins_the_reference_step_times(
     assert config.fleet.t_ref == config_from_dict(tta.FULL_MATRIX[0].config(seed=2)).fleet.t_ref
     labels = [s.label or s.name for s in config.strategies]
     assert len(labels) == len(set(labels)) and "fedavg" in labels and "amble" in labels
+    assert not tta.VARIANTS & set(labels), "the variants run only when asked for"
+    with_variants = config_from_dict(tta.FULL_MATRIX[0].config(seed=1, variants=True))
+    assert [s.label or s.name for s in with_variants.strategies if s.label not in tta.VARIANTS] == labels
+    assert {s.label for s in with_variants.strategies} >= tta.VARIANTS
     names = [cell.name for cell in tta.FULL_MATRIX]
     assert len(names) == len(set(names)) and set(tta.REDUCED) <= set(names)
