@@ -15,8 +15,9 @@ number for every strategy of the cell; nothing is tuned per cell.
     python benchmarks/time_to_accuracy.py --reduced --variants --seeds 0 1 2 --jobs 2  # with the fixes tried
     python benchmarks/time_to_accuracy.py --jobs 2           # the full matrix, 3 seeds (many hours on 2 cores)
 
-``--jobs N`` runs N ``amble run`` processes at a time with cpus/N torch threads each; results do not
-depend on it (the virtual clock's step times are pinned in every config). Runs land in
+``--jobs N`` runs N ``amble run`` processes at a time with cpus/N torch threads each. Virtual times do
+not depend on it (the clock's step times are pinned in every config); torch may round differently
+on another number of threads, so compare runs made with the same ``--jobs``. Runs land in
 ``runs/bench/<cell>/seed<k>-r<rounds>/`` (a finished run is reused when its config and the code
 match); tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
 """
