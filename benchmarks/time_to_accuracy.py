@@ -25,6 +25,7 @@ match); tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.m
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import hashlib
 import json
@@ -256,8 +257,8 @@ class CellResult:
     budget_s: list[float]
     seeds: int
     strategies: dict[str, StrategyStats]
-    curves: dict[str, list[tuple[float, float]]]
-    """Seed 0's accuracy vs virtual time per strategy, for the plot."""
+    curves: dict[str, list[list[tuple[float, float]]]]
+    """Per strategy, each seed's (virtual time, accuracy) points: the plot shows their mean."""
 
 
 def read_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
@@ -298,9 +299,40 @@ def analyse(cell: str, runs: list[Path]) -> CellResult:
             stats.cold_starts.append(summary[name]["cold_starts"])
             stats.ratio_to_amble.append(reach[0] / amble[0] if reach and amble else None)
             stats.run_s.append(float(rows[-1]["virtual_time_s"]))
-    for name, rows in metrics[0].items():
-        result.curves[name] = [(r["virtual_time_s"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+    for m in metrics:
+        for name, rows in m.items():
+            curve = [(r["virtual_time_s"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+            result.curves.setdefault(name, []).append(curve)
     return result
+
+
+def mean_curve(per_seed: list[list[tuple[float, float]]], points: int = 200) -> tuple[list[float], list[float]]:
+    """The mean over seeds of each seed's latest accuracy at each time, from the last seed's first
+    evaluation to the first seed's end (where every seed has a value)."""
+    start = max(curve[0][0] for curve in per_seed)
+    end = min(curve[-1][0] for curve in per_seed)
+    grid = [start + (end - start) * i / (points - 1) for i in range(points)] if end > start else [start]
+    means = []
+    for t in grid:
+        latest = [curve[bisect.bisect_right([p[0] for p in curve], t) - 1][1] for curve in per_seed]
+        means.append(statistics.mean(latest))
+    return grid, means
+
+
+# Fixed colours, so a strategy looks the same in every plot and panel.
+COLOURS = {
+    "fedavg": "#1f77b4",
+    "amble": "#ff7f0e",
+    "amble-q0.8": "#d62728",
+    "deadline": "#7f7f7f",
+    "fedprox": "#2ca02c",
+    "fednova": "#9467bd",
+    "adabatch": "#8c564b",
+    "amble-q0.8-nova": "#17becf",
+    "amble-q0.8-warmup": "#bcbd22",
+    "amble-q0.8-prox": "#e377c2",
+    "amble-q0.8-e2": "#000000",
+}
 
 
 @dataclass
@@ -446,17 +478,34 @@ def render_cell(result: CellResult, plot: str) -> str:
 
 
 def plot_cell(result: CellResult, path: Path) -> None:
-    fig = Figure(figsize=(7.5, 4.2), dpi=110)
+    """Accuracy against virtual time, mean over seeds: AMBLE against the baselines, and (when run)
+    AMBLE q = 0.8 against the variants tried as fixes, in a second panel with FedAvg for reference."""
+    variants = [name for name in result.curves if name in VARIANTS]
+    panels = [("AMBLE and the baselines", [name for name in result.curves if name not in VARIANTS])]
+    if variants:
+        panels.append(("AMBLE q=0.8 and the fixes tried", ["fedavg", "amble-q0.8", *variants]))
+    fig = Figure(figsize=(6.2 * len(panels), 4.4), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, curve in result.curves.items():
-        ax.plot([t for t, _ in curve], [a for _, a in curve], label=name, linewidth=2.2 if name == "amble" else 1.3)
-    ax.axhline(result.target, color="grey", linestyle="--", linewidth=1, label=f"target {result.target:.2f}")
-    ax.set_xlabel("virtual time (s)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{result.cell} (seed 0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, names) in zip(axes, panels, strict=True):
+        for name in names:
+            times, accuracy = mean_curve(result.curves[name])
+            baseline = not name.startswith("amble")
+            ax.plot(
+                times,
+                accuracy,
+                label=name,
+                color=COLOURS.get(name),
+                linestyle="--" if baseline else "-",
+                linewidth=1.2 if baseline else 2.0,
+            )
+        ax.axhline(result.target, color="grey", linestyle=":", linewidth=1, label=f"target {result.target:.2f}")
+        ax.set_xlabel("virtual time (s)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel(f"test accuracy, mean of {result.seeds} seed(s)")
+    fig.suptitle(result.cell, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

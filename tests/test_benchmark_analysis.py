@@ -85,8 +85,17 @@ def test_target_times_ratios_and_budget_by_hand(tta: ModuleType, tmp_path: Path)
     assert fedavg.final_at_budget == [0.30, 0.45] and fedavg.best_at_budget == [0.30, 0.45]
     assert deadline.final_at_budget == [0.40, 0.61] and deadline.best_at_budget == [0.40, 0.61]
     assert amble.samples == [300, 200] and amble.cold_starts == [1, 1]
-    # The plot shows seed 0 without the rounds that were not evaluated.
-    assert result.curves["deadline"] == [(1.0, 0.20), (3.0, 0.40)]
+    # The plot's curves: every seed's evaluated rounds (None rows skipped).
+    assert result.curves["deadline"] == [[(1.0, 0.20), (3.0, 0.40)], [(1.5, 0.61), (3.5, 0.65)]]
+
+
+def test_the_plotted_curve_is_the_mean_of_each_seeds_latest_accuracy(tta: ModuleType) -> None:
+    seeds = [[(1.0, 0.2), (2.0, 0.4), (3.0, 0.6)], [(1.5, 0.3), (2.5, 0.5)]]
+    times, accuracy = tta.mean_curve(seeds, points=3)
+    # From the last first evaluation (1.5 s) to the first end (2.5 s): at 1.5 s seed 0's latest is
+    # 0.2 (from 1 s); at 2 s, 0.4 and 0.3; at 2.5 s, 0.4 and 0.5.
+    assert times == [1.5, 2.0, 2.5]
+    assert accuracy == pytest.approx([0.25, 0.35, 0.45])
 
 
 def test_aim_check_against_fedavg_and_each_seeds_best_baseline(tta: ModuleType, tmp_path: Path) -> None:
