@@ -160,9 +160,10 @@ def code_version() -> str:
     return f"{head}+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else head
 
 
-def reusable(out: Path, config: ExperimentConfig) -> bool:
+def reusable(out: Path, config: ExperimentConfig, version: str) -> bool:
+    """A finished run in ``out`` made by code ``version`` from the same config."""
     summary_path, stamp = out / "summary.json", out / "code_version.txt"
-    if not (summary_path.is_file() and stamp.is_file()) or stamp.read_text() != code_version():
+    if not (summary_path.is_file() and stamp.is_file()) or stamp.read_text() != version:
         return False
     return bool(json.loads(summary_path.read_text()).get("config") == config_to_dict(config))
 
@@ -189,7 +190,8 @@ def run_all(runs: list[tuple[str, ExperimentConfig, Path]], parallel: int) -> No
     threads = threads_per_run(parallel)
     version = code_version()
     # Longest first, so that the last runs to finish are short ones and no worker idles long at the end.
-    pending = sorted((run for run in runs if not reusable(run[2], run[1])), key=lambda run: -expected_cost(run[1]))
+    pending = [(label, config, out) for label, config, out in runs if not reusable(out, config, version)]
+    pending.sort(key=lambda run: -expected_cost(run[1]))
 
     def one(label: str, config: ExperimentConfig, out: Path) -> None:
         began = time.perf_counter()
@@ -312,9 +314,10 @@ def mean_curve(per_seed: list[list[tuple[float, float]]], points: int = 200) -> 
     start = max(curve[0][0] for curve in per_seed)
     end = min(curve[-1][0] for curve in per_seed)
     grid = [start + (end - start) * i / (points - 1) for i in range(points)] if end > start else [start]
+    times = [[point[0] for point in curve] for curve in per_seed]
     means = []
     for t in grid:
-        latest = [curve[bisect.bisect_right([p[0] for p in curve], t) - 1][1] for curve in per_seed]
+        latest = [curve[bisect.bisect_right(ts, t) - 1][1] for curve, ts in zip(per_seed, times, strict=True)]
         means.append(statistics.mean(latest))
     return grid, means
 
