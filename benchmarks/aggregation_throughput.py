@@ -49,11 +49,10 @@ from amble.models import build_model
 from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import decode_event
 from amble.server.events.redis import RedisEventLog
-from amble.server.functions import FOLD_CONFLICTS
+from amble.server.factory import build_server, release_server
 from amble.server.runtime.workers import HEARTBEATS, stop_processes, worker_command
 from amble.server.store.redis import connect
 from amble.server.tensors import encode
-from amble.sim.factory import build_server, release_server
 from amble.strategies.base import Params, Report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +262,7 @@ def play_round(server: ParameterServer, workload: Workload, r: int, now_s: float
         Report(r, k, workload.num_samples[k], plan.local_steps, plan.batch_size, 1.0, 0.1, 0.1)
         for k, plan in sorted(plans.items())
     ]
-    busy_before, conflicts_before = server.runtime.stats().busy_s, server.store.counter(FOLD_CONFLICTS)
+    busy_before, conflicts_before = server.runtime.stats().busy_s, server.store.counter(keys.FOLD_CONFLICTS)
     began = time.perf_counter()
     for report in reports:
         server.upload(report, workload.updates[report.device], planned_s + 1.0)
@@ -279,7 +278,7 @@ def play_round(server: ParameterServer, workload: Workload, r: int, now_s: float
         latency_s=ended - uploaded,
         stamped_latency_s=None if stamp is None else stamp - uploaded_wall,
         function_s=server.runtime.stats().busy_s - busy_before,
-        conflicts=server.store.counter(FOLD_CONFLICTS) - conflicts_before,
+        conflicts=server.store.counter(keys.FOLD_CONFLICTS) - conflicts_before,
     )
     return timing, outcome.ended_at_s
 

@@ -1,6 +1,6 @@
 """Gateway load benchmark: N devices upload a small model's update at once, over real HTTP on loopback.
 
-It runs what ``amble serve`` runs (``amble.serve.prepare``: FedAvg on the synthetic dataset, every
+It runs what ``amble serve`` runs (``amble.live.serve.prepare``: FedAvg on the synthetic dataset, every
 device selected) with uvicorn on a free loopback port and the coordinator in a thread, registers N
 devices, waits until round 0 has planned them all, and then fires the N uploads (safetensors delta +
 ``X-Amble-Report``, each valid for its device's plan, built before the clock starts) from a separate
@@ -57,10 +57,11 @@ import uvicorn
 from provenance import commit, cpu_name
 
 from amble.config import ExperimentConfig, config_from_dict
-from amble.serve import Served, http_config, prepare
+from amble.live.serve import Served, http_config, prepare
+from amble.server.factory import release_server
+from amble.server.reports import num_samples
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import encode
-from amble.sim.factory import release_server
 from amble.strategies.base import Params, Plan, Report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,8 @@ def experiment_config(devices: int, model: str, seed: int) -> ExperimentConfig:
     raw = {
         "name": "gateway-load",
         "seed": seed,
-        "data": {"dataset": "synthetic", "num_devices": devices},
+        # Quantity skew: devices hold different sample counts, so plans (steps) and FedAvg weights differ.
+        "data": {"dataset": "synthetic", "num_devices": devices, "partition": {"kind": "quantity"}},
         "model": model,
         "rounds": 2,
         "devices_per_round": devices,
@@ -97,11 +99,6 @@ def experiment_config(devices: int, model: str, seed: int) -> ExperimentConfig:
         "eval": {"test_samples": 200},
     }
     return config_from_dict(raw, source="the gateway load benchmark")
-
-
-def samples_of(device: int) -> int:
-    """What each simulated device registers: 20-236 samples, so plans (steps) and FedAvg weights differ."""
-    return 20 + (37 * device) % 217
 
 
 def make_deltas(shapes: Shapes, seed: int, count: int) -> list[Params]:
@@ -129,8 +126,8 @@ class UploadJob:
         return self.device % DISTINCT_UPDATES
 
 
-def upload_job(device: int, token: str, round_index: int, plan: Plan) -> UploadJob:
-    report = Report(round_index, device, samples_of(device), plan.local_steps, plan.batch_size, 0.5, 0.05, 0.05)
+def upload_job(device: int, token: str, round_index: int, plan: Plan, samples: int) -> UploadJob:
+    report = Report(round_index, device, samples, plan.local_steps, plan.batch_size, 0.5, 0.05, 0.05)
     return UploadJob(device, token, json.dumps(report.to_dict()))
 
 
@@ -251,14 +248,12 @@ def running_gateway(served: Served) -> Iterator[str]:
         release_server(served.coordinator.server)
 
 
-async def register_all(url: str, tokens: Mapping[int, str], concurrency: int) -> None:
+async def register_all(url: str, tokens: Mapping[int, str], samples: Mapping[int, int], concurrency: int) -> None:
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=HTTP_TIMEOUT_S) as client:
         responses = await asyncio.gather(
             *(
-                client.post(
-                    "/v1/register", json={"num_samples": samples_of(d)}, headers={"Authorization": f"Bearer {t}"}
-                )
+                client.post("/v1/register", json={"num_samples": samples[d]}, headers={"Authorization": f"Bearer {t}"})
                 for d, t in tokens.items()
             )
         )
@@ -355,12 +350,12 @@ def outcome(sent: Sequence[Sent]) -> str:
     return ", ".join(f"{n} × {what}" for what, n in sorted(counts.items()))
 
 
-def fedavg_step(deltas: Sequence[Params], devices: Sequence[int]) -> Params:
+def fedavg_step(deltas: Sequence[Params], devices: Sequence[int], samples: Mapping[int, int]) -> Params:
     """What a FedAvg round of these devices' updates adds to the model: the sample-weighted mean."""
-    total = sum(samples_of(d) for d in devices)
+    total = sum(samples[d] for d in devices)
     step = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in deltas[0].items()}
     for device in devices:
-        delta, weight = deltas[device % DISTINCT_UPDATES], samples_of(device) / total
+        delta, weight = deltas[device % DISTINCT_UPDATES], samples[device] / total
         for name in step:
             step[name] += weight * delta[name].double()
     return step
@@ -378,11 +373,13 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
         deltas = make_deltas(shapes, seed, DISTINCT_UPDATES)
         bodies = [encode(delta) for delta in deltas]
         tokens, devices = served.tokens, sorted(served.tokens)
+        # Each device's partition size (the synthetic data split by the config): its registration and weight.
+        samples = {d: num_samples(served.coordinator.store, d) for d in devices}
         with running_gateway(served) as url:
             setup_concurrency = min(n, 64)
-            asyncio.run(register_all(url, tokens, setup_concurrency))
+            asyncio.run(register_all(url, tokens, samples, setup_concurrency))
             plans = asyncio.run(await_plans(url, tokens, 0, setup_concurrency))
-            jobs = {d: upload_job(d, tokens[d], 0, plans[d]) for d in devices}
+            jobs = {d: upload_job(d, tokens[d], 0, plans[d], samples[d]) for d in devices}
             busy_before = RuntimeStats.from_store(served.coordinator.store).busy_s
             spec = BurstSpec(url, 0, list(jobs.values()), shapes, seed, concurrency)
             burst = pool.submit(burst_process, spec).result()
@@ -410,7 +407,7 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
                 f"accepted {metrics['amble_updates_accepted_total']:.0f}, rejected {rejected or 'none'}",
             )
             published = served.coordinator.server.model(1)
-            step = fedavg_step(deltas, devices)
+            step = fedavg_step(deltas, devices, samples)
             error = max(float((published[k].double() - initial[k].double() - step[k]).abs().max()) for k in step)
             check(
                 "model v1 = v0 + FedAvg of the N updates (none lost or folded twice)",
@@ -429,7 +426,7 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
 
             # Round 1: duplicates racing their originals, then replays, while the round is still open.
             plans = asyncio.run(await_plans(url, tokens, 1, setup_concurrency))
-            jobs = {d: upload_job(d, tokens[d], 1, plans[d]) for d in devices}
+            jobs = {d: upload_job(d, tokens[d], 1, plans[d], samples[d]) for d in devices}
             held = devices[-1]
             order = [d for d in replayed for _ in range(2)] + [d for d in devices[len(replayed) : -1]]
             racing = asyncio.run(post_updates(url, 1, [jobs[d] for d in order], bodies, concurrency)).sent
@@ -513,7 +510,7 @@ def render_checks(runs: Sequence[Run]) -> list[str]:
 NOTES = """\
 How to read it:
 
-- One row per run, each on a fresh server (`amble.serve.prepare`: FedAvg, the synthetic dataset, the
+- One row per run, each on a fresh server (`amble.live.serve.prepare`: FedAvg, the synthetic dataset, the
   embedded store, every device selected), served by uvicorn on loopback. The devices register and poll
   `GET /v1/task` until round 0 planned them all (not timed); then a separate load-generator process
   (`httpx.AsyncClient`, keep-alive connections opened beforehand) sends every device's update at once,

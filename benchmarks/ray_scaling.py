@@ -42,8 +42,8 @@ import ray
 from processes import MB, redis_server, run_measured
 from provenance import provenance
 
+from amble.runsetup import device_shards
 from amble.server.tensors import encode
-from amble.sim.training import device_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

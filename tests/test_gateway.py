@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from amble.client.device import DeviceAgent
 from amble.config import config_from_dict
-from amble.serve import Served, http_config, prepare
+from amble.live.serve import Served, http_config, prepare
+from amble.server.reports import num_samples
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Plan, Report
 from tests.conftest import free_port
@@ -52,7 +53,7 @@ class Gateway:
         while time.monotonic() < deadline:
             state = self.served.coordinator.server.round_state(r)
             if state is not None:
-                return state
+                return state.public()
             time.sleep(0.02)
         raise AssertionError(f"round {r} was never planned")
 
@@ -82,19 +83,25 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         thread.join(timeout=10)
 
 
-def register_all(gw: Gateway, samples: int = 100) -> dict[int, Any]:
+def samples_of(gw: Gateway, device: int) -> int:
+    """The device's partition size, which the server knows from the config."""
+    return num_samples(gw.served.coordinator.store, device)
+
+
+def register_all(gw: Gateway) -> dict[int, Any]:
     for device in range(6):
-        assert gw.client(device).post("/v1/register", json={"num_samples": samples}).status_code == 200
+        response = gw.client(device).post("/v1/register", json={"num_samples": samples_of(gw, device)})
+        assert response.status_code == 200, response.text
     state = gw.wait_round(0)
     return state
 
 
-def update_for(gw: Gateway, device: int, r: int, plan: dict[str, Any], samples: int = 100) -> tuple[bytes, str]:
+def update_for(gw: Gateway, device: int, r: int, plan: dict[str, Any]) -> tuple[bytes, str]:
     """A valid update: zeros of the model's float tensors, and a report that matches the plan."""
     model = decode(gw.model_bytes())
     delta = {k: torch.zeros_like(v) for k, v in model.items() if v.is_floating_point()}
     p = Plan.from_dict(plan)
-    report = Report(r, device, samples, p.local_steps, p.batch_size, 0.5, 0.1, 0.1)
+    report = Report(r, device, samples_of(gw, device), p.local_steps, p.batch_size, 0.5, 0.1, 0.1)
     return encode(delta), json.dumps(report.to_dict())
 
 
@@ -218,8 +225,12 @@ def test_the_api_is_described_by_openapi(gateway: Gateway) -> None:
 def test_registration_is_validated(gateway: Gateway) -> None:
     assert_error(gateway.client(0).post("/v1/register", json={"num_samples": -3}), 422, "invalid_request")
     assert_error(gateway.client(0).post("/v1/register", content=b"not json"), 422, "invalid_request")
-    assert gateway.client(0).post("/v1/register", json={"num_samples": 10}).status_code == 200
-    assert_error(gateway.client(0).post("/v1/register", json={"num_samples": 11}), 409, "registration_conflict")
+    own = samples_of(gateway, 0)
+    assert gateway.client(0).post("/v1/register", json={"num_samples": own}).status_code == 200
+    assert gateway.client(0).post("/v1/register", json={"num_samples": own}).status_code == 200  # again: fine
+    assert_error(gateway.client(0).post("/v1/register", json={"num_samples": own + 1}), 409, "registration_conflict")
+    huge = gateway.client(1).post("/v1/register", json={"num_samples": 2**31 - 1})  # a weight of its own choosing
+    assert_error(huge, 409, "registration_conflict")
 
 
 _URL_SAFE = string.ascii_letters + string.digits + "-._~%/{}"

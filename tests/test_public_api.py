@@ -15,14 +15,14 @@ def test_public_names() -> None:
             "AGGREGATORS", "AdaBatch", "AdaBatchSettings", "Aggregator", "Amble", "AmbleSettings", "BaseWork",
             "Contribution", "DeadlineFedAvg", "DeadlineSettings", "DeviceState", "FedAvg", "FedAvgAggregator",
             "FedNova", "FedNovaAggregator", "FedProx", "Params", "PartialWorkSettings", "Plan", "Report",
-            "SpeedModel", "Strategy", "fit_speed",
+            "SpeedModel", "Strategy", "base_work", "build_strategy", "fit_speed",
         ]
     )  # fmt: skip
     assert sorted(amble.server.__all__) == sorted(
         [
             "Event", "EventLog", "Invocation", "LocalRuntime", "MemoryEventLog", "MemoryStore", "ParameterServer",
-            "PoolSettings", "RoundOutcome", "RunSettings", "Runtime", "RuntimeStats", "ServerFunctions", "Store",
-            "Versioned", "select_devices",
+            "PoolSettings", "RoundOutcome", "RoundState", "RunSettings", "Runtime", "RuntimeStats", "ServerFunctions",
+            "Store", "Versioned", "select_devices",
         ]
     )  # fmt: skip
     assert sorted(amble.fleet.__all__) == sorted(

@@ -11,10 +11,11 @@ from dataclasses import replace
 import pytest
 
 from amble.errors import ConfigError
+from amble.server import keys
 from amble.server.events.base import Event, EventLog
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
-from amble.server.runtime.workers import POOL_KEY, FunctionWorker, WorkerRuntime
+from amble.server.runtime.workers import FunctionWorker, WorkerRuntime
 from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, connect, wipe
 from tests.conftest import RedisServer
@@ -78,7 +79,7 @@ class _ThreadedWorkers(WorkerRuntime):
 
     def __init__(self, store: RedisStore, events: RedisEventLog, handlers_for: HandlersFor, settings: PoolSettings):
         super().__init__(store, events, settings, drain_timeout_s=30.0)
-        store.put(POOL_KEY, settings.to_json())
+        store.put(keys.POOL, settings.to_json())
         self.workers = [
             FunctionWorker(store.url, handlers_for, f"w{i}", [store.namespace]) for i in range(settings.max_instances)
         ]

@@ -12,9 +12,10 @@ from amble.client import LocalTrainer
 from amble.config import config_from_dict
 from amble.data import make_synthetic
 from amble.models import build_model
+from amble.runsetup import device_shards
 from amble.server.tensors import decode
 from amble.sim.driver import run_experiment
-from amble.sim.training import LocalDevices, TrainJob, device_shards, local_devices
+from amble.sim.training import LocalDevices, TrainJob, local_devices
 from amble.sim.vectorized import VectorizedTrainer, why_not_vectorized
 from amble.strategies import Plan
 from tests.test_sim import SMALL, read_jsonl

@@ -124,9 +124,9 @@ def _worker(args: argparse.Namespace) -> int:
 
     import torch
 
+    from amble.server.factory import handlers_from_store
     from amble.server.runtime.workers import FunctionWorker, store_factory_from_env
     from amble.server.store.redis import connect
-    from amble.sim.factory import handlers_from_store
 
     # Folding is memory-bound: a thread per core in every worker only makes workers wait for each other.
     torch.set_num_threads(args.threads)
@@ -142,7 +142,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from amble.config import load_config
-    from amble.serve import prepare, serve
+    from amble.live.serve import prepare, serve
 
     config = load_config(args.config, args.overrides)
     out_dir = args.out or Path("runs") / f"{config.name}-serve"

@@ -15,10 +15,41 @@ class DataError(AmbleError):
     """A dataset is missing or malformed: names the file or folder and how to get it."""
 
 
+REJECTION_REASONS: dict[str, str] = {
+    # the gateway's own, before an upload is stored
+    "unauthenticated": "no bearer token was sent",
+    "unknown_token": "the token was not issued by this server",
+    "invalid_request": "the request does not match the API (a field's type or range)",
+    "registration_conflict": "a registration that disagrees with what the server knows of the device",
+    "future_round": "an upload for a round that has not started",
+    "stale_round": "an upload for a round that is closed",
+    "replayed": "a second upload for a round the device already uploaded to",
+    "busy": "the update could not be queued for aggregation now; retry later",
+    # the aggregation functions' (and the gateway's, which runs the same checks first)
+    "unknown_round": "a round that was never planned",
+    "not_selected": "a device that was not selected in the round",
+    "late": "an update that arrived after its round was closed",
+    "too_large": "an update over the size limit",
+    "missing_update": "an upload whose stored update is gone",
+    "malformed_report": "a report that is not a flat JSON object of the expected, plausible values",
+    "malformed": "bytes that are not a safetensors blob",
+    "missing_tensor": "an update without one of the model's tensors",
+    "unexpected_tensor": "an update with a tensor the model does not have",
+    "shape": "a tensor whose shape differs from the model's",
+    "dtype": "a tensor whose dtype differs from the model's",
+    "non_finite": "a tensor with NaN or infinite values",
+    "norm": "an update whose norm is over the bound (server.max_update_norm)",
+}
+"""Every reason an upload or a request can be refused for, with what it means: the functions, the
+gateway and the gateway's metrics all use this one list."""
+
+
 class UpdateRejected(AmbleError):
-    """An uploaded update failed validation; ``reason`` is a short machine-readable code."""
+    """An uploaded update failed validation; ``reason`` is a short code from :data:`REJECTION_REASONS`."""
 
     def __init__(self, reason: str, message: str) -> None:
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}: add it to REJECTION_REASONS")
         super().__init__(message)
         self.reason = reason
 

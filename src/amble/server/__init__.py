@@ -4,6 +4,7 @@ from amble.server.events import Event, EventLog, MemoryEventLog
 from amble.server.functions import RunSettings, ServerFunctions, select_devices
 from amble.server.paramserver import ParameterServer, RoundOutcome
 from amble.server.runtime import Invocation, LocalRuntime, PoolSettings, Runtime, RuntimeStats
+from amble.server.state import RoundState
 from amble.server.store import MemoryStore, Store, Versioned
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ParameterServer",
     "PoolSettings",
     "RoundOutcome",
+    "RoundState",
     "RunSettings",
     "Runtime",
     "RuntimeStats",

@@ -29,8 +29,10 @@ import torch
 from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.events.base import Event
+from amble.server.reports import check_report, num_samples
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
-from amble.server.store.base import Store
+from amble.server.state import RoundState
+from amble.server.store.base import Store, read_json
 from amble.server.tensors import (
     TensorSpec,
     decode,
@@ -38,11 +40,9 @@ from amble.server.tensors import (
     template_from_json,
     validate_update,
 )
-from amble.strategies.base import DeviceState, Params, Plan, Report, Strategy
+from amble.strategies.base import DeviceState, Params, Report, Strategy
 
 CAS_RETRIES = 100
-FOLD_CONFLICTS = "runtime/fold_conflicts"
-"""Counter: fold commits that lost to another instance's on the round's meta record and were retried."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,6 @@ def select_devices(seed: int, round_index: int, available: list[int], count: int
     pool = sorted(available)
     chosen = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
     return sorted(pool[int(i)] for i in chosen)
-
-
-def read_json(store: Store, key: str) -> Any:
-    blob = store.get(key)
-    return None if blob is None else json.loads(blob)
 
 
 def record_rejection(store: Store, round_index: int, device: int, upload: str, reason: str, message: str) -> None:
@@ -152,18 +147,18 @@ class ServerFunctions:
         template: dict[str, TensorSpec] = inv.cache["template"]
         return template
 
-    def _round_state(self, inv: Invocation, round_index: int) -> dict[str, Any] | None:
+    def _round_state(self, inv: Invocation, round_index: int) -> RoundState | None:
         """The round's state (status, expected devices, every plan): parsed once per version per warm
-        instance, not once per upload (it grows with the devices per round). Callers must not change it."""
+        instance, not once per upload (it grows with the devices per round)."""
         key = keys.round_state(round_index)
         cached = inv.cache.get("state")
         if cached is not None and cached[0] == key and cached[1] == self.store.version(key):
-            state: dict[str, Any] = cached[2]
+            state: RoundState = cached[2]
             return state
         current = self.store.get_versioned(key)
         if current is None:
             return None
-        state = json.loads(current.value)
+        state = RoundState.from_json(current.value)
         inv.cache["state"] = (key, current.version, state)
         return state
 
@@ -192,13 +187,14 @@ class ServerFunctions:
                 settings.seed, round_index, [int(d) for d in event.payload["available"]], settings.devices_per_round
             )
             plans = self.strategy.plan(round_index, [self._device_state(d) for d in chosen])
-            state = {
-                "status": "open",
-                "base_version": latest["version"],
-                "expected": chosen,
-                "plans": {str(d): p.to_dict() for d, p in plans.items()},
-            }
-            self.store.compare_and_set(state_key, json.dumps(state).encode(), 0)
+            state = RoundState(
+                status="open",
+                base_version=int(latest["version"]),
+                expected=tuple(chosen),
+                plans=plans,
+                started_at_s=event.at_s,
+            )
+            self.store.compare_and_set(state_key, state.to_json(), 0)
         inv.emit(keys.PUBLISHED_TOPIC, "round_planned", {"round": round_index})
 
     def _device_state(self, device: int) -> DeviceState:
@@ -219,17 +215,19 @@ class ServerFunctions:
         round_index, device, upload = int(payload["round"]), int(payload["device"]), str(payload["upload"])
         update_key = payload.get("update_key")
         try:
-            self._fold(inv, round_index, device, update_key, payload)
+            self._fold(inv, round_index, device, update_key, payload, event.at_s)
         except UpdateRejected as rejection:
             record_rejection(self.store, round_index, device, upload, rejection.reason, str(rejection))
             if update_key:
                 self.store.delete(update_key)
 
-    def _fold(self, inv: Invocation, round_index: int, device: int, update_key: str | None, payload: Any) -> None:
+    def _fold(
+        self, inv: Invocation, round_index: int, device: int, update_key: str | None, payload: Any, arrived_at_s: float
+    ) -> None:
         state = self._round_state(inv, round_index)
         if state is None:
             raise UpdateRejected("unknown_round", f"round {round_index} was never planned")
-        if device not in state["expected"]:
+        if device not in state.expected:
             raise UpdateRejected("not_selected", f"device {device} was not selected in round {round_index}")
         meta_key, shard_key = keys.round_meta(round_index), keys.round_shard(round_index, inv.shard)
         folded: _Folded | None = None
@@ -242,9 +240,9 @@ class ServerFunctions:
                 self._record_report(inv, Report.from_dict(payload["report"]))
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
-            if meta["sealed"] or state["status"] != "open":
+            if meta["sealed"] or not state.is_open:
                 raise UpdateRejected("late", f"round {round_index} is already closed")
-            report = check_report(self.store, round_index, device, payload.get("report"), state)
+            report = check_report(self.store, round_index, device, payload.get("report"), state, arrived_at_s)
             if folded is None or self.store.version(shard_key) != folded.shard_version:
                 # The heavy part, done once unless this shard itself moved: then loop to re-read the
                 # meta record, which other instances may have changed in the meantime.
@@ -274,7 +272,7 @@ class ServerFunctions:
                 self._record_report(inv, report)
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
-            self.store.incr(FOLD_CONFLICTS)  # another instance committed first: re-read, commit again
+            self.store.incr(keys.FOLD_CONFLICTS)  # another instance committed first: re-read, commit again
             state = self._round_state(inv, round_index) or state
         raise RuntimeError(f"could not fold device {device} into round {round_index}: too much contention")
 
@@ -288,10 +286,8 @@ class ServerFunctions:
             raise UpdateRejected("missing_update", f"no update blob was stored for device {device}")
         return validate_update(blob, self._template(inv), settings.max_update_bytes)
 
-    def _announce_if_complete(
-        self, inv: Invocation, round_index: int, meta: dict[str, Any], state: dict[str, Any]
-    ) -> None:
-        if len(meta["counted"]) == len(state["expected"]) and not meta["sealed"]:
+    def _announce_if_complete(self, inv: Invocation, round_index: int, meta: dict[str, Any], state: RoundState) -> None:
+        if len(meta["counted"]) == len(state.expected) and not meta["sealed"]:
             inv.emit(FUNCTIONS_TOPIC, "round_ready", {"round": round_index})
 
     def _shard_sums(self, inv: Invocation, key: str) -> tuple[Params, int]:
@@ -338,25 +334,25 @@ class ServerFunctions:
         current = self.store.get_versioned(state_key)
         if current is None:
             raise LookupError(f"finalize for round {round_index}, which was never planned")
-        state = json.loads(current.value)
-        if state["status"] != "open":
+        state = RoundState.from_json(current.value)
+        if not state.is_open:
             self._announce_outcome(inv, round_index, state)
             return
-        meta = self._seal(round_index, len(state["expected"]), closing=event.type == "round_deadline")
+        meta = self._seal(round_index, len(state.expected), closing=event.type == "round_deadline")
         if meta is None:
             return  # not every update is in and this is not the deadline
         counted = len(meta["counted"])
-        quorum = max(1, math.ceil(self._settings(inv).quorum * len(state["expected"])))
-        base_version = int(state["base_version"])
+        quorum = max(1, math.ceil(self._settings(inv).quorum * len(state.expected)))
+        base_version = state.base_version
         if counted < quorum:
-            outcome = {**state, "status": "failed", "counted": meta["counted"], "quorum": quorum}
+            outcome = state.decided("failed", meta["counted"], quorum=quorum)
         else:
             sums = self._merge_shards(meta["shards"])
             new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums, meta["stats"])
             self.store.put(keys.model(base_version + 1), encode(new_params))
             inv.cache["model"] = (base_version + 1, new_params)
-            outcome = {**state, "status": "finalized", "counted": meta["counted"], "version": base_version + 1}
-        if self.store.compare_and_set(state_key, json.dumps(outcome).encode(), current.version):
+            outcome = state.decided("finalized", meta["counted"], version=base_version + 1)
+        if self.store.compare_and_set(state_key, outcome.to_json(), current.version):
             self._announce_outcome(inv, round_index, outcome)
 
     def _seal(self, round_index: int, expected: int, closing: bool) -> dict[str, Any] | None:
@@ -387,14 +383,14 @@ class ServerFunctions:
             raise LookupError("a round with counted updates has no shards")
         return total
 
-    def _announce_outcome(self, inv: Invocation, round_index: int, state: dict[str, Any]) -> None:
-        if state["status"] == "finalized":
-            self._advance_latest(int(state["version"]))
-            self._compact(round_index, int(state["base_version"]))
-            inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": state["version"]})
-        elif state["status"] == "failed":
-            payload = {"round": round_index, "counted": len(state["counted"]), "quorum": state["quorum"]}
-            inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state["base_version"]})
+    def _announce_outcome(self, inv: Invocation, round_index: int, state: RoundState) -> None:
+        if state.status == "finalized" and state.version is not None:
+            self._advance_latest(state.version)
+            self._compact(round_index, state.base_version)
+            inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": state.version})
+        elif state.status == "failed":
+            payload = {"round": round_index, "counted": len(state.counted), "quorum": state.quorum}
+            inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state.base_version})
 
     def _compact(self, round_index: int, base_version: int) -> None:
         """Once a round is decided, drop what nobody reads again (idempotent, so reruns are fine).
@@ -415,57 +411,9 @@ class ServerFunctions:
         update_json(self.store, keys.LATEST, advance, "the latest model version")
 
 
-def num_samples(store: Store, device: int) -> int:
-    """The sample count a device registered (its FedAvg weight is checked against it)."""
-    info = read_json(store, keys.device_info(device))
-    if info is None:
-        raise LookupError(f"device {device} is not registered")
-    return int(info["num_samples"])
-
-
-def check_report(store: Store, round_index: int, device: int, raw: Any, state: dict[str, Any]) -> Report:
-    """The report must be well-formed and agree with the registry and the device's plan.
-
-    Aggregation weights come from the report, so a device may not claim more samples than it
-    registered, a different batch size, or more steps than it was planned.
-    """
-    try:
-        report = Report.from_dict(raw)
-    except (KeyError, TypeError) as exc:
-        raise UpdateRejected("malformed_report", f"report is missing field {exc}") from None
-    counts = [report.round, report.device, report.num_samples, report.local_steps, report.batch_size]
-    seconds = [report.compute_s, report.download_s, report.upload_s]
-    if not all(type(x) is int for x in counts):
-        raise UpdateRejected("malformed_report", "round, device, num_samples, local_steps, batch_size must be integers")
-    if not all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in seconds):
-        raise UpdateRejected("malformed_report", "compute_s, download_s, upload_s must be finite non-negative numbers")
-    if (report.round, report.device) != (round_index, device):
-        raise UpdateRejected(
-            "malformed_report", f"report is for round {report.round} device {report.device}, not the upload's"
-        )
-    registered = num_samples(store, device)
-    if report.num_samples != registered:
-        raise UpdateRejected(
-            "malformed_report",
-            f"report claims {report.num_samples} samples; device {device} registered {registered}",
-        )
-    plan = Plan.from_dict(state["plans"][str(device)])
-    if report.batch_size != plan.batch_size or not 1 <= report.local_steps <= plan.local_steps:
-        raise UpdateRejected(
-            "malformed_report",
-            f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
-            f"{plan.batch_size} x at most {plan.local_steps} steps",
-        )
-    return report
-
-
 def _meta(blob: bytes | None) -> dict[str, Any]:
     """A round's aggregation record: devices counted, aggregator stats, shards written, sealed."""
     if blob is None:
         return {"counted": [], "stats": {}, "shards": [], "sealed": False}
     meta: dict[str, Any] = json.loads(blob)
     return meta
-
-
-def plans_of(state: dict[str, Any]) -> dict[int, Plan]:
-    return {int(d): Plan.from_dict(p) for d, p in state["plans"].items()}

@@ -48,3 +48,61 @@ def round_rejection(round_index: int, device: int, upload: str) -> str:
 
 
 UPLOAD_COUNTER = "uploads"
+"""Counter: uploads stored so far (each gets the next number as its upload id)."""
+
+RUN_SPEC = "run/spec"
+"""What a worker needs to rebuild a run's functions: the experiment config and the strategy's index."""
+POOL = "run/pool"
+"""A run's PoolSettings, as JSON."""
+CHECKPOINT = "driver/checkpoint"
+"""The simulation driver's own state after its last completed round (JSON)."""
+
+# -- the runtime's accounting -------------------------------------------------------------------
+
+INVOCATIONS = "runtime/invocations"
+COLD_STARTS = "runtime/cold_starts"
+WARM_STARTS = "runtime/warm_starts"
+BUSY_S = "runtime/busy_s"
+FAILURES = "runtime/failures"
+DEAD_LETTERS = "runtime/dead_letters"
+FOLD_CONFLICTS = "runtime/fold_conflicts"
+"""Counter: fold commits that lost to another instance's on the round's meta record and were retried."""
+DEAD_LETTER_PREFIX = "runtime/dead_letter/"
+LAST_ERROR_PREFIX = "runtime/last_error/"
+
+
+def dead_letter(event_id: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}{event_id}"
+
+
+def last_error(event_id: str) -> str:
+    return f"{LAST_ERROR_PREFIX}{event_id}"
+
+
+# -- the live gateway ---------------------------------------------------------------------------
+
+TOKEN_PREFIX = "gateway/token/"
+"""``gateway/token/{sha256 of the token}`` -> the device id (tokens themselves are never stored)."""
+REGISTERED = "gateway/registered"
+"""A set of the device ids that registered."""
+ACCEPTED = "gateway/accepted"
+"""Counter: uploads the gateway accepted."""
+
+
+def device_token(token_hash: str) -> str:
+    return f"{TOKEN_PREFIX}{token_hash}"
+
+
+def uploaded(round_index: int) -> str:
+    """A set of the devices whose upload for the round was accepted (replays are refused)."""
+    return f"gateway/uploaded/{round_index}"
+
+
+def rejected_counter(reason: str) -> str:
+    """Counter: requests the gateway rejected for ``reason``."""
+    return f"gateway/rejected/{reason}"
+
+
+def rounds_counter(status: str) -> str:
+    """Counter: rounds the live coordinator closed with ``status``."""
+    return f"gateway/rounds/{status}"

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from amble.errors import AmbleError
 from amble.server import keys
 from amble.server.events.base import EventLog
-from amble.server.functions import RunSettings, load_model, plans_of, read_json
+from amble.server.functions import RunSettings, load_model
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
-from amble.server.store.base import Store
+from amble.server.state import RoundState
+from amble.server.store.base import Store, read_json
 from amble.server.tensors import encode, template_of, template_to_json
 from amble.strategies.base import Params, Plan, Report
 
@@ -64,20 +64,20 @@ class ParameterServer:
     def model(self, version: int | None = None) -> Params:
         return load_model(self.store, self.latest_version() if version is None else version)
 
-    def round_state(self, round_index: int) -> dict[str, Any] | None:
-        """A round's state: ``status`` (open, finalized, failed), ``base_version``, ``expected``, ``plans``."""
-        state: dict[str, Any] | None = read_json(self.store, keys.round_state(round_index))
-        return state
+    def round_state(self, round_index: int) -> RoundState | None:
+        """A round's state (None before it is planned)."""
+        blob = self.store.get(keys.round_state(round_index))
+        return None if blob is None else RoundState.from_json(blob)
 
     def start_round(self, round_index: int, available: list[int], at_s: float) -> tuple[dict[int, Plan], float]:
         """Trigger ``plan_round``; returns the plans it wrote and the virtual time they were ready."""
         self.events.publish(FUNCTIONS_TOPIC, "round_start", {"round": round_index, "available": available}, at_s)
         self.runtime.drain()
         planned_at_s = self._take_published().get(round_index, ("planned", -1, at_s))[2]
-        state = read_json(self.store, keys.round_state(round_index))
+        state = self.round_state(round_index)
         if state is None:
             raise AmbleError(f"round {round_index} was not planned: {self._function_errors()}")
-        return plans_of(state), planned_at_s
+        return dict(state.plans), planned_at_s
 
     def upload(self, report: Report, update: bytes, at_s: float) -> str:
         """Store an update under a fresh upload id and emit the event that triggers its aggregation.
@@ -124,12 +124,12 @@ class ParameterServer:
         if outcome is None or outcome[0] == "planned":
             raise AmbleError(f"round {round_index} neither finalised nor failed: {self._function_errors()}")
         status, version, ended_at_s = outcome
-        state = read_json(self.store, keys.round_state(round_index))
+        state = self.round_state(round_index)
         rejected: dict[int, str] = {}
         for member in sorted(self.store.set_members(keys.round_rejected(round_index))):
             device, _, reason = member.split(":", 2)
             rejected.setdefault(int(device), reason)
-        return RoundOutcome(round_index, status, version, ended_at_s, list(state.get("counted", [])), rejected)
+        return RoundOutcome(round_index, status, version, ended_at_s, list(state.counted if state else ()), rejected)
 
     def _take_published(self) -> dict[int, tuple[str, int, float]]:
         """Outcomes announced on the published topic since the last call, by round."""
@@ -145,6 +145,6 @@ class ParameterServer:
         return outcomes
 
     def _function_errors(self) -> str:
-        errors = [(self.store.get(k) or b"").decode() for k in self.store.keys("runtime/dead_letter/")]
-        errors += [(self.store.get(k) or b"").decode() for k in self.store.keys("runtime/last_error/")[-3:]]
+        errors = [(self.store.get(k) or b"").decode() for k in self.store.keys(keys.DEAD_LETTER_PREFIX)]
+        errors += [(self.store.get(k) or b"").decode() for k in self.store.keys(keys.LAST_ERROR_PREFIX)[-3:]]
         return "; ".join(errors) or "no function error was recorded"

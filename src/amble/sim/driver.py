@@ -10,7 +10,6 @@ waiting and clocks; the strategies and functions never see the profiles.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from amble import raycluster
@@ -34,12 +32,13 @@ from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, cali
 from amble.models import build_model
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
-from amble.server import ParameterServer, RoundOutcome, RunSettings
+from amble.runsetup import prepare_run, run_namespace
+from amble.server import ParameterServer, RoundOutcome, keys
+from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
 from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
-from amble.sim.factory import CHECKPOINT, build_server, release_server, saved_checkpoint, wipe_run
 from amble.sim.raytraining import RayDevices
-from amble.sim.training import DeviceTrainers, TrainJob, device_shards, local_devices
+from amble.sim.training import DeviceTrainers, TrainJob, local_devices
 from amble.strategies import Params, Plan, Report
 
 Progress = Callable[[str], None]
@@ -59,13 +58,12 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, cache_dir: Path | None = None) -> None:
         self.config = config
         seed = config.seed
-        self.dataset: Dataset
-        self.dataset, self.device_data = device_shards(config)
+        self.setup = prepare_run(config)
+        self.dataset: Dataset = self.setup.dataset
+        self.device_data = self.setup.device_data
         self.fleet: list[DeviceProfile] = generate_fleet(config.fleet, config.data.num_devices, seed)
-
-        torch.manual_seed(seed)
-        self.model = build_model(config.model, self.dataset.input_shape, self.dataset.num_classes)
-        self.initial: Params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model = self.setup.model
+        self.initial: Params = self.setup.initial
         update_bytes = sum(v.numel() * v.element_size() for v in self.initial.values() if v.is_floating_point())
 
         if config.fleet.t_ref is not None:
@@ -81,13 +79,7 @@ class Experiment:
         self.step_time = step_time
         self.clock = VirtualClock(step_time, update_bytes, seed)
 
-        test_x, test_y = self.dataset.x_test, self.dataset.y_test
-        if config.eval.test_samples is not None and config.eval.test_samples < len(test_y):
-            keep = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(seed))[
-                : config.eval.test_samples
-            ]
-            test_x, test_y = test_x[keep], test_y[keep]
-        self.test = (test_x, test_y)
+        self.test = self.setup.test
         self._devices: DeviceTrainers | None = None
 
     def run(
@@ -170,16 +162,7 @@ class Experiment:
         snapshot: Path | None,
     ) -> StrategyRun:
         config = self.config
-        server.initialize(
-            self.initial,
-            {k: len(y) for k, (_, y) in enumerate(self.device_data)},
-            RunSettings(
-                seed=config.seed,
-                devices_per_round=config.devices_per_round,
-                quorum=config.server.quorum,
-                max_update_bytes=int(config.server.max_update_mb * 2**20),
-            ),
-        )
+        server.initialize(self.initial, self.setup.num_samples, self.setup.settings)
         eval_model = copy.deepcopy(self.model)
         tally = _Tally.from_json(checkpoint["tally"]) if checkpoint else _Tally()
         first = checkpoint["round"] + 1 if checkpoint else 0
@@ -224,7 +207,7 @@ class Experiment:
     def _checkpoint(server: ParameterServer, r: int, tally: _Tally, wall_time_s: float, snapshot: Path) -> None:
         """After round ``r``'s rows are written: what a resumed run continues from."""
         state = {"round": r, "tally": asdict(tally), "wall_time_s": wall_time_s}
-        server.store.put(CHECKPOINT, json.dumps(state).encode())
+        server.store.put(keys.CHECKPOINT, json.dumps(state).encode())
         if isinstance(server.store, MemoryStore):
             server.store.save(snapshot)
 
@@ -233,11 +216,13 @@ class Experiment:
         available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
         plans, start_s = server.start_round(r, available, tally.now_s)
         planned_steps = {k: p.local_steps for k, p in plans.items()}
-        state = server.round_state(r) or {}
+        state = server.round_state(r)
+        if state is None:
+            raise AmbleError(f"round {r} has no state after it was planned")
         # Resuming a round the server had already decided (the driver died before its checkpoint):
         # train again for the rows and tallies, but do not upload what was already aggregated.
-        decided = state.get("status", "open") != "open"
-        start_params = server.model(int(state["base_version"]))
+        decided = not state.is_open
+        start_params = server.model(state.base_version)
         rows: list[dict[str, Any]] = []
         finished_s: dict[int, float] = {}
         drop_times: list[float] = []
@@ -388,12 +373,6 @@ class _Tally:
             "function_failures": stats.failures,
             "aggregation_latency_s": float(np.mean(self.latencies)) if self.latencies else None,
         }
-
-
-def run_namespace(config: ExperimentConfig, out_dir: Path) -> str:
-    """Where a run's state lives in a shared store: one name per config name and output directory."""
-    digest = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:10]
-    return f"{config.name}-{digest}"
 
 
 RUN_FILE = "run.json"

@@ -19,8 +19,9 @@ import torch
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict
 from amble.errors import AmbleError, ConfigError
 from amble.raycluster import cpus, import_ray
+from amble.runsetup import device_shards
 from amble.server.tensors import decode, encode
-from amble.sim.training import DeviceTrainers, Trained, TrainJob, device_shards, local_devices
+from amble.sim.training import DeviceTrainers, Trained, TrainJob, local_devices
 from amble.strategies import Params, Plan
 
 

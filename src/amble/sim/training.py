@@ -12,18 +12,17 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from amble.client import LocalTrainer
 from amble.config import ExperimentConfig
-from amble.data import Dataset, load_dataset, split_for
+from amble.data import Dataset
 from amble.models import build_model
+from amble.runsetup import DeviceData
 from amble.server.tensors import encode
 from amble.sim.vectorized import VectorizedTrainer, group_key, why_not_vectorized
 from amble.strategies import Params, Plan
 
-DeviceData = list[tuple[torch.Tensor, torch.Tensor]]
 VECTOR_GROUP = 128
 """Devices trained in one vectorised computation at most (their stacked parameters, gradients and
 batches are held at once)."""
@@ -44,16 +43,6 @@ class Trained:
     """The delta as safetensors bytes: what the device uploads."""
     compute_s: float
     """Seconds spent inside local training (measured where it ran)."""
-
-
-def device_shards(config: ExperimentConfig) -> tuple[Dataset, DeviceData]:
-    """The dataset and each device's pre-sliced (x, y) tensors: no DataLoader, no per-step indexing
-    into the full set. A function of the config and seed, so every process computes the same split."""
-    data = config.data
-    dataset = load_dataset(data.dataset, data.root, seed=config.seed, synthetic_size=data.synthetic_size)
-    indices = split_for(data, dataset.y_train.numpy(), config.seed)
-    shards = [(dataset.x_train[torch.as_tensor(i)], dataset.y_train[torch.as_tensor(i)]) for i in indices]
-    return dataset, shards
 
 
 def local_trainer(config: ExperimentConfig, dataset: Dataset, model: nn.Module | None = None) -> LocalTrainer:

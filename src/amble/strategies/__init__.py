@@ -16,9 +16,8 @@ from amble.strategies.deadline import DeadlineFedAvg, DeadlineSettings
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
 from amble.strategies.fednova import FedNova, FedNovaAggregator
 from amble.strategies.fedprox import FedProx, PartialWorkSettings
+from amble.strategies.registry import AGGREGATORS, base_work, build_strategy
 from amble.strategies.speed import SpeedModel, fit_speed
-
-AGGREGATORS: dict[str, type[Aggregator]] = {"fedavg": FedAvgAggregator, "fednova": FedNovaAggregator}
 
 __all__ = [
     "AGGREGATORS",
@@ -43,5 +42,7 @@ __all__ = [
     "Report",
     "SpeedModel",
     "Strategy",
+    "base_work",
+    "build_strategy",
     "fit_speed",
 ]

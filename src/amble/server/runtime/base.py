@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from amble.server import keys
 from amble.server.events.base import Event, EventLog
 from amble.server.store.base import Store
 
@@ -86,21 +87,21 @@ class RuntimeStats:
     @classmethod
     def from_store(cls, store: Store) -> RuntimeStats:
         return cls(
-            invocations=int(store.counter("runtime/invocations")),
-            cold_starts=int(store.counter("runtime/cold_starts")),
-            warm_starts=int(store.counter("runtime/warm_starts")),
-            busy_s=store.counter("runtime/busy_s"),
-            failures=int(store.counter("runtime/failures")),
-            dead_letters=int(store.counter("runtime/dead_letters")),
+            invocations=int(store.counter(keys.INVOCATIONS)),
+            cold_starts=int(store.counter(keys.COLD_STARTS)),
+            warm_starts=int(store.counter(keys.WARM_STARTS)),
+            busy_s=store.counter(keys.BUSY_S),
+            failures=int(store.counter(keys.FAILURES)),
+            dead_letters=int(store.counter(keys.DEAD_LETTERS)),
         )
 
 
 def record_invocation(store: Store, *, cold: bool, busy_s: float, failed: bool) -> None:
-    store.incr("runtime/invocations")
-    store.incr("runtime/cold_starts" if cold else "runtime/warm_starts")
-    store.incr("runtime/busy_s", busy_s)
+    store.incr(keys.INVOCATIONS)
+    store.incr(keys.COLD_STARTS if cold else keys.WARM_STARTS)
+    store.incr(keys.BUSY_S, busy_s)
     if failed:
-        store.incr("runtime/failures")
+        store.incr(keys.FAILURES)
 
 
 def invoke(
@@ -127,7 +128,7 @@ def invoke(
         handler(event, invocation)
     except Exception as exc:  # a crashed function: its instance is lost, the event stays pending
         record_invocation(store, cold=invocation.cold, busy_s=time.perf_counter() - began, failed=True)
-        store.put(f"runtime/last_error/{event.id}", f"{type(exc).__name__}: {exc}".encode())
+        store.put(keys.last_error(event.id), f"{type(exc).__name__}: {exc}".encode())
         if event.deliveries >= settings.max_attempts:
             dead_letter(
                 store, events, event, f"failed {event.deliveries} times; last error {type(exc).__name__}: {exc}"
@@ -152,8 +153,8 @@ def next_events(events: EventLog, consumer: str) -> list[Event]:
 
 
 def dead_letter(store: Store, events: EventLog, event: Event, reason: str) -> None:
-    store.incr("runtime/dead_letters")
-    store.put(f"runtime/dead_letter/{event.id}", f"{event.type}: {reason}".encode())
+    store.incr(keys.DEAD_LETTERS)
+    store.put(keys.dead_letter(event.id), f"{event.type}: {reason}".encode())
     events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, event.id)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from amble.errors import AmbleError
 from amble.raycluster import import_ray
+from amble.server import keys
 from amble.server.events.base import Event
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import (
@@ -153,7 +154,7 @@ class RayRuntime(Runtime):
                     dead_letter(self.store, self.events, event, f"no function handles events of type '{event.type}'")
                     continue
                 if event.deliveries > self.settings.max_attempts:  # its instance died every time
-                    last = (self.store.get(f"runtime/last_error/{event.id}") or b"").decode()
+                    last = (self.store.get(keys.last_error(event.id)) or b"").decode()
                     reason = f"its function instance died {event.deliveries - 1} times; last error: {last}"
                     dead_letter(self.store, self.events, event, reason)
                     continue
@@ -180,7 +181,7 @@ class RayRuntime(Runtime):
             except ray.exceptions.RayError as exc:
                 # The instance died (or could not start): its event stays pending for redelivery to
                 # another, with what killed it kept where a dead letter will report it.
-                self.store.put(f"runtime/last_error/{event.id}", f"{type(exc).__name__}: {exc}"[-2000:].encode())
+                self.store.put(keys.last_error(event.id), f"{type(exc).__name__}: {exc}"[-2000:].encode())
                 self.pool.discard(instance)
                 self._forget(actor)
                 continue

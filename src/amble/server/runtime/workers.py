@@ -36,6 +36,7 @@ from typing import Any, cast
 import redis
 
 from amble.errors import AmbleError
+from amble.server import keys
 from amble.server.events.base import Event
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import (
@@ -54,8 +55,6 @@ NAMESPACES = "amble:namespaces"
 """The runs workers serve: a Redis set of namespaces, added by the driver when a run starts."""
 HEARTBEATS = "amble:workers"
 """Worker liveness: a hash of consumer name -> Redis server time of its last loop."""
-POOL_KEY = "run/pool"
-"""A run's PoolSettings, as JSON, in its namespace."""
 HEARTBEAT_STALE_S = 10.0
 
 
@@ -116,7 +115,7 @@ class FunctionWorker:
             del self.served[gone]
         for namespace in sorted(wanted - set(self.served)):
             store = self.store_factory(self.url, namespace, self.client)
-            pool = store.get(POOL_KEY)
+            pool = store.get(keys.POOL)
             if pool is None:  # registered but not yet initialised: try again on the next refresh
                 continue
             events = RedisEventLog(self.url, namespace, self.client)
@@ -262,7 +261,7 @@ class WorkerRuntime(Runtime):
             progress = (
                 self.events.backlog(FUNCTIONS_TOPIC, FUNCTIONS_GROUP),
                 self.events.pending(FUNCTIONS_TOPIC, FUNCTIONS_GROUP),
-                self.store.counter("runtime/invocations"),
+                self.store.counter(keys.INVOCATIONS),
             )
             if progress[:2] == (0, 0):
                 return

@@ -7,9 +7,11 @@ only if nobody wrote in between: this is what makes a fold exactly-once in effec
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,9 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook; the embedded store holds nothing to release
         """Release connections."""
+
+
+def read_json(store: Store, key: str) -> Any:
+    """The JSON value at ``key``, or None when absent."""
+    blob = store.get(key)
+    return None if blob is None else json.loads(blob)

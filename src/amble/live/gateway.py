@@ -20,17 +20,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from amble.errors import AmbleError, UpdateRejected
+from amble.errors import REJECTION_REASONS, AmbleError, UpdateRejected
+from amble.live.coordinator import Coordinator, device_of
 from amble.server import keys
-from amble.server.coordinator import REGISTERED, UPLOADED, Coordinator, device_of
-from amble.server.functions import RunSettings, check_report
+from amble.server.functions import RunSettings
+from amble.server.reports import check_report
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import template_from_json, validate_update
 
 log = logging.getLogger("amble.gateway")
 
-REJECTED = "gateway/rejected/"
-ACCEPTED = "gateway/accepted"
 MAX_REPORT_BYTES = 4096
 
 
@@ -60,7 +59,7 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
     template = template_from_json(store.get(keys.TEMPLATE) or b"{}")
 
     def reject(status: int, reason: str, message: str, device: int | None = None) -> ApiError:
-        store.incr(REJECTED + reason)
+        store.incr(keys.rejected_counter(reason))
         log.info(json.dumps({"event": "rejected", "reason": reason, "device": device, "message": message}))
         return ApiError(status, reason, message)
 
@@ -80,7 +79,7 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        store.incr(REJECTED + "invalid_request")
+        store.incr(keys.rejected_counter("invalid_request"))
         message = f"{where}: {first.get('msg', 'invalid request')}"
         return JSONResponse({"error": "invalid_request", "message": message}, status_code=422)
 
@@ -124,20 +123,16 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
             if coordinator.finished:
                 return {"state": "done"}
             r = coordinator.current
-            if str(device) not in store.set_members(REGISTERED):
+            if str(device) not in store.set_members(keys.REGISTERED):
                 return {"state": "register"}
             if r is None:
                 return {"state": "wait"}
-            state = coordinator.server.round_state(r) or {}
-            done = str(device) in store.set_members(UPLOADED + str(r))
-            if state.get("status") != "open" or done or str(device) not in state.get("plans", {}):
+            state = coordinator.server.round_state(r)
+            done = str(device) in store.set_members(keys.uploaded(r))
+            plan = None if state is None else state.plan_of(device)
+            if state is None or not state.is_open or done or plan is None:
                 return {"state": "wait", "round": r}
-            return {
-                "state": "train",
-                "round": r,
-                "base_version": state["base_version"],
-                "plan": state["plans"][str(device)],
-            }
+            return {"state": "train", "round": r, "base_version": state.base_version, "plan": plan.to_dict()}
 
     @app.get("/v1/rounds/{round_index}/plan")
     def plan(round_index: int, authorization: Auth = None) -> dict[str, Any]:
@@ -146,9 +141,10 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
         state = coordinator.server.round_state(round_index)
         if state is None:
             raise reject(404, "unknown_round", f"round {round_index} has not been planned yet", device)
-        if str(device) not in state["plans"]:
+        plan = state.plan_of(device)
+        if plan is None:
             raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
-        return dict(state["plans"][str(device)])
+        return plan.to_dict()
 
     @app.post("/v1/rounds/{round_index}/update", status_code=202)
     async def upload(
@@ -174,13 +170,13 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
         current = coordinator.current
         if state is None:
             raise reject(409, "future_round", f"round {round_index} has not started (current round: {current})", device)
-        if str(device) in store.set_members(UPLOADED + str(round_index)):
+        if str(device) in store.set_members(keys.uploaded(round_index)):
             raise reject(
                 409, "replayed", f"device {device} already uploaded its update for round {round_index}", device
             )
-        if state["status"] != "open":
+        if not state.is_open:
             raise reject(409, "stale_round", f"round {round_index} is closed (current round: {current})", device)
-        if device not in state["expected"]:
+        if device not in state.expected:
             raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
         if raw_report is None or len(raw_report) > MAX_REPORT_BYTES:
             raise reject(422, "malformed_report", "send the update's JSON report in the X-Amble-Report header", device)
@@ -192,16 +188,17 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
         except UpdateRejected as exc:
             raise reject(422, exc.reason, str(exc), device) from None
         with coordinator.lock:  # uploads are taken one at a time: the round may have closed meanwhile
-            if (coordinator.server.round_state(round_index) or {}).get("status") != "open":
+            latest = coordinator.server.round_state(round_index)
+            if latest is None or not latest.is_open:
                 raise reject(409, "stale_round", f"round {round_index} closed before the update arrived", device)
-            if str(device) in store.set_members(UPLOADED + str(round_index)):  # a racing replay lost
+            if str(device) in store.set_members(keys.uploaded(round_index)):  # a racing replay lost
                 message = f"device {device} already uploaded its update for round {round_index}"
                 raise reject(409, "replayed", message, device)
             # The validated bytes are stored as sent; the device counts as uploaded only once they are
             # in (a failure here leaves it free to retry; the functions count a repeat once anyway).
             upload_id = coordinator.accept(lambda at_s: coordinator.server.upload(report, body, at_s))
-            store.add_to_set(UPLOADED + str(round_index), str(device))
-        store.incr(ACCEPTED)
+            store.add_to_set(keys.uploaded(round_index), str(device))
+        store.incr(keys.ACCEPTED)
         log.info(json.dumps({"event": "accepted", "round": round_index, "device": device, "upload": upload_id}))
         return {"upload": upload_id, "round": round_index, "device": device}
 
@@ -240,16 +237,17 @@ def _prometheus(coordinator: Coordinator) -> str:
         "# TYPE amble_rounds_total counter",
     ]
     for outcome in ("finalized", "failed"):
-        lines.append(f'amble_rounds_total{{status="{outcome}"}} {int(store.counter(f"gateway/rounds/{outcome}"))}')
+        lines.append(f'amble_rounds_total{{status="{outcome}"}} {int(store.counter(keys.rounds_counter(outcome)))}')
     lines += [
         "# HELP amble_updates_accepted_total Updates accepted by the gateway.",
         "# TYPE amble_updates_accepted_total counter",
-        f"amble_updates_accepted_total {int(store.counter(ACCEPTED))}",
+        f"amble_updates_accepted_total {int(store.counter(keys.ACCEPTED))}",
         "# HELP amble_updates_rejected_total Requests rejected, by reason.",
         "# TYPE amble_updates_rejected_total counter",
     ]
-    for reason in _REASONS:
-        lines.append(f'amble_updates_rejected_total{{reason="{reason}"}} {int(store.counter(REJECTED + reason))}')
+    for reason in REJECTION_REASONS:
+        count = int(store.counter(keys.rejected_counter(reason)))
+        lines.append(f'amble_updates_rejected_total{{reason="{reason}"}} {count}')
     latency = [r.wall_s for r in coordinator.history]
     lines += [
         "# HELP amble_function_invocations_total Parameter-server function invocations.",
@@ -267,24 +265,3 @@ def _prometheus(coordinator: Coordinator) -> str:
         f"amble_rounds_closed_at_seconds {latency[-1] if latency else 0.0:.3f}",
     ]
     return "\n".join(lines) + "\n"
-
-
-_REASONS = (
-    "unauthenticated",
-    "unknown_token",
-    "invalid_request",
-    "registration_conflict",
-    "unknown_round",
-    "future_round",
-    "stale_round",
-    "not_selected",
-    "replayed",
-    "too_large",
-    "malformed_report",
-    "malformed",
-    "shape",
-    "dtype",
-    "non_finite",
-    "missing_tensor",
-    "unexpected_tensor",
-)

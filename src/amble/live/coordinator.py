@@ -21,19 +21,11 @@ from typing import Any
 
 from amble.errors import AmbleError
 from amble.server import keys
-from amble.server.functions import read_json
 from amble.server.paramserver import ParameterServer, RoundOutcome
-from amble.server.store.base import Store
+from amble.server.store.base import Store, read_json
 from amble.strategies.base import Params
 
 log = logging.getLogger("amble.serve")
-
-TOKENS = "gateway/token/"
-"""``gateway/token/{sha256 of the token}`` -> the device id (tokens themselves are never stored)."""
-REGISTERED = "gateway/registered"
-UPLOADED = "gateway/uploaded/"
-"""``gateway/uploaded/{round}``: devices whose upload for the round was accepted (replays are refused)."""
-STATUS = "gateway/status"
 
 
 def token_hash(token: str) -> str:
@@ -44,12 +36,12 @@ def issue_tokens(store: Store, devices: int) -> dict[int, str]:
     """One fresh bearer token per device; only their hashes go into the store."""
     tokens = {device: secrets.token_urlsafe(32) for device in range(devices)}
     for device, token in tokens.items():
-        store.put(TOKENS + token_hash(token), str(device).encode())
+        store.put(keys.device_token(token_hash(token)), str(device).encode())
     return tokens
 
 
 def device_of(store: Store, token: str) -> int | None:
-    blob = store.get(TOKENS + token_hash(token))
+    blob = store.get(keys.device_token(token_hash(token)))
     return None if blob is None else int(blob)
 
 
@@ -104,7 +96,7 @@ class Coordinator:
                 raise AmbleError(f"device {device} registered {known['num_samples']} samples before, not {num_samples}")
             if known is None:
                 self.store.put(keys.device_info(device), json.dumps({"num_samples": num_samples}).encode())
-            self.store.add_to_set(REGISTERED, str(device))
+            self.store.add_to_set(keys.REGISTERED, str(device))
             self.changed.notify_all()
 
     def accept(self, upload: Callable[[float], str]) -> str:
@@ -121,7 +113,7 @@ class Coordinator:
                 "round": self.current,
                 "rounds": self.rounds,
                 "model_version": self.server.latest_version(),
-                "registered": len(self.store.set_members(REGISTERED)),
+                "registered": len(self.store.set_members(keys.REGISTERED)),
                 "finished": self.finished,
                 "history": [r.__dict__ for r in self.history],
             }
@@ -136,10 +128,10 @@ class Coordinator:
     def run(self) -> None:
         """Play every round; returns when done or stopped."""
         for r in range(self.rounds):
-            if not self._wait(lambda: len(self.store.set_members(REGISTERED)) >= self.min_devices, None):
+            if not self._wait(lambda: len(self.store.set_members(keys.REGISTERED)) >= self.min_devices, None):
                 return
             with self.lock:
-                available = sorted(int(d) for d in self.store.set_members(REGISTERED))
+                available = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
                 self.server.start_round(r, available, self.now_s())
                 self.current = r
                 deadline = time.monotonic() + self.round_timeout_s
@@ -157,8 +149,8 @@ class Coordinator:
             self.changed.notify_all()
 
     def _decided(self, r: int) -> bool:
-        state = self.server.round_state(r) or {}
-        return bool(state.get("status", "open") != "open")
+        state = self.server.round_state(r)
+        return state is not None and not state.is_open
 
     def _wait(self, condition: Callable[[], bool], deadline: float | None) -> bool:
         with self.lock:
@@ -175,20 +167,20 @@ class Coordinator:
         accuracy = None
         if outcome.status == "finalized" and self.evaluate is not None:
             accuracy = self.evaluate(self.server.model(outcome.version))
-        state = self.server.round_state(outcome.round) or {}
+        state = self.server.round_state(outcome.round)
         record = RoundRecord(
             outcome.round,
             outcome.status,
             outcome.version,
             len(outcome.counted),
-            len(state.get("expected", [])),
+            len(state.expected) if state else 0,
             self.now_s(),
             accuracy,
-            dict(state.get("plans", {})),
+            {str(d): p.to_dict() for d, p in state.plans.items()} if state else {},
         )
         with self.lock:
             self.history.append(record)
-            self.store.incr(f"gateway/rounds/{outcome.status}")
+            self.store.incr(keys.rounds_counter(outcome.status))
         log.info(json.dumps({"event": "round_closed", **record.__dict__}))
         if self.on_round is not None:
             self.on_round(record)

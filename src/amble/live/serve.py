@@ -18,22 +18,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 
-from amble.client import evaluate
 from amble.config import ExperimentConfig, config_to_dict, strategy_label
-from amble.data import load_dataset
 from amble.durable import write_atomic
 from amble.errors import ConfigError
-from amble.models import build_model
-from amble.server import RunSettings
-from amble.server.coordinator import Coordinator, RoundRecord, issue_tokens
-from amble.server.gateway import create_app
+from amble.live.coordinator import Coordinator, RoundRecord, issue_tokens
+from amble.live.gateway import create_app
+from amble.runsetup import prepare_run, run_namespace
+from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
-from amble.sim.driver import run_namespace
-from amble.sim.factory import build_server, release_server, wipe_run
 from amble.strategies.base import Params
 
 
@@ -56,39 +51,22 @@ def prepare(
     if strategy is not None and strategy not in labels:
         raise ConfigError(f"--strategy {strategy} is not in the config; choose one of {', '.join(labels)}")
     index = 0 if strategy is None else labels.index(strategy)
-    dataset = load_dataset(
-        config.data.dataset, config.data.root, seed=config.seed, synthetic_size=config.data.synthetic_size
-    )
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    setup = prepare_run(config)
     namespace = f"{run_namespace(config, out_dir)}/{labels[index]}"
     wipe_run(config, namespace)
     server = build_server(config, index, namespace)
-    server.initialize(
-        initial,
-        {},
-        RunSettings(
-            seed=config.seed,
-            devices_per_round=config.devices_per_round,
-            quorum=config.server.quorum,
-            max_update_bytes=int(config.server.max_update_mb * 2**20),
-        ),
-    )
+    # Each device's sample count (its FedAvg weight) is known from the config's partition, which
+    # devices compute alike: a device cannot register another.
+    server.initialize(setup.initial, setup.num_samples, setup.settings)
     tokens = issue_tokens(server.store, config.data.num_devices)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens_file = out_dir / "tokens.json"
     write_atomic(tokens_file, json.dumps({str(d): t for d, t in tokens.items()}, indent=1).encode())
     os.chmod(tokens_file, 0o600)
 
-    test_x, test_y = dataset.x_test, dataset.y_test
-    if config.eval.test_samples is not None:
-        test_x, test_y = test_x[: config.eval.test_samples], test_y[: config.eval.test_samples]
-
     def score(params: Params) -> float:
-        model.load_state_dict(params)
-        accuracy, _ = evaluate(model, test_x, test_y, batch_size=config.eval.batch_size)
-        return accuracy
+        accuracy, _ = setup.score(params)  # the simulator's evaluation samples
+        return float(accuracy)
 
     log_path = out_dir / "serve.jsonl"
     log_path.write_text("")

@@ -1,4 +1,6 @@
-"""Builds strategies and parameter-server parts from a config (the only place that maps names to classes)."""
+"""Builds the parameter server a config names: store, event log and runtime (embedded, Redis workers or Ray).
+
+Shared by the simulator and the live path (``amble serve``); strategies come from :mod:`amble.strategies.registry`."""
 
 from __future__ import annotations
 
@@ -8,64 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from amble import raycluster
-from amble.config import (
-    AdaBatchConfig,
-    AmbleConfig,
-    AnyStrategyConfig,
-    DeadlineConfig,
-    ExperimentConfig,
-    FedNovaConfig,
-    FedProxConfig,
-    ServerConfig,
-    config_from_dict,
-    config_to_dict,
-)
+from amble.config import ExperimentConfig, ServerConfig, config_from_dict, config_to_dict
 from amble.errors import AmbleError
-from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterServer, PoolSettings, ServerFunctions
+from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterServer, PoolSettings, ServerFunctions, keys
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import Handler
 from amble.server.runtime.onray import RayRuntime
-from amble.server.runtime.workers import NAMESPACES, POOL_KEY, WorkerRuntime
+from amble.server.runtime.workers import NAMESPACES, WorkerRuntime
 from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, wipe
-from amble.strategies import (
-    AGGREGATORS,
-    AdaBatch,
-    AdaBatchSettings,
-    Amble,
-    AmbleSettings,
-    BaseWork,
-    DeadlineFedAvg,
-    DeadlineSettings,
-    FedAvg,
-    FedNova,
-    FedProx,
-    PartialWorkSettings,
-    Strategy,
-)
-
-
-def base_work(config: ExperimentConfig) -> BaseWork:
-    return BaseWork(config.train.batch_size, config.train.local_epochs, config.train.lr)
-
-
-def build_strategy(strategy: AnyStrategyConfig, config: ExperimentConfig) -> Strategy:
-    """The strategy object a config entry names, with the run's base work and aggregator."""
-    chosen = strategy.aggregator or config.aggregator  # None: the strategy's own (FedNova's for fednova)
-    aggregator = AGGREGATORS[chosen]() if chosen else None
-    knobs = strategy.model_dump(exclude={"name", "label", "aggregator"})
-    base = base_work(config)
-    if isinstance(strategy, AmbleConfig):
-        return Amble(base, AmbleSettings(**knobs), aggregator)
-    if isinstance(strategy, DeadlineConfig):
-        return DeadlineFedAvg(base, DeadlineSettings(**knobs), aggregator)
-    if isinstance(strategy, FedProxConfig):
-        return FedProx(base, PartialWorkSettings(**knobs), aggregator)
-    if isinstance(strategy, FedNovaConfig):
-        return FedNova(base, PartialWorkSettings(**knobs), aggregator)
-    if isinstance(strategy, AdaBatchConfig):
-        return AdaBatch(base, AdaBatchSettings(**knobs), aggregator)
-    return FedAvg(base, aggregator)
+from amble.strategies import Strategy
+from amble.strategies.registry import build_strategy
 
 
 def pool_settings(server: ServerConfig) -> PoolSettings:
@@ -90,12 +45,6 @@ def build_embedded_server(strategy: Strategy, server: ServerConfig, snapshot: Pa
     return ParameterServer(store, events, runtime)
 
 
-CHECKPOINT = "driver/checkpoint"
-"""The simulation driver's own state after its last completed round (JSON)."""
-RUN_SPEC = "run/spec"
-"""What a worker needs to rebuild a run's functions: the experiment config and the strategy's index."""
-
-
 def build_server(
     config: ExperimentConfig, strategy_index: int, namespace: str, snapshot: Path | None = None
 ) -> ParameterServer:
@@ -111,8 +60,8 @@ def build_server(
     store = RedisStore(config.server.store, namespace)
     events = RedisEventLog(config.server.store, namespace, store.client)
     # What a function instance needs to rebuild this run's functions.
-    store.put(RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
-    store.put(POOL_KEY, pool_settings(config.server).to_json())
+    store.put(keys.RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
+    store.put(keys.POOL, pool_settings(config.server).to_json())
     if config.server.runtime == "ray":
         raycluster.connect(config.ray.address, config.ray.num_cpus)
         on_ray = RayRuntime(
@@ -133,7 +82,7 @@ def saved_checkpoint(config: ExperimentConfig, namespace: str, snapshot: Path) -
         store = RedisStore(config.server.store, namespace)
     if store is None:
         return None
-    blob = store.get(CHECKPOINT)
+    blob = store.get(keys.CHECKPOINT)
     store.close()
     checkpoint: dict[str, Any] | None = json.loads(blob) if blob is not None else None
     return checkpoint
@@ -157,7 +106,7 @@ def release_server(server: ParameterServer) -> None:
 
 def handlers_from_store(store: Store) -> Mapping[str, Handler]:
     """A run's function handlers, rebuilt from the spec its driver left in the Store (for workers)."""
-    blob = store.get(RUN_SPEC)
+    blob = store.get(keys.RUN_SPEC)
     if blob is None:
         raise AmbleError("this run has no spec in the store: it was not started by `amble run`")
     spec = json.loads(blob)
