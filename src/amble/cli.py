@@ -126,11 +126,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     from amble.server.factory import handlers_from_store
     from amble.server.runtime.workers import FunctionWorker, store_factory_from_env
-    from amble.server.store.redis import connect
+    from amble.server.store.redis import check_access
 
     # Folding is memory-bound: a thread per core in every worker only makes workers wait for each other.
     torch.set_num_threads(args.threads)
-    connect(args.store)  # a bad URL fails here, with a clear message
+    check_access(args.store)  # a bad URL or a missing password fails here, clearly
     worker = FunctionWorker(args.store, handlers_from_store, namespaces=args.namespace, parent_pid=args.parent_pid)
     worker.store_factory = store_factory_from_env(worker.consumer)
     signal.signal(signal.SIGTERM, worker.stop)

@@ -12,14 +12,22 @@ than a plain ``SET``): ``put`` is a ``MULTI`` transaction, and ``commit`` first 
 to a private staging key with ``SET`` and then runs a small script that checks every version and
 ``RENAME``s the staged values into place, an O(1) move. A compare-and-set of a small value is one
 script. The client retries a dropped connection with backoff, so a Redis restart (with AOF on,
-nothing is lost) shows up as a pause rather than a crash.
+nothing is lost) shows up as a pause rather than a crash; every command has a socket timeout, so a
+wedged server or network is a retried error, never a hang. A retried command may have run once
+already: the writes here are all idempotent or versioned, except a counter increment, which
+therefore carries a one-time token (:data:`_INCR_ONCE`) so a retry cannot count twice.
+
+The password never needs to be in a config (which is written to ``run.json`` and ``summary.json``):
+``connect`` takes it from ``AMBLE_REDIS_PASSWORD`` when the URL has none.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -57,6 +65,21 @@ end
 return 1
 """
 
+# KEYS: counters hash, the increment's token key; ARGV: field, amount, token lifetime in ms.
+_INCR_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+  return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2])
+end
+return redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+"""
+
+INCR_TOKEN_TTL_MS = 600_000
+"""How long an increment's token is remembered: far longer than any retry of it can take."""
+SOCKET_TIMEOUT_S = 30.0
+"""Per-command socket timeout (a URL's ``?socket_timeout=`` overrides it). The longest command AMBLE
+sends on purpose is a 0.2 s blocking stream read or a multi-megabyte write."""
+PASSWORD_ENV = "AMBLE_REDIS_PASSWORD"
+
 STAGING_TTL_MS = 600_000
 """A staged value whose commit never came (its writer died) expires after ten minutes."""
 
@@ -70,14 +93,21 @@ class _Connection(redis.Connection):
         return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for ``redis://HOST:PORT/DB`` that survives a restarting server for about a minute."""
+def connect(url: str, retries: int = 40) -> redis.Redis:
+    """A client for ``redis://[USER[:PASSWORD]@]HOST:PORT/DB`` (``rediss://`` for TLS) that survives a
+    restarting server for about a minute. Without a password in the URL, ``AMBLE_REDIS_PASSWORD`` is
+    used when set."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
             f"store URL '{url}' is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6379/0)"
         )
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries)
     options: dict[str, Any] = {"connection_class": _Connection} if url.startswith("redis://") else {}
+    parsed = urlsplit(url)
+    if parsed.password is None and os.environ.get(PASSWORD_ENV):
+        options["password"] = os.environ[PASSWORD_ENV]
+    if "socket_timeout" not in parse_qs(parsed.query):
+        options["socket_timeout"] = SOCKET_TIMEOUT_S
     return redis.Redis.from_url(
         url,
         retry=retry,
@@ -86,6 +116,41 @@ def connect(url: str) -> redis.Redis:
         health_check_interval=30,
         **options,
     )
+
+
+def check_access(url: str) -> None:
+    """Fail now, with what to do, when the server refuses this client (a password or ACL is needed).
+
+    One ping from a client that does not retry: a refused password is not a network fault to wait out
+    (the health check of a retrying client would retry it for a minute)."""
+    client = connect(url, retries=0)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise ConfigError(
+            f"Redis at {redacted(url)} refused the connection ({exc}): give the password in the URL "
+            f"(redis://USER:PASSWORD@HOST:PORT/DB) or in {PASSWORD_ENV}"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise ConfigError(
+                f"Redis at {redacted(url)} needs authentication ({exc}): give the password in the URL "
+                f"(redis://USER:PASSWORD@HOST:PORT/DB) or in {PASSWORD_ENV}"
+            ) from None
+        raise
+    except redis.ConnectionError:
+        pass  # not up yet, or restarting: the retrying client waits for it
+    finally:
+        client.close()
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parsed = urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
 
 
 def escape_glob(text: str) -> str:
@@ -115,13 +180,17 @@ class RedisStore(Store):
     def __init__(self, url: str, namespace: str, client: redis.Redis | None = None) -> None:
         self.url = url
         self.namespace = namespace
-        self.client = client if client is not None else connect(url)
+        if client is None:
+            check_access(url)
+            client = connect(url)
+        self.client = client
         self._prefix = prefix_of(namespace)
         self._index = self._prefix + "index"
         self._versions = self._prefix + "versions"
         self._counters = self._prefix + "counters"
         self._cas = self.client.register_script(_CAS)
         self._commit = self.client.register_script(_COMMIT)
+        self._incr_once = self.client.register_script(_INCR_ONCE)
 
     def _value_key(self, key: str) -> str:
         return f"{self._prefix}v:{key}"
@@ -173,7 +242,9 @@ class RedisStore(Store):
             pipe.execute()
 
     def incr(self, key: str, amount: float = 1.0) -> float:
-        return float(self.client.hincrbyfloat(self._counters, key, amount))
+        token = f"{self._prefix}incr:{uuid.uuid4().hex}"  # the same token on a retry: counted once
+        value = self._incr_once(keys=[self._counters, token], args=[key, repr(float(amount)), INCR_TOKEN_TTL_MS])
+        return float(value)
 
     def counter(self, key: str) -> float:
         value = self.client.hget(self._counters, key)
