@@ -296,9 +296,10 @@ def wait_round_closed(served: Served, round_index: int) -> dict[str, Any]:
         time.sleep(0.02)
 
 
-def scrape(url: str) -> dict[str, float]:
-    """``GET /metrics`` as ``{'name{labels}': value}``."""
-    text = httpx.get(f"{url}/metrics", timeout=HTTP_TIMEOUT_S).raise_for_status().text
+def scrape(url: str, operator_token: str) -> dict[str, float]:
+    """``GET /metrics`` (with the operator token) as ``{'name{labels}': value}``."""
+    auth = {"Authorization": f"Bearer {operator_token}"}
+    text = httpx.get(f"{url}/metrics", headers=auth, timeout=HTTP_TIMEOUT_S).raise_for_status().text
     metrics = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -399,7 +400,7 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
                 record["status"] == "finalized" and record["counted"] == n and record["expected"] == n,
                 f"status {record['status']}, counted {record['counted']} of {record['expected']} expected",
             )
-            metrics = scrape(url)
+            metrics = scrape(url, served.operator_token)
             rejected = {k: v for k, v in metrics.items() if k.startswith("amble_updates_rejected_total") and v}
             check(
                 "`amble_updates_accepted_total` = N, no rejection counted",
@@ -446,7 +447,7 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
             )
             last = asyncio.run(post_updates(url, 1, [jobs[held]], bodies, 1)).sent
             record = wait_round_closed(served, 1)
-            metrics = scrape(url)
+            metrics = scrape(url, served.operator_token)
             expected_rejections = {'amble_updates_rejected_total{reason="replayed"}': 3.0 * len(replayed)}
             rejected = {k: v for k, v in metrics.items() if k.startswith("amble_updates_rejected_total") and v}
             check(

@@ -1,7 +1,7 @@
 """The HTTP gateway on real loopback HTTP: every rejection path, ETags, metrics, a fuzz, devices end to end.
 
-Each test serves a fresh run (synthetic data, the MLP, FedAvg, 6 devices of which 3 per round) with
-uvicorn in a thread; the rounds run in another thread, as under ``amble serve``.
+Each test serves a fresh run (synthetic data, the MLP, the ``amble`` strategy, 6 devices of which 3
+per round) with uvicorn in a thread; the rounds run in another thread, as under ``amble serve``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class Gateway:
             headers["Authorization"] = f"Bearer {token or self.served.tokens[device or 0]}"
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
+    def operator(self) -> httpx.Client:
+        """A client with the operator token (``/v1/status``, ``/metrics``)."""
+        headers = {"Authorization": f"Bearer {self.served.operator_token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
     def model_bytes(self) -> bytes:
         return self.client(0).get("/v1/model").content
 
@@ -62,13 +67,18 @@ class Gateway:
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
     raw = {
         **SMALL,
-        "strategies": ["fedavg"],
+        "strategies": [{"name": "amble"}],
         "data": {**SMALL["data"], "num_devices": 6},
         "devices_per_round": 3,
         "rounds": 3,
         "server": {"max_update_mb": 2.0},
     }
     served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=30)
+    yield from running(served)
+
+
+def running(served: Served) -> Iterator[Gateway]:
+    """``served`` on a free loopback port, its rounds in a thread, until the generator is closed."""
     port = free_port()
     server = uvicorn.Server(http_config(served.app, "127.0.0.1", port))
     threads = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=served.coordinator.run)]
@@ -76,11 +86,13 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield Gateway(served, f"http://127.0.0.1:{port}")
-    served.coordinator.stop()
-    server.should_exit = True
-    for thread in threads:
-        thread.join(timeout=10)
+    try:
+        yield Gateway(served, f"http://127.0.0.1:{port}")
+    finally:
+        served.coordinator.stop()
+        server.should_exit = True
+        for thread in threads:
+            thread.join(timeout=10)
 
 
 def samples_of(gw: Gateway, device: int) -> int:
@@ -198,7 +210,7 @@ def test_a_bad_upload_gets_a_4xx_naming_it_and_the_model_is_unchanged(
     assert (
         post_update(gateway, device, 0, *update_for(gateway, device, 0, state["plans"][str(device)])).status_code == 202
     )
-    metrics = gateway.client().get("/metrics").text
+    metrics = gateway.operator().get("/metrics").text
     assert f'amble_updates_rejected_total{{reason="{reason}"}} 1' in metrics
     assert "amble_updates_accepted_total 1" in metrics
 
@@ -274,7 +286,7 @@ def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gatew
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    status = gateway.client().get("/v1/status").json()
+    status = gateway.operator().get("/v1/status").json()
     assert status["finished"] and [r["status"] for r in status["history"]] == ["finalized"] * 3
     assert sum(len(a.rounds) for a in agents) == 3 * 3  # 3 devices per round, 3 rounds
     assert all(log.status == 202 for a in agents for log in a.rounds)

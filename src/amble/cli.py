@@ -148,7 +148,10 @@ def _serve(args: argparse.Namespace) -> int:
     out_dir = args.out or Path("runs") / f"{config.name}-serve"
     served = prepare(config, out_dir, args.strategy, args.round_timeout_s)
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"amble serve: {scheme}://{args.host}:{args.port} (OpenAPI at /docs); device tokens in {served.tokens_file}")
+    print(
+        f"amble serve: {scheme}://{args.host}:{args.port} (OpenAPI at /docs); device tokens in "
+        f"{served.tokens_file}, the operator token (/v1/status, /metrics) in {out_dir / 'operator.token'}"
+    )
     serve(served, args.host, args.port, out_dir, args.linger_s, args.ssl_certfile, args.ssl_keyfile)
     print(f"amble serve: done; rounds in {out_dir / 'serve.jsonl'}")
     return 0

@@ -193,6 +193,19 @@ def _default_strategies() -> list[AnyStrategyConfig]:
 class ServerConfig(_Section):
     """The serverless parameter server (SPEC 5)."""
 
+    device_data: Literal["partition", "own"] = "partition"
+    """Where real devices' data comes from under ``amble serve``: ``partition`` (each device loads its
+    partition of the config's dataset, so the server knows its sample count, its FedAvg weight, and
+    refuses any other) or ``own`` (devices bring their own data: a registration is only bounded by
+    ``max_samples`` and ``max_weight_share``)."""
+    max_samples: int = Field(100_000, ge=1)
+    """With ``device_data: own``: the most training samples a device may register."""
+    max_weight_share: float = Field(0.5, gt=0, le=1)
+    """With ``device_data: own``: no device may register more than this share of all registered
+    samples (its own included), checked once ``devices_per_round`` other devices have registered."""
+    max_concurrent_requests: int = Field(512, ge=1)
+    """``amble serve``: requests served at once (uvicorn's ``limit_concurrency``); more get 503."""
+
     store: str = Field("memory", pattern=r"^(memory|rediss?://.+|unix://.+)$")
     """``memory`` (embedded, one process) or a Redis URL such as ``redis://127.0.0.1:6379/0``, whose
     functions run in ``amble worker`` processes."""

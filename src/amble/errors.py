@@ -19,6 +19,7 @@ REJECTION_REASONS: dict[str, str] = {
     # the gateway's own, before an upload is stored
     "unauthenticated": "no bearer token was sent",
     "unknown_token": "the token was not issued by this server",
+    "not_operator": "an operator endpoint (status, metrics) called without the operator token",
     "invalid_request": "the request does not match the API (a field's type or range)",
     "registration_conflict": "a registration that disagrees with what the server knows of the device",
     "future_round": "an upload for a round that has not started",

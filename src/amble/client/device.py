@@ -7,6 +7,13 @@ downloaded again), trains ``local_steps`` steps of ``batch_size`` at ``lr``, and
 safetensors with its report: its measured compute time, and the download and upload times of its
 link. ``slowdown`` makes it really take that many times longer (for demos and tests), so what
 AMBLE's planner learns from is a measurement, not a number it was told.
+
+A plan's deadline counts from the round's start (the task says how much of it is left). With
+``at_deadline: stop`` the device stops training in time for its upload to arrive by the deadline and
+sends the steps done; with ``drop`` it sends nothing when it cannot finish every step in time, as the
+simulator's devices do. Requests the server could not answer (no connection, 429/502/503/504) are
+retried with exponential backoff, at least as long as ``Retry-After`` asks; the server counts an
+update once, so a retried upload is safe.
 """
 
 from __future__ import annotations
@@ -30,6 +37,31 @@ from amble.server.tensors import decode, encode
 from amble.strategies.base import Params, Plan, Report
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long a device waits before it sends a request again.
+
+    A request is retried after a transport error (the server is starting, a connection was reset) or
+    a status in ``retry_statuses``, up to ``attempts`` tries in all; the n-th wait is
+    ``base_s * factor**n`` capped at ``max_s``, or what the server's ``Retry-After`` asks if longer.
+    """
+
+    attempts: int = 10
+    base_s: float = 0.2
+    factor: float = 2.0
+    max_s: float = 10.0
+    retry_statuses: frozenset[int] = frozenset({429, 502, 503, 504})
+
+    def delay_s(self, attempt: int, retry_after: str | None = None) -> float:
+        """The wait before try ``attempt + 1`` (``attempt`` counts from 0)."""
+        backoff_s = min(self.max_s, self.base_s * self.factor**attempt)
+        try:
+            asked_s = float(retry_after) if retry_after is not None else 0.0
+        except ValueError:  # an HTTP date: not worth parsing, the backoff applies
+            asked_s = 0.0
+        return max(backoff_s, asked_s)
+
+
 @dataclass
 class RoundLog:
     round: int
@@ -37,6 +69,7 @@ class RoundLog:
     local_steps: int
     compute_s: float
     status: int
+    """The upload's final HTTP status; 0 when the device dropped the round at its deadline."""
 
 
 class DeviceAgent:
@@ -48,6 +81,7 @@ class DeviceAgent:
         poll_s: float = 0.1,
         data_root: str | None = None,
         ca_cert: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if slowdown < 1.0:
             raise AmbleError(f"--slowdown must be at least 1 (it multiplies the real time), not {slowdown}")
@@ -60,20 +94,31 @@ class DeviceAgent:
         self.slowdown = slowdown
         self.poll_s = poll_s
         self.data_root = data_root
+        self.retry = retry or RetryPolicy()
         self.etag: str | None = None
         self.params: Params | None = None
         self.upload_s = 0.0
         self.rounds: list[RoundLog] = []
+        self._handled: set[int] = set()
 
-    def _get(self, path: str, **kwargs: Any) -> httpx.Response:
-        deadline = time.monotonic() + 30.0
+    def _request(self, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, int]:
+        """The server's answer and how many tries it took, retried as :attr:`retry` says."""
+        attempt = 0
         while True:
             try:
-                return self.client.get(path, **kwargs)
+                response = self.client.request(method, path, **kwargs)
             except httpx.TransportError:
-                if time.monotonic() > deadline:
+                if attempt + 1 >= self.retry.attempts:
                     raise
-                time.sleep(0.2)  # the server may still be starting
+                time.sleep(self.retry.delay_s(attempt))
+            else:
+                if response.status_code not in self.retry.retry_statuses or attempt + 1 >= self.retry.attempts:
+                    return response, attempt + 1
+                time.sleep(self.retry.delay_s(attempt, response.headers.get("Retry-After")))
+            attempt += 1
+
+    def _get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._request("GET", path, **kwargs)[0]
 
     def _check(self, response: httpx.Response) -> dict[str, Any]:
         if response.status_code >= 400:
@@ -100,7 +145,10 @@ class DeviceAgent:
         self.x, self.y = dataset.x_train[mine], dataset.y_train[mine]
         model = build_model(self.config.model, dataset.input_shape, dataset.num_classes)
         self.trainer = LocalTrainer(model, self.config.train.momentum, self.config.train.weight_decay)
-        self._check(self.client.post("/v1/register", json={"num_samples": len(self.y)}))
+        self._register()
+
+    def _register(self) -> None:
+        self._check(self._request("POST", "/v1/register", json={"num_samples": len(self.y)})[0])
 
     def run(self) -> list[RoundLog]:
         """Work until the server says the run is done; returns what it did per round."""
@@ -109,10 +157,16 @@ class DeviceAgent:
             task = self._check(self._get("/v1/task"))
             if task["state"] == "done":
                 return self.rounds
+            if task["state"] == "failed":
+                raise AmbleError(f"the server's run failed: {task.get('message')}")
             if task["state"] == "register":
-                self._check(self.client.post("/v1/register", json={"num_samples": len(self.y)}))
-            elif task["state"] == "train":
-                self._train(int(task["round"]), Plan.from_dict(task["plan"]))
+                self._register()
+            elif task["state"] == "train" and int(task["round"]) not in self._handled:
+                self._handled.add(int(task["round"]))  # trained once: uploaded, refused or dropped
+                plan = Plan.from_dict(task["plan"])
+                left_s = task.get("deadline_in_s", plan.deadline_s)
+                deadline_at = None if left_s is None else time.monotonic() + float(left_s)
+                self._train(int(task["round"]), plan, deadline_at)
             else:
                 time.sleep(self.poll_s)
 
@@ -127,25 +181,57 @@ class DeviceAgent:
         self.params, self.etag = decode(response.content), response.headers.get("ETag")
         return self.params, time.perf_counter() - began
 
-    def _train(self, round_index: int, plan: Plan) -> None:
+    def _budget_s(self, plan: Plan, deadline_at: float | None) -> float | None:
+        """Real seconds of training left so the upload still arrives by the deadline (None: no limit).
+
+        The upload is expected to take as long as the last one did; ``slowdown`` stretches training.
+        """
+        if deadline_at is None or plan.at_deadline not in ("stop", "drop"):
+            return None
+        return (deadline_at - time.monotonic() - self.upload_s) / self.slowdown
+
+    def _train(self, round_index: int, plan: Plan, deadline_at: float | None = None) -> None:
         params, download_s = self._fetch_model()
+        budget_s = self._budget_s(plan, deadline_at)
+        if budget_s is not None and budget_s <= 0:
+            self._drop(round_index, plan, 0, "no time left before the deadline")
+            return
         began = time.perf_counter()
         result = self.trainer.train(
-            params, self.x, self.y, plan, derive_seed(self.config.seed, round_index, self.device)
+            params, self.x, self.y, plan, derive_seed(self.config.seed, round_index, self.device), budget_s
         )
         elapsed = time.perf_counter() - began
         time.sleep((self.slowdown - 1.0) * elapsed)  # a slower device: really slower
         compute_s = self.slowdown * elapsed
+        if plan.at_deadline == "drop" and result.steps < plan.local_steps:
+            self._drop(round_index, plan, result.steps, f"{result.steps} of {plan.local_steps} steps by the deadline")
+            return
         report = Report(
             round_index, self.device, len(self.y), result.steps, plan.batch_size, compute_s, download_s, self.upload_s
         )
         began = time.perf_counter()
-        response = self.client.post(
+        response, tries = self._request(
+            "POST",
             f"/v1/rounds/{round_index}/update",
             content=encode(result.delta),
             headers={"X-Amble-Report": json.dumps(report.to_dict()), "Content-Type": "application/octet-stream"},
         )
         self.upload_s = time.perf_counter() - began
-        self.rounds.append(RoundLog(round_index, plan.batch_size, result.steps, compute_s, response.status_code))
-        if response.status_code >= 400:  # a late upload after the deadline, say: report it and go on
+        status = response.status_code
+        if status == 409 and tries > 1 and _reason(response) == "replayed":
+            status = 202  # an earlier try was counted and its answer lost: the server counts an update once
+        self.rounds.append(RoundLog(round_index, plan.batch_size, result.steps, compute_s, status))
+        if status >= 400:  # a late upload after the deadline, say: report it and go on
             print(f"amble device {self.device}: round {round_index}: {response.text}", file=sys.stderr)
+
+    def _drop(self, round_index: int, plan: Plan, steps: int, why: str) -> None:
+        self.rounds.append(RoundLog(round_index, plan.batch_size, steps, 0.0, 0))
+        print(f"amble device {self.device}: round {round_index}: dropped at the deadline ({why})", file=sys.stderr)
+
+
+def _reason(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None

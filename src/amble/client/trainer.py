@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,12 @@ class LocalTrainer:
         self.weight_decay = weight_decay
         self.loss_fn = nn.CrossEntropyLoss()
 
-    def train(self, start: Params, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int) -> LocalResult:
+    def train(
+        self, start: Params, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int, time_budget_s: float | None = None
+    ) -> LocalResult:
+        """Run ``plan`` from ``start``. With ``time_budget_s`` (a real device facing its deadline), stop
+        before a step that would end past the budget, judged by the mean step time so far (the first
+        step always runs); without it, exactly ``plan.local_steps`` steps, unaffected by time."""
         model = self.model
         model.load_state_dict(start)
         model.train()
@@ -60,7 +66,12 @@ class LocalTrainer:
         generator = torch.Generator().manual_seed(seed)
         order = batch_indices(len(y), batch_size, plan.local_steps, generator)
         total_loss = torch.zeros(())
+        steps, began = 0, time.perf_counter()
         for step, index in enumerate(order):
+            if time_budget_s is not None and step > 0:
+                elapsed_s = time.perf_counter() - began
+                if elapsed_s + elapsed_s / step > time_budget_s:
+                    break
             if plan.lr_warmup_steps:
                 optimizer.param_groups[0]["lr"] = step_lr(plan, step)
             optimizer.zero_grad(set_to_none=True)
@@ -72,11 +83,12 @@ class LocalTrainer:
                 )
             loss.backward()
             optimizer.step()
+            steps = step + 1
         with torch.no_grad():
             delta = {
                 name: value - start[name] for name, value in model.state_dict().items() if value.is_floating_point()
             }
-        return LocalResult(delta, len(order), len(order) * batch_size, float(total_loss) / max(len(order), 1))
+        return LocalResult(delta, steps, steps * batch_size, float(total_loss) / max(steps, 1))
 
 
 @torch.no_grad()

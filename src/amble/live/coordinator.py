@@ -48,6 +48,28 @@ def device_of(store: Store, token: str) -> int | None:
 Evaluate = Callable[[Params], float]
 
 
+@dataclass(frozen=True)
+class SampleLimits:
+    """What a device may register as its sample count (see ``ServerConfig.device_data``)."""
+
+    device_data: str = "partition"
+    max_samples: int = 100_000
+    max_weight_share: float = 1.0
+    others_needed: int = 1
+    """Registered devices besides this one needed before the share is checked (a total to compare with)."""
+
+
+@dataclass(frozen=True)
+class UploadFate:
+    """What became of an accepted upload once the functions it triggered ran."""
+
+    upload: str
+    counted: bool
+    reason: str | None = None
+    """Why the functions rejected it (from REJECTION_REASONS); None if counted or not decided."""
+    message: str = ""
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -69,6 +91,9 @@ class Coordinator:
     round_timeout_s: float
     evaluate: Evaluate | None = None
     on_round: Callable[[RoundRecord], None] | None = None
+    limits: SampleLimits = field(default_factory=SampleLimits)
+    error: str | None = None
+    """Why the rounds stopped early (an exception in the round loop), None while all is well."""
     lock: threading.RLock = field(default_factory=threading.RLock)
     changed: threading.Condition = field(init=False)
     current: int | None = None
@@ -90,22 +115,71 @@ class Coordinator:
     # -- called by the gateway --------------------------------------------------------------------
 
     def register(self, device: int, num_samples: int) -> None:
+        """Record a device's sample count (its FedAvg weight), or raise AmbleError saying why not."""
         with self.lock:
             known = read_json(self.store, keys.device_info(device))
-            if known is not None and int(known["num_samples"]) != num_samples:
-                raise AmbleError(f"device {device} registered {known['num_samples']} samples before, not {num_samples}")
-            if known is None:
+            if self.limits.device_data == "partition":
+                self._check_partition(device, num_samples, known)
+            elif known is None or int(known["num_samples"]) != num_samples:
+                self._check_own(device, num_samples, known)
                 self.store.put(keys.device_info(device), json.dumps({"num_samples": num_samples}).encode())
             self.store.add_to_set(keys.REGISTERED, str(device))
             self.changed.notify_all()
 
-    def accept(self, upload: Callable[[float], str]) -> str:
-        """Store an already validated update and run the functions it triggers."""
+    def _check_partition(self, device: int, num_samples: int, known: dict[str, Any] | None) -> None:
+        if known is None:
+            raise AmbleError(f"device {device} has no partition in this run's config (data.num_devices)")
+        if int(known["num_samples"]) != num_samples:
+            raise AmbleError(
+                f"device {device} has {known['num_samples']} training samples in this run's partition "
+                f"(data.partition with the config's seed), not {num_samples}: register the size of your "
+                "partition, or serve with server.device_data: own for devices with data of their own"
+            )
+
+    def _check_own(self, device: int, num_samples: int, known: dict[str, Any] | None) -> None:
+        """A count of the device's own: bounded, and fixed once an update of it was counted."""
+        if known is not None and read_json(self.store, keys.device_reports(device)):
+            raise AmbleError(
+                f"device {device} registered {known['num_samples']} samples and an update of it was counted "
+                f"with that weight; it cannot change to {num_samples}"
+            )
+        if num_samples > self.limits.max_samples:
+            raise AmbleError(
+                f"device {device} registered {num_samples:,} samples, over server.max_samples "
+                f"({self.limits.max_samples:,}): register at most that many, or ask the operator to raise it"
+            )
+        others = [int(d) for d in self.store.set_members(keys.REGISTERED) if int(d) != device]
+        if len(others) >= self.limits.others_needed:
+            total = num_samples + sum(
+                int((read_json(self.store, keys.device_info(d)) or {"num_samples": 0})["num_samples"]) for d in others
+            )
+            share = num_samples / total
+            if share > self.limits.max_weight_share:
+                raise AmbleError(
+                    f"device {device}'s {num_samples:,} samples would be {share:.0%} of all registered samples, "
+                    f"over server.max_weight_share ({self.limits.max_weight_share:.0%})"
+                )
+
+    def accept(self, upload: Callable[[float], str], round_index: int, device: int) -> UploadFate:
+        """Store an already validated update, run the functions it triggers, and say what became of it.
+
+        With the embedded runtime the update's ``aggregate`` has run when ``drain`` returns; with
+        workers, ``drain`` waits for them. Counted means it is in the round's sums (it will be in the
+        published model if the round is finalised); otherwise it was rejected by the functions, or
+        its event failed (dead-lettered) or is still pending: then nothing was counted yet and the
+        device may send it again (a repeat is counted once).
+        """
         with self.lock:
             upload_id = upload(self.now_s())
             self.server.runtime.drain()
             self.changed.notify_all()
-            return upload_id
+            meta = read_json(self.store, keys.round_meta(round_index)) or {}
+            if device in meta.get("counted", ()):
+                return UploadFate(upload_id, True)
+            rejection = read_json(self.store, keys.round_rejection(round_index, device, upload_id))
+            if rejection is not None:
+                return UploadFate(upload_id, False, str(rejection["reason"]), str(rejection["message"]))
+            return UploadFate(upload_id, False)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -115,6 +189,7 @@ class Coordinator:
                 "model_version": self.server.latest_version(),
                 "registered": len(self.store.set_members(keys.REGISTERED)),
                 "finished": self.finished,
+                "error": self.error,
                 "history": [r.__dict__ for r in self.history],
             }
 
@@ -126,14 +201,28 @@ class Coordinator:
             self.changed.notify_all()
 
     def run(self) -> None:
-        """Play every round; returns when done or stopped."""
+        """Play every round; returns when done, stopped, or crashed (then ``error`` says why).
+
+        A round that fails below quorum is a normal outcome, recorded like a finalised one. A crash is
+        an exception in the loop itself (a function dead-lettered so a round was never planned or
+        decided, a store fault, an evaluation error): the run cannot go on.
+        """
+        try:
+            self._play()
+        except Exception as exc:  # whatever stopped the rounds is reported, not lost
+            with self.lock:
+                self.error = f"round {self.current}: {type(exc).__name__}: {exc}"
+                self.changed.notify_all()
+            log.error(json.dumps({"event": "crashed", "round": self.current, "error": self.error}))
+
+    def _play(self) -> None:
         for r in range(self.rounds):
             if not self._wait(lambda: len(self.store.set_members(keys.REGISTERED)) >= self.min_devices, None):
                 return
             with self.lock:
                 available = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
-                self.server.start_round(r, available, self.now_s())
                 self.current = r
+                self.server.start_round(r, available, self.now_s())
                 deadline = time.monotonic() + self.round_timeout_s
                 self.changed.notify_all()
             log.info(json.dumps({"event": "round_started", "round": r, "available": len(available)}))

@@ -1,19 +1,28 @@
 """The HTTP gateway: how real devices reach the parameter server (FastAPI; OpenAPI at /openapi.json).
 
 Every device request carries ``Authorization: Bearer <token>``; a token maps to one device (its hash
-is in the store). An upload is checked completely before anything is stored (the round is open,
-the device was selected and has not uploaded yet, the report matches its plan and registration, the
-update has the model's tensors, shapes and dtypes, finite values, and fits the size limit), so a
-rejected request never reaches the aggregation functions and the model cannot change because of it.
-Client mistakes get a 4xx with ``{"error": <reason>, "message": <what to do>}``, never a 5xx.
+is in the store). The operator's endpoints (``/v1/status``, ``/metrics``) take the operator token
+instead. An upload is checked completely before anything is stored: first the cheap checks, before
+its body is read (the token, the round is open, the device was selected and has not uploaded yet,
+its report header parses and agrees with its plan and registration, the declared size fits), then
+the body (read only up to the limit: the model's update size plus a margin) against the model's
+tensors, shapes, dtypes and finiteness. A rejected request never reaches the aggregation functions,
+so the model cannot change because of it.
+
+Answers: 202 means the update is counted in its round (the functions ran on it); a client mistake
+gets a 4xx with ``{"error": <reason>, "message": <what to do>}``; a server fault (a function that
+failed, a store outage) gets 503 with ``Retry-After`` and nothing counted, so the device may retry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Mapping
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -21,22 +30,29 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from amble.errors import REJECTION_REASONS, AmbleError, UpdateRejected
-from amble.live.coordinator import Coordinator, device_of
+from amble.live.coordinator import Coordinator, device_of, token_hash
 from amble.server import keys
 from amble.server.functions import RunSettings
 from amble.server.reports import check_report
 from amble.server.runtime.base import RuntimeStats
-from amble.server.tensors import template_from_json, validate_update
+from amble.server.tensors import TensorSpec, template_from_json, validate_update
+from amble.strategies.base import Report
 
 log = logging.getLogger("amble.gateway")
 
 MAX_REPORT_BYTES = 4096
+"""A report is eight flat numbers: a few hundred bytes. Anything longer is refused unparsed."""
+UPDATE_MARGIN_BYTES = 64 * 1024
+"""Room over an update's exact tensor bytes for the safetensors header (names, shapes, metadata)."""
+RETRY_AFTER_S = 1
+"""What a 503 asks a device to wait before it retries."""
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.reason, self.message = status, reason, message
+        self.headers = dict(headers or {})
 
 
 Auth = Annotated[str | None, Header(description="Bearer <device token>")]
@@ -47,8 +63,40 @@ class Registration(BaseModel):
     num_samples: int = Field(gt=0, lt=2**31, description="training samples on the device (its FedAvg weight)")
 
 
-def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = None) -> FastAPI:
-    """The gateway in front of ``coordinator``'s parameter server."""
+def update_limit_bytes(template: Mapping[str, TensorSpec]) -> int:
+    """The largest body a valid update of this model can be: its tensors' bytes plus the header."""
+    payload = sum(
+        math.prod(spec.shape) * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+        for spec in template.values()
+    )
+    return payload + UPDATE_MARGIN_BYTES
+
+
+def parse_report(raw: str | None) -> Any:
+    """The report header as JSON, refused before parsing when absent or too long, and refused when
+    it does not parse (including nesting deep enough to exhaust the parser's recursion)."""
+    if raw is None:
+        raise UpdateRejected("malformed_report", "send the update's JSON report in the X-Amble-Report header")
+    if len(raw) > MAX_REPORT_BYTES:
+        raise UpdateRejected(
+            "malformed_report", f"X-Amble-Report is {len(raw):,} characters, over {MAX_REPORT_BYTES:,}"
+        )
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; so are oversized integers
+        raise UpdateRejected("malformed_report", "X-Amble-Report is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise UpdateRejected("malformed_report", "X-Amble-Report must be a JSON object of the report's fields")
+    return parsed
+
+
+def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = None) -> FastAPI:
+    """The gateway in front of ``coordinator``'s parameter server.
+
+    ``device_config`` is what ``/v1/whoami`` gives a device besides its id: the config sections it
+    needs to load its data and build its model and trainer, nothing else (no store URL, no paths of
+    the server's).
+    """
     app = FastAPI(
         title="AMBLE parameter server",
         version="1",
@@ -57,11 +105,18 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
     store = coordinator.store
     settings = RunSettings.from_json(store.get(keys.SETTINGS) or b"{}")
     template = template_from_json(store.get(keys.TEMPLATE) or b"{}")
+    body_limit = min(settings.max_update_bytes, update_limit_bytes(template))
 
-    def reject(status: int, reason: str, message: str, device: int | None = None) -> ApiError:
+    def reject(
+        status: int, reason: str, message: str, device: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> ApiError:
         store.incr(keys.rejected_counter(reason))
         log.info(json.dumps({"event": "rejected", "reason": reason, "device": device, "message": message}))
-        return ApiError(status, reason, message)
+        return ApiError(status, reason, message, headers)
+
+    def busy(message: str, device: int | None = None) -> ApiError:
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        return reject(503, "busy", f"{message}; retry in {RETRY_AFTER_S} s", device, retry)
 
     def authenticate(authorization: str | None) -> int:
         if not authorization or not authorization.startswith("Bearer "):
@@ -71,9 +126,24 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
             raise reject(401, "unknown_token", "this token was not issued by this server (see amble serve's tokens)")
         return device
 
+    def operator(authorization: str | None) -> None:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise reject(401, "unauthenticated", "send 'Authorization: Bearer <operator token>' (operator.token)")
+        expected = store.get(keys.OPERATOR_TOKEN)
+        if expected is None or token_hash(authorization.removeprefix("Bearer ").strip()).encode() != expected:
+            message = "this endpoint needs the operator token (operator.token beside tokens.json)"
+            raise reject(403, "not_operator", message)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.reason, "message": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.reason, "message": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception) -> JSONResponse:
+        """A fault of the server's own (a store outage, say): the device may retry, nothing changed."""
+        message = f"the server could not answer now ({type(exc).__name__}); retry in {RETRY_AFTER_S} s"
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse({"error": "busy", "message": message}, status_code=503, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,8 +159,8 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
 
     @app.get("/v1/whoami")
     def whoami(authorization: Auth = None) -> dict[str, Any]:
-        """This token's device id and the run's config (data, partition, model, training settings)."""
-        return {"device": authenticate(authorization), "config": public_config or {}}
+        """This token's device id and what it needs of the run's config (data, model, training)."""
+        return {"device": authenticate(authorization), "config": device_config or {}}
 
     @app.post("/v1/register")
     def register(registration: Registration, authorization: Auth = None) -> dict[str, Any]:
@@ -117,9 +187,15 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
 
     @app.get("/v1/task")
     def task(authorization: Auth = None) -> dict[str, Any]:
-        """What this device should do now: ``train`` (with its plan), ``wait`` or ``done``."""
+        """What this device should do now: ``train`` (with its plan), ``wait``, ``done`` or ``failed``.
+
+        With a plan deadline, ``deadline_in_s`` is the time left to it now: the deadline counts from
+        the round's start (as in the simulator), not from when the device asks.
+        """
         device = authenticate(authorization)
         with coordinator.lock:
+            if coordinator.error is not None:
+                return {"state": "failed", "message": f"the run stopped: {coordinator.error}"}
             if coordinator.finished:
                 return {"state": "done"}
             r = coordinator.current
@@ -132,7 +208,10 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
             plan = None if state is None else state.plan_of(device)
             if state is None or not state.is_open or done or plan is None:
                 return {"state": "wait", "round": r}
-            return {"state": "train", "round": r, "base_version": state.base_version, "plan": plan.to_dict()}
+            answer = {"state": "train", "round": r, "base_version": state.base_version, "plan": plan.to_dict()}
+            if plan.deadline_s is not None:
+                answer["deadline_in_s"] = plan.deadline_s - (coordinator.now_s() - state.started_at_s)
+            return answer
 
     @app.get("/v1/rounds/{round_index}/plan")
     def plan(round_index: int, authorization: Auth = None) -> dict[str, Any]:
@@ -146,7 +225,11 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
             raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
         return plan.to_dict()
 
-    @app.post("/v1/rounds/{round_index}/update", status_code=202)
+    @app.post(
+        "/v1/rounds/{round_index}/update",
+        status_code=202,
+        responses={503: {"description": "not counted now (a server fault): retry after Retry-After seconds"}},
+    )
     async def upload(
         round_index: int,
         request: Request,
@@ -154,18 +237,29 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
         x_amble_report: Annotated[str | None, Header(description="the JSON report of this update")] = None,
         content_length: Annotated[int | None, Header()] = None,
     ) -> dict[str, Any]:
-        """Upload this round's update: the body is the safetensors delta, ``X-Amble-Report`` its JSON report."""
-        device = authenticate(authorization)
-        limit = settings.max_update_bytes
-        if content_length is not None and content_length > limit:
-            raise reject(413, "too_large", f"update is {content_length:,} bytes, over the limit of {limit:,}", device)
-        body = await _read_limited(request, limit)
+        """Upload this round's update: the body is the safetensors delta, ``X-Amble-Report`` its JSON report.
+
+        202: counted in the round. 4xx: refused (the reason says why; nothing was counted). 503: not
+        counted because of a server fault; send the same update again after ``Retry-After``.
+        """
+        try:
+            device, report = await run_in_threadpool(_precheck, round_index, authorization, x_amble_report)
+            if content_length is not None and content_length > body_limit:
+                message = f"update is {content_length:,} bytes, over the limit of {body_limit:,} for this model"
+                raise reject(413, "too_large", message, device)
+        except ApiError:
+            if content_length is None or content_length <= body_limit:
+                await _discard(request, body_limit)  # answer a client that is done sending: no reset
+            raise
+        body = await _read_limited(request, body_limit)
         if body is None:
-            raise reject(413, "too_large", f"update is over the limit of {limit:,} bytes", device)
-        accepted: dict[str, Any] = await run_in_threadpool(_accept, round_index, device, body, x_amble_report)
+            raise reject(413, "too_large", f"update is over the limit of {body_limit:,} bytes for this model", device)
+        accepted: dict[str, Any] = await run_in_threadpool(_accept, round_index, device, report, body)
         return accepted
 
-    def _accept(round_index: int, device: int, body: bytes, raw_report: str | None) -> dict[str, Any]:
+    def _precheck(round_index: int, authorization: str | None, raw_report: str | None) -> tuple[int, Report]:
+        """Everything that can be refused without the body."""
+        device = authenticate(authorization)
         state = coordinator.server.round_state(round_index)
         current = coordinator.current
         if state is None:
@@ -178,41 +272,66 @@ def create_app(coordinator: Coordinator, public_config: dict[str, Any] | None = 
             raise reject(409, "stale_round", f"round {round_index} is closed (current round: {current})", device)
         if device not in state.expected:
             raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
-        if raw_report is None or len(raw_report) > MAX_REPORT_BYTES:
-            raise reject(422, "malformed_report", "send the update's JSON report in the X-Amble-Report header", device)
         try:
-            report = check_report(store, round_index, device, json.loads(raw_report), state)
-            validate_update(body, template, settings.max_update_bytes)
-        except json.JSONDecodeError:
-            raise reject(422, "malformed_report", "X-Amble-Report is not valid JSON", device) from None
+            return device, check_report(store, round_index, device, parse_report(raw_report), state)
         except UpdateRejected as exc:
             raise reject(422, exc.reason, str(exc), device) from None
-        with coordinator.lock:  # uploads are taken one at a time: the round may have closed meanwhile
-            latest = coordinator.server.round_state(round_index)
-            if latest is None or not latest.is_open:
-                raise reject(409, "stale_round", f"round {round_index} closed before the update arrived", device)
-            if str(device) in store.set_members(keys.uploaded(round_index)):  # a racing replay lost
-                message = f"device {device} already uploaded its update for round {round_index}"
-                raise reject(409, "replayed", message, device)
-            # The validated bytes are stored as sent; the device counts as uploaded only once they are
-            # in (a failure here leaves it free to retry; the functions count a repeat once anyway).
-            upload_id = coordinator.accept(lambda at_s: coordinator.server.upload(report, body, at_s))
-            store.add_to_set(keys.uploaded(round_index), str(device))
+
+    def _accept(round_index: int, device: int, report: Report, body: bytes) -> dict[str, Any]:
+        try:
+            validate_update(body, template, body_limit)
+        except UpdateRejected as exc:
+            raise reject(413 if exc.reason == "too_large" else 422, exc.reason, str(exc), device) from None
+        try:
+            with coordinator.lock:  # uploads are taken one at a time: the round may have closed meanwhile
+                latest = coordinator.server.round_state(round_index)
+                if latest is None or not latest.is_open:
+                    raise reject(409, "stale_round", f"round {round_index} closed before the update arrived", device)
+                if str(device) in store.set_members(keys.uploaded(round_index)):  # a racing replay lost
+                    message = f"device {device} already uploaded its update for round {round_index}"
+                    raise reject(409, "replayed", message, device)
+                fate = coordinator.accept(
+                    lambda at_s: coordinator.server.upload(report, body, at_s), round_index, device
+                )
+                if fate.counted:  # only now: a device whose update was not counted may send it again
+                    store.add_to_set(keys.uploaded(round_index), str(device))
+        except ApiError:
+            raise
+        except Exception as exc:  # a store or runtime fault: nothing is marked, the device retries
+            log.exception("upload of device %s for round %s failed", device, round_index)
+            raise busy(f"the update could not be stored or aggregated ({type(exc).__name__})", device) from None
+        if not fate.counted and fate.reason is not None:
+            status = {"late": 409, "too_large": 413}.get(fate.reason, 422)
+            raise reject(status, fate.reason, fate.message, device)
+        if not fate.counted:
+            raise busy(f"the update was not counted: its aggregation failed (upload {fate.upload})", device)
         store.incr(keys.ACCEPTED)
-        log.info(json.dumps({"event": "accepted", "round": round_index, "device": device, "upload": upload_id}))
-        return {"upload": upload_id, "round": round_index, "device": device}
+        log.info(json.dumps({"event": "accepted", "round": round_index, "device": device, "upload": fate.upload}))
+        return {"upload": fate.upload, "round": round_index, "device": device}
 
     @app.get("/v1/status")
-    def status() -> dict[str, Any]:
-        """Run progress: current round, model version, registered devices, per-round outcomes."""
+    def status(authorization: Auth = None) -> dict[str, Any]:
+        """Run progress (operator token): current round, model version, registered devices, outcomes."""
+        operator(authorization)
         return coordinator.status()
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> str:
-        """Prometheus text format."""
+    def metrics(authorization: Auth = None) -> str:
+        """Prometheus text format (operator token: ``authorization: {credentials_file: operator.token}``)."""
+        operator(authorization)
         return _prometheus(coordinator)
 
     return app
+
+
+async def _discard(request: Request, limit: int) -> None:
+    """Read and drop up to ``limit`` bytes of a refused request's body, so the client, which sends its
+    whole body before it reads the answer, gets the answer and not a connection reset."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:

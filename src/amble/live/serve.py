@@ -1,35 +1,49 @@
 """``amble serve``: the parameter server for real devices, behind the HTTP gateway.
 
 It sets up one strategy of a config as the simulator would (initial model from the seed, the
-store the config names), issues one bearer token per device (written to a file only the owner can
-read; the store keeps their hashes), plays the rounds with a :class:`Coordinator` in a background
-thread, evaluates each published model on the test set, and serves the gateway with uvicorn
-(optionally over TLS with uvicorn's certificate options). Round records go to ``serve.jsonl`` and
-the final model to ``model_<strategy>.safetensors`` in the output directory.
+store the config names), issues one bearer token per device and one operator token (written to
+files only the owner can read; the store keeps their hashes), plays the rounds with a
+:class:`Coordinator` in a background thread, evaluates each published model on the test set, and
+serves the gateway with uvicorn (optionally over TLS with uvicorn's certificate options). Round
+records go to ``serve.jsonl`` and the final model to ``model_<strategy>.safetensors`` in the output
+directory.
+
+A run *fails* when its rounds cannot go on: an exception in the round loop (a parameter-server
+function dead-lettered so a round was never planned or decided, a store fault, an evaluation
+error). Then ``serve.jsonl`` ends with ``{"event": "crashed", "round": ..., "error": ...}``, devices
+asking for a task are told, and :func:`serve` raises :class:`AmbleError` (``amble serve`` exits
+non-zero with the reason). A round that fails below quorum at its deadline is not a failed run: it
+is a recorded outcome (``"status": "failed"``) and the next round starts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from amble.config import ExperimentConfig, config_to_dict, strategy_label
 from amble.durable import write_atomic
-from amble.errors import ConfigError
-from amble.live.coordinator import Coordinator, RoundRecord, issue_tokens
+from amble.errors import AmbleError, ConfigError
+from amble.live.coordinator import Coordinator, RoundRecord, SampleLimits, issue_tokens, token_hash
 from amble.live.gateway import create_app
 from amble.runsetup import prepare_run, run_namespace
+from amble.server import keys
 from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
 from amble.strategies.base import Params
+
+DEVICE_SECTIONS = ("name", "seed", "data", "model", "devices_per_round", "train")
+"""What ``/v1/whoami`` tells a device of the config: enough to load its data partition and build its
+model and trainer. Not the server section (a store URL may hold a password), strategies or fleet."""
 
 
 @dataclass
@@ -39,12 +53,22 @@ class Served:
     tokens: dict[int, str]
     tokens_file: Path
     label: str
+    operator_token: str
+    """For ``/v1/status`` and ``/metrics``; also in ``operator.token`` beside ``tokens.json``."""
+    log_path: Path
+    max_concurrent_requests: int = 512
+
+
+def device_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The sections of ``config`` a device needs (see :data:`DEVICE_SECTIONS`)."""
+    whole = config_to_dict(config)
+    return {section: whole[section] for section in DEVICE_SECTIONS}
 
 
 def prepare(
     config: ExperimentConfig, out_dir: Path, strategy: str | None = None, round_timeout_s: float = 300.0
 ) -> Served:
-    """Everything ``amble serve`` runs, not yet running: app, coordinator, tokens (written to a file)."""
+    """Everything ``amble serve`` runs, not yet running: app, coordinator, tokens (written to files)."""
     labels = [strategy_label(s) for s in config.strategies]
     if strategy is None and len(labels) > 1:
         raise ConfigError(f"amble serve runs one strategy: pass --strategy with one of {', '.join(labels)}")
@@ -55,14 +79,18 @@ def prepare(
     namespace = f"{run_namespace(config, out_dir)}/{labels[index]}"
     wipe_run(config, namespace)
     server = build_server(config, index, namespace)
-    # Each device's sample count (its FedAvg weight) is known from the config's partition, which
-    # devices compute alike: a device cannot register another.
-    server.initialize(setup.initial, setup.num_samples, setup.settings)
+    # With the config's partition, each device's sample count (its FedAvg weight) is known here, as
+    # devices compute it alike: a device cannot register another. Devices with their own data
+    # register theirs, within server.max_samples and server.max_weight_share.
+    own = config.server.device_data == "own"
+    server.initialize(setup.initial, {} if own else setup.num_samples, setup.settings)
     tokens = issue_tokens(server.store, config.data.num_devices)
+    operator_token = secrets.token_urlsafe(32)
+    server.store.put(keys.OPERATOR_TOKEN, token_hash(operator_token).encode())
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens_file = out_dir / "tokens.json"
-    write_atomic(tokens_file, json.dumps({str(d): t for d, t in tokens.items()}, indent=1).encode())
-    os.chmod(tokens_file, 0o600)
+    write_atomic(tokens_file, json.dumps({str(d): t for d, t in tokens.items()}, indent=1).encode(), mode=0o600)
+    write_atomic(out_dir / "operator.token", operator_token.encode(), mode=0o600)
 
     def score(params: Params) -> float:
         accuracy, _ = setup.score(params)  # the simulator's evaluation samples
@@ -75,12 +103,29 @@ def prepare(
         with log_path.open("a") as file:
             file.write(json.dumps(asdict(record)) + "\n")
 
-    coordinator = Coordinator(
-        server, config.rounds, config.devices_per_round, round_timeout_s, evaluate=score, on_round=on_round
+    limits = SampleLimits(
+        config.server.device_data, config.server.max_samples, config.server.max_weight_share, config.devices_per_round
     )
-    public = config_to_dict(config)
-    public["server"] = {}  # the store URL may hold a password; devices need none of it
-    return Served(create_app(coordinator, public), coordinator, tokens, tokens_file, labels[index])
+    coordinator = Coordinator(
+        server,
+        config.rounds,
+        config.devices_per_round,
+        round_timeout_s,
+        evaluate=score,
+        on_round=on_round,
+        limits=limits,
+    )
+    app = create_app(coordinator, device_config(config))
+    return Served(
+        app,
+        coordinator,
+        tokens,
+        tokens_file,
+        labels[index],
+        operator_token,
+        log_path,
+        config.server.max_concurrent_requests,
+    )
 
 
 KEEP_ALIVE_S = 60.0
@@ -90,9 +135,19 @@ that; the client then saw the connection reset and its upload was lost."""
 
 
 def http_config(
-    app: FastAPI, host: str, port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+    app: FastAPI,
+    host: str,
+    port: int,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    limit_concurrency: int | None = 512,
 ) -> uvicorn.Config:
-    """How the gateway is served, by ``amble serve`` and by the tests and benchmarks alike."""
+    """How the gateway is served, by ``amble serve`` and by the tests and benchmarks alike.
+
+    ``limit_concurrency`` (``server.max_concurrent_requests``) bounds the requests in flight: past it
+    uvicorn answers 503 at once, which devices retry after a backoff, instead of buffering bodies
+    until memory runs out.
+    """
     return uvicorn.Config(
         app,
         host=host,
@@ -101,6 +156,7 @@ def http_config(
         timeout_keep_alive=int(KEEP_ALIVE_S),
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        limit_concurrency=limit_concurrency,
     )
 
 
@@ -113,15 +169,24 @@ def serve(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> None:
-    """Run the rounds and the gateway until the last round closed (plus ``linger_s`` to tell devices)."""
+    """Run the rounds and the gateway until the last round closed (plus ``linger_s`` to tell devices).
+
+    Raises :class:`AmbleError` with the reason when the run failed (see the module docstring) or the
+    gateway stopped before the last round.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = uvicorn.Server(http_config(served.app, host, port, ssl_certfile, ssl_keyfile))
+    config = http_config(served.app, host, port, ssl_certfile, ssl_keyfile, served.max_concurrent_requests)
+    server = uvicorn.Server(config)
     coordinator = served.coordinator
 
     def rounds() -> None:
         try:
             coordinator.run()
-            time.sleep(linger_s)  # devices polling now learn the run is done
+            if coordinator.error is not None:
+                record = {"event": "crashed", "round": coordinator.current, "error": coordinator.error}
+                with served.log_path.open("a") as file:
+                    file.write(json.dumps(record) + "\n")
+            time.sleep(linger_s)  # devices polling now learn the run is done (or failed)
         finally:
             server.should_exit = True
 
@@ -132,5 +197,15 @@ def serve(
     finally:
         coordinator.stop()
         thread.join(timeout=10)
-        write_atomic(out_dir / f"model_{served.label}.safetensors", encode(coordinator.server.model()))
-        release_server(coordinator.server)
+        try:
+            write_atomic(out_dir / f"model_{served.label}.safetensors", encode(coordinator.server.model()))
+        except Exception as exc:  # a crashed store: say so, and keep the reason the run stopped
+            logging.getLogger("amble.serve").error("could not write the final model: %s: %s", type(exc).__name__, exc)
+            if coordinator.error is None:
+                raise
+        finally:
+            release_server(coordinator.server)
+    if coordinator.error is not None:
+        raise AmbleError(f"the run failed in {coordinator.error} (see {served.log_path})")
+    if not coordinator.finished:
+        raise AmbleError(f"the gateway stopped before the last round (rounds so far in {served.log_path})")

@@ -87,6 +87,8 @@ REGISTERED = "gateway/registered"
 """A set of the device ids that registered."""
 ACCEPTED = "gateway/accepted"
 """Counter: uploads the gateway accepted."""
+OPERATOR_TOKEN = "gateway/operator"
+"""The sha256 of the operator token (``/v1/status``, ``/metrics``); the token itself is never stored."""
 
 
 def device_token(token_hash: str) -> str:
