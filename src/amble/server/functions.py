@@ -29,7 +29,7 @@ import torch
 from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.events.base import Event
-from amble.server.reports import check_report, num_samples
+from amble.server.reports import check_report, num_samples, parse_report
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
@@ -40,7 +40,7 @@ from amble.server.tensors import (
     template_from_json,
     validate_update,
 )
-from amble.strategies.base import DeviceState, Params, Report, Strategy
+from amble.strategies.base import DeviceState, Params, Plan, Report, Strategy
 
 CAS_RETRIES = 100
 
@@ -176,7 +176,9 @@ class ServerFunctions:
         """Select the round's devices and write their plans; a second run of it changes nothing.
 
         The plans and the expected devices are one value written with one compare-and-set, so two
-        racing invocations can never leave plans for one selection and expectations of another.
+        racing invocations can never leave plans for one selection and expectations of another. A
+        selected device whose data breaks planning is left out of the round with the reason
+        (``RoundState.excluded``), not expected, and the others are planned as usual.
         """
         round_index = int(event.payload["round"])
         state_key = keys.round_state(round_index)
@@ -186,26 +188,78 @@ class ServerFunctions:
             chosen = select_devices(
                 settings.seed, round_index, [int(d) for d in event.payload["available"]], settings.devices_per_round
             )
-            plans = self.strategy.plan(round_index, [self._device_state(d) for d in chosen])
+            plans, excluded = self._plan_devices(round_index, chosen)
             state = RoundState(
                 status="open",
                 base_version=int(latest["version"]),
-                expected=tuple(chosen),
+                expected=tuple(sorted(plans)),
                 plans=plans,
                 started_at_s=event.at_s,
+                excluded=excluded,
             )
             self.store.compare_and_set(state_key, state.to_json(), 0)
         inv.emit(keys.PUBLISHED_TOPIC, "round_planned", {"round": round_index})
 
+    def _plan_devices(self, round_index: int, chosen: list[int]) -> tuple[dict[int, Plan], dict[int, str]]:
+        """Valid plans for the chosen devices, and the reason each one left out was left out.
+
+        A device is left out when its registration cannot be read, when planning raises on it (found
+        by planning each device alone once the joint planning raised), or when its plan is invalid.
+        """
+        excluded: dict[int, str] = {}
+        states: dict[int, DeviceState] = {}
+        for device in chosen:
+            try:
+                states[device] = self._device_state(device)
+            except (LookupError, ValueError, TypeError) as exc:  # not a store outage: that propagates
+                excluded[device] = f"its registration could not be read ({exc}); register it again"
+        plans, _ = self._try_plan(round_index, list(states.values()))
+        if plans is None:
+            for device, device_state in list(states.items()):
+                _, alone = self._try_plan(round_index, [device_state])
+                if alone is not None:
+                    excluded[device] = f"planning it raised {alone}; its reports may be corrupt"
+                    del states[device]
+            plans = self.strategy.plan(round_index, list(states.values()))  # raises if no one device is to blame
+        valid: dict[int, Plan] = {}
+        for device, device_state in states.items():
+            plan = plans.get(device)
+            problem = "the strategy gave it no plan" if plan is None else _plan_problem(plan, device_state.num_samples)
+            if problem is None and plan is not None:
+                valid[device] = plan
+            else:
+                excluded[device] = f"{problem}; its reports may be corrupt"
+        return valid, excluded
+
+    def _try_plan(self, round_index: int, states: list[DeviceState]) -> tuple[dict[int, Plan] | None, str | None]:
+        """The strategy's plans, or None and what it raised (a strategy is pure: nothing to undo)."""
+        try:
+            return self.strategy.plan(round_index, states), None
+        except Exception as exc:  # whatever a device's data made the strategy raise
+            return None, f"{type(exc).__name__}: {exc}"
+
     def _device_state(self, device: int) -> DeviceState:
-        return DeviceState(device, self._num_samples(device), tuple(Report.from_dict(r) for r in self._history(device)))
+        return DeviceState(device, self._num_samples(device), tuple(self._history(device)))
 
     def _num_samples(self, device: int) -> int:
         return num_samples(self.store, device)
 
-    def _history(self, device: int) -> list[dict[str, Any]]:
-        history: list[dict[str, Any]] = read_json(self.store, keys.device_reports(device)) or []
-        return history
+    def _history(self, device: int) -> list[Report]:
+        """The device's past reports that parse (histories stored before reports were checked may
+        hold some that do not: those are skipped, never planned from)."""
+        try:
+            history = read_json(self.store, keys.device_reports(device))
+        except ValueError:  # not JSON at all
+            return []
+        reports = []
+        for raw in history if isinstance(history, list) else []:
+            try:
+                report = parse_report(raw)
+            except UpdateRejected:
+                continue
+            if report.device == device:
+                reports.append(report)
+        return reports
 
     # -- aggregate ------------------------------------------------------------------------------
 
@@ -417,3 +471,16 @@ def _meta(blob: bytes | None) -> dict[str, Any]:
         return {"counted": [], "stats": {}, "shards": [], "sealed": False}
     meta: dict[str, Any] = json.loads(blob)
     return meta
+
+
+def _plan_problem(plan: Plan, num_samples: int) -> str | None:
+    """What makes a plan unusable for a device with ``num_samples`` samples (None: nothing)."""
+    if type(plan.batch_size) is not int or not 1 <= plan.batch_size <= num_samples:
+        return f"its plan's batch size {plan.batch_size!r} is not in [1, its {num_samples} samples]"
+    if type(plan.local_steps) is not int or plan.local_steps < 1:
+        return f"its plan's local steps {plan.local_steps!r} are not a whole number >= 1"
+    if not (isinstance(plan.lr, int | float) and math.isfinite(plan.lr) and plan.lr > 0):
+        return f"its plan's learning rate {plan.lr!r} is not a finite positive number"
+    if plan.deadline_s is not None and not (math.isfinite(plan.deadline_s) and plan.deadline_s > 0):
+        return f"its plan's deadline {plan.deadline_s!r} is not a finite positive number of seconds"
+    return None

@@ -1,13 +1,18 @@
-"""What a device reports with its update, checked against what the server knows before it is folded.
+"""What a device reports with its update, parsed into a flat typed :class:`Report` and checked against
+what the server knows before it is folded.
 
 Aggregation weights and the planner's speed estimates come from reports, so a report is hostile
-until proven otherwise (SPEC 9): it must be well-formed and agree with the registry and the
-device's plan.
+until proven otherwise (SPEC 9): it must be exactly the fields of :class:`Report`, each a plain JSON
+number within a range (never a string, a list or a nested object, so parsing never recurses and its
+size is bounded by construction), with times the planner can divide by, and it must agree with the
+registry, the device's plan and what the server itself observed of the round trip.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
+from dataclasses import fields, replace
+from itertools import islice
 from typing import Any
 
 from amble.errors import UpdateRejected
@@ -15,6 +20,19 @@ from amble.server import keys
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
 from amble.strategies.base import Report
+from amble.strategies.speed import MIN_STEP_S
+
+REPORT_FIELDS = tuple(f.name for f in fields(Report))
+COUNT_FIELDS = ("round", "device", "num_samples", "local_steps", "batch_size")
+SECONDS_FIELDS = ("compute_s", "download_s", "upload_s")
+MAX_COUNT = 2**31 - 1
+"""Largest round, device, sample count, step count or batch a report may carry (a 32-bit int)."""
+MAX_REPORTED_S = 1e6
+"""Ceiling on each reported time (about 11.6 days): beyond it a figure is no measurement of a round."""
+ELAPSED_TOLERANCE_S = 1e-3
+ELAPSED_TOLERANCE_RELATIVE = 1e-6
+"""Reported times may exceed the server-observed elapsed time by this much (timer granularity and
+float rounding) before they are scaled down to it."""
 
 
 def num_samples(store: Store, device: int) -> int:
@@ -25,25 +43,61 @@ def num_samples(store: Store, device: int) -> int:
     return int(info["num_samples"])
 
 
+def _malformed(problem: str) -> UpdateRejected:
+    expected = ", ".join(REPORT_FIELDS)
+    return UpdateRejected(
+        "malformed_report", f"{problem}; send a flat JSON object with exactly the numeric fields {expected}"
+    )
+
+
+def parse_report(raw: Any) -> Report:
+    """``raw`` as a :class:`Report` if it is well-formed on its own, else ``malformed_report``.
+
+    Exactly the fields of :class:`Report` (no extras); counts are integers in ``[0, 2^31)``
+    (``num_samples`` and ``local_steps`` at least 1); times are finite numbers at most
+    :data:`MAX_REPORTED_S`, link times ``>= 0`` and ``compute_s / local_steps >= MIN_STEP_S``. Checks
+    only types and ranges, never recursing into a value, so a deeply nested or huge value is refused
+    at its first level. What the report must agree with is :func:`check_report`'s part.
+    """
+    if not isinstance(raw, Mapping):
+        raise _malformed(f"the report is a {type(raw).__name__}, not a JSON object")
+    if len(raw) != len(REPORT_FIELDS) or any(name not in raw for name in REPORT_FIELDS):
+        missing = [name for name in REPORT_FIELDS if name not in raw]
+        extra = [str(name)[:40] for name in islice((n for n in raw if n not in REPORT_FIELDS), 5)]
+        raise _malformed(f"the report has missing fields {missing} and unexpected fields {extra}")
+    for name in COUNT_FIELDS:
+        value = raw[name]
+        if type(value) is not int:  # bool is an int subclass, and 5.0 is not a count
+            raise _malformed(f"{name} is a {type(value).__name__}, not an integer")
+        lowest = 1 if name in ("num_samples", "local_steps", "batch_size") else 0
+        if not lowest <= value <= MAX_COUNT:
+            raise _malformed(f"{name} = {value} is outside [{lowest}, {MAX_COUNT}]")
+    for name in SECONDS_FIELDS:
+        value = raw[name]
+        if type(value) not in (int, float):
+            raise _malformed(f"{name} is a {type(value).__name__}, not a number of seconds")
+        if not 0 <= value <= MAX_REPORTED_S:  # False for NaN too; no float() of a huge int, which overflows
+            raise _malformed(f"{name} = {value} is not a finite number of seconds in [0, {MAX_REPORTED_S:g}]")
+    report = Report(**{name: raw[name] for name in REPORT_FIELDS})
+    if report.compute_s < MIN_STEP_S * report.local_steps:
+        raise _malformed(
+            f"compute_s = {report.compute_s} for {report.local_steps} steps is under {MIN_STEP_S:g} s per step; "
+            "report the measured seconds of local training"
+        )
+    return report
+
+
 def check_report(
     store: Store, round_index: int, device: int, raw: Any, state: RoundState, arrived_at_s: float | None = None
 ) -> Report:
-    """The report must be well-formed and agree with the registry and the device's plan.
+    """The report, parsed (:func:`parse_report`), agreeing with the registry and the device's plan.
 
     Aggregation weights come from the report, so a device may not claim more samples than it
     registered, a different batch size, or more steps than it was planned. ``arrived_at_s`` is when
-    the upload arrived, on the clock of ``state.started_at_s`` (None when the caller cannot know).
+    the upload arrived, on the clock of ``state.started_at_s`` (None when the caller cannot know);
+    given it, the times are bounded by what the server observed (:func:`bound_by_elapsed`).
     """
-    try:
-        report = Report.from_dict(raw)
-    except (KeyError, TypeError) as exc:
-        raise UpdateRejected("malformed_report", f"report is missing field {exc}") from None
-    counts = [report.round, report.device, report.num_samples, report.local_steps, report.batch_size]
-    seconds = [report.compute_s, report.download_s, report.upload_s]
-    if not all(type(x) is int for x in counts):
-        raise UpdateRejected("malformed_report", "round, device, num_samples, local_steps, batch_size must be integers")
-    if not all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in seconds):
-        raise UpdateRejected("malformed_report", "compute_s, download_s, upload_s must be finite non-negative numbers")
+    report = parse_report(raw)
     if (report.round, report.device) != (round_index, device):
         raise UpdateRejected(
             "malformed_report", f"report is for round {report.round} device {report.device}, not the upload's"
@@ -61,4 +115,33 @@ def check_report(
             f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
             f"{plan.batch_size} x at most {plan.local_steps} steps",
         )
-    return report
+    if arrived_at_s is None:
+        return report
+    return bound_by_elapsed(report, arrived_at_s - state.started_at_s)
+
+
+def bound_by_elapsed(report: Report, elapsed_s: float) -> Report:
+    """The report with its times scaled down, if need be, to what the server observed elapse.
+
+    A device cannot have spent more on download + compute + upload than elapsed between the round's
+    planning and its upload's arrival. In simulation arrival = start + the three exactly; live, the
+    reported ``upload_s`` is the device's previous upload, so an honest sum may exceed the elapsed
+    time a little. Hence a clamp, not a rejection: the update's work and weight do not depend on
+    the times, a 202 from the gateway (which cannot know the arrival) promises it is counted, and
+    the planner learns at most what the server itself saw. The three are scaled together (the
+    device's split between link and compute is kept) to ``elapsed_s`` plus a small tolerance, with
+    the per-step floor kept. A negative ``elapsed_s`` (clocks that disagree) bounds nothing.
+    """
+    if elapsed_s < 0:
+        return report
+    budget_s = elapsed_s * (1 + ELAPSED_TOLERANCE_RELATIVE) + ELAPSED_TOLERANCE_S
+    total_s = report.compute_s + report.download_s + report.upload_s
+    if total_s <= budget_s:
+        return report
+    scale = budget_s / total_s
+    return replace(
+        report,
+        compute_s=max(report.compute_s * scale, MIN_STEP_S * report.local_steps),
+        download_s=report.download_s * scale,
+        upload_s=report.upload_s * scale,
+    )

@@ -3,7 +3,8 @@
 This is the project's reconstruction of the thesis' rule. Per round, over the selected devices:
 
 1. fit each device's per-step time ``t_k(B)`` and communication ``c_k`` from its own reports;
-2. deadline ``T_r`` = the q-quantile of the devices' FedAvg times ``c_k + E0 ceil(n_k/B0) t_k(B0)``;
+2. deadline ``T_r`` = the q-quantile of the devices' FedAvg times ``c_k + E0 ceil(n_k/B0) t_k(B0)``,
+   each held within 32x of the other devices' median so one device cannot set it (``rounds.py``);
 3. batch ``B_k = clip(B0 v_k / v_ref, B_min, min(B_max, B0 lr_max_factor^(1/gamma)))`` with
    ``v_k = B0 / t_k(B0)`` and ``v_ref`` the q-quantile throughput counted from the fastest (the
    slowest device's when q = 1);
