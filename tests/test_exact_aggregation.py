@@ -28,7 +28,7 @@ from amble.server import (
 )
 from amble.server.partialsum import FoldRecord, PartialSum
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
-from amble.server.tensors import TensorSpec, encode
+from amble.server.tensors import TensorSpec, encode, l2_norm
 from amble.strategies import BaseWork, FedAvg, FedNova, Report, Strategy
 from amble.strategies.fedprox import PartialWorkSettings
 
@@ -172,11 +172,10 @@ def test_a_partial_sum_is_exact_where_float64_alone_loses_the_small_term() -> No
 
 
 def test_a_fold_that_would_overflow_float64_reports_it() -> None:
-    sums = PartialSum.zeros({"x": TensorSpec((2,), "float32")})
+    fine, huge = {"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([3e38, 1.0])}
 
-    fits = sums.add(0, {"x": torch.tensor([1.0, 2.0])}, 1e300, FoldRecord(1.0, {}))
-    overflows = PartialSum.zeros({"x": TensorSpec((2,), "float32")}).add(
-        0, {"x": torch.tensor([3e38, 1.0])}, 1e300, FoldRecord(1.0, {})
-    )
+    # weight 1e300: 2e300 fits in float64, 3e338 does not
+    fits = PartialSum.zeros({"x": TensorSpec((2,), "float32")}).add(0, fine, 1e300, FoldRecord(l2_norm(fine), {}))
+    overflows = PartialSum.zeros({"x": TensorSpec((2,), "float32")}).add(0, huge, 1e300, FoldRecord(l2_norm(huge), {}))
 
     assert fits and not overflows

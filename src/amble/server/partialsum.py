@@ -30,6 +30,9 @@ from amble.server.tensors import TensorSpec, all_finite, decode, encode, read_me
 Params = dict[str, torch.Tensor]
 
 _HI, _LO = "hi/", "lo/"
+SAFE_MAGNITUDE = 2.0**1000
+"""Below this bound on a sum's elements (float64 reaches 2**1024), no fold can overflow: checked on a
+scalar, not on every element."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ class PartialSum:
     hi: Params
     lo: Params
     folds: dict[int, FoldRecord] = field(default_factory=dict)
+    magnitude: float = 0.0
+    """``sum_k |weight_k| * norm_k``: no element of the sum can be larger (an element of an update is
+    at most its L2 norm), so while it is below :data:`SAFE_MAGNITUDE` nothing can overflow."""
+    _spare: Params = field(default_factory=dict, repr=False, compare=False)
+    _scratch: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, template: Mapping[str, TensorSpec]) -> PartialSum:
@@ -58,21 +66,30 @@ class PartialSum:
 
         In place, so a caller that keeps a copy it may reuse must drop it first. The product is formed
         in float64 (exact when the weight is an integer below 2**29 and the update float32); it is
-        rounded the same way whichever shard takes the update, so only the sum needs care.
+        rounded the same way whichever shard takes the update, so only the sum needs care. Buffers
+        are reused from fold to fold: a fold allocates nothing.
         """
+        if not self._scratch:
+            largest = max((t.numel() for t in self.hi.values()), default=0)
+            self._scratch = [torch.empty(largest, dtype=torch.float64) for _ in range(2)]
         for name, hi in self.hi.items():
-            product = update[name].to(torch.float64, copy=True).mul_(weight)
-            self.hi[name] = _two_sum_into(hi, self.lo[name], product)
+            product, taken = (buffer[: hi.numel()].view(hi.shape) for buffer in self._scratch)
+            total = self._spare.get(name)
+            total = torch.empty_like(hi) if total is None else total
+            _two_sum_into(hi, self.lo[name], product.copy_(update[name]).mul_(weight), total, taken)
+            self.hi[name], self._spare[name] = total, hi  # the old hi's storage is the next fold's spare
         self.folds[device] = record
-        return all(all_finite(t) for t in self.hi.values())
+        self.magnitude += abs(weight) * record.norm
+        return self.magnitude < SAFE_MAGNITUDE or all(all_finite(t) for t in self.hi.values())
 
     def merged(self, other: PartialSum) -> PartialSum:
         """A new sum of both (neither is changed): ``hi`` pairs with TwoSum, the ``lo`` parts added."""
         hi, lo = {}, {}
         for name, mine in self.hi.items():
             lo[name] = self.lo[name] + other.lo[name]
-            hi[name] = _two_sum_into(mine.clone(), lo[name], other.hi[name].clone())
-        return PartialSum(hi, lo, {**self.folds, **other.folds})
+            hi[name] = torch.empty_like(mine)
+            _two_sum_into(mine.clone(), lo[name], other.hi[name].clone(), hi[name], torch.empty_like(mine))
+        return PartialSum(hi, lo, {**self.folds, **other.folds}, self.magnitude + other.magnitude)
 
     def total(self) -> Params:
         """The sum rounded once to float64: ``hi + lo`` (``lo`` is far below ``hi``'s last bit)."""
@@ -90,7 +107,7 @@ class PartialSum:
     def to_blob(self) -> bytes:
         tensors = {**{_HI + n: t for n, t in self.hi.items()}, **{_LO + n: t for n, t in self.lo.items()}}
         folds = {str(d): {"norm": r.norm, "stats": dict(r.stats)} for d, r in sorted(self.folds.items())}
-        return encode(tensors, metadata={"folds": json.dumps(folds)})
+        return encode(tensors, metadata={"folds": json.dumps(folds), "magnitude": repr(self.magnitude)})
 
     @classmethod
     def from_blob(cls, blob: bytes) -> PartialSum:
@@ -101,19 +118,20 @@ class PartialSum:
         records = {
             int(d): FoldRecord(float(r["norm"]), {k: float(v) for k, v in r["stats"].items()}) for d, r in folds.items()
         }
-        return cls(hi, lo, records)
+        return cls(hi, lo, records, float(read_metadata(blob).get("magnitude", "inf")))
 
 
-def _two_sum_into(hi: torch.Tensor, lo: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
-    """``s = hi + addend`` with its rounding error added to ``lo``; returns ``s`` (the new ``hi``).
+def _two_sum_into(
+    hi: torch.Tensor, lo: torch.Tensor, addend: torch.Tensor, total: torch.Tensor, taken: torch.Tensor
+) -> None:
+    """``total = hi + addend``, and the rounding error of that sum added to ``lo``, exactly.
 
     Knuth's TwoSum, valid whatever the magnitudes: ``b = s - hi``, ``error = (hi - (s - b)) +
-    (addend - b)``. Consumes ``hi`` and ``addend`` as scratch (both are overwritten).
+    (addend - b)``. Seven passes, no allocation; ``hi``, ``addend`` and ``taken`` are overwritten.
     """
-    total = hi + addend
-    taken = total - hi  # the part of the addend that made it into the total
+    torch.add(hi, addend, out=total)
+    torch.sub(total, hi, out=taken)  # b: the part of the addend that made it into the total
     addend.sub_(taken)  # what of the addend was lost
-    taken.neg_().add_(total)  # s - b: the part of hi that made it in
-    hi.sub_(taken).add_(addend)  # the rounding error of hi + addend, exactly
+    torch.sub(total, taken, out=taken)  # s - b: the part of hi that made it in
+    hi.sub_(taken).add_(addend)  # the rounding error of hi + addend
     lo.add_(hi)
-    return total
