@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
+from amble.config import config_from_dict
+from amble.runsetup import run_settings
 from amble.server import (
     Invocation,
     LocalRuntime,
@@ -25,8 +27,10 @@ from amble.server import (
     select_devices,
 )
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
+from amble.server.state import RoundState
 from amble.server.tensors import encode
-from amble.strategies import BaseWork, FedAvg, Report
+from amble.strategies import Amble, AmbleSettings, BaseWork, FedAvg, FedAvgAggregator, Report, Strategy
+from amble.strategies.base import Contribution, Params
 
 INITIAL = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5]), "steps": torch.tensor(7)}
 SAMPLES = {0: 64, 1: 192, 2: 128}  # FedAvg plans at B0 = 32: 2, 6 and 4 steps
@@ -46,15 +50,28 @@ class CrashingStore(MemoryStore):
         return super().commit(writes)
 
 
-def make_server(store: MemoryStore | None = None, quorum: float = 0.5, per_round: int = 3) -> ParameterServer:
+def make_server(
+    store: MemoryStore | None = None,
+    quorum: float = 0.5,
+    per_round: int = 3,
+    strategy: Strategy | None = None,
+    max_update_norm: float | None = None,
+    max_update_norm_ratio: float | None = None,
+) -> ParameterServer:
     store = store or MemoryStore()
     events = MemoryEventLog()
-    functions = ServerFunctions(store, FedAvg(BaseWork(32, 1, 0.1)))
+    functions = ServerFunctions(store, strategy or FedAvg(BaseWork(32, 1, 0.1)))
     runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=2, invocation_s=0.02))
     server = ParameterServer(store, events, runtime)
-    server.initialize(
-        INITIAL, SAMPLES, RunSettings(seed=0, devices_per_round=per_round, quorum=quorum, max_update_bytes=10_000)
+    settings = RunSettings(
+        seed=0,
+        devices_per_round=per_round,
+        quorum=quorum,
+        max_update_bytes=10_000,
+        max_update_norm=max_update_norm,
+        max_update_norm_ratio=max_update_norm_ratio,
     )
+    server.initialize(INITIAL, SAMPLES, settings)
     return server
 
 
@@ -404,3 +421,147 @@ def test_decided_rounds_are_compacted_to_their_records_and_two_models_are_kept()
     server.upload(report(0, round_=1), encode(delta(0)), 40.0)  # a duplicate after compaction: still a no-op
     server.runtime.drain()
     assert server.latest_version() == 3 and server.store.set_members(keys.round_rejected(1)) == set()
+
+
+# -- bounded updates, folds that cannot overflow, and no non-finite model -----------------------------
+
+
+def exact(values: list[float]) -> torch.Tensor:
+    """A float32 tensor of values computed in float64 and rounded once, as the server does."""
+    return torch.tensor(values, dtype=torch.float64).float()
+
+
+HONEST_0_2 = {"w": exact([w + 448 / 192 for w in (1, 2, 3)]), "b": exact([0.5 - 256 / 192])}
+"""FedAvg of devices 0 and 2 alone: w + (64 * 1 + 128 * 3) / 192 and b = 0.5 + (64 * 0 - 128 * 2) / 192."""
+
+
+def assert_exact_model(server: ParameterServer, expected: dict[str, torch.Tensor], version: int) -> None:
+    model = server.model()
+    assert server.latest_version() == version
+    assert torch.equal(model["w"], expected["w"]) and torch.equal(model["b"], expected["b"]), model
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FedAvg(BaseWork(32, 1, 0.1)), Amble(BaseWork(32, 1, 0.1), AmbleSettings())],
+    ids=["fedavg", "amble"],
+)
+def test_an_update_of_1e30_everywhere_is_refused_and_the_model_is_the_honest_aggregate(strategy: Strategy) -> None:
+    # Prepare: the config's default bounds; device 1 sends finite values that overflowed the old float32 fold
+    server = make_server(strategy=strategy, max_update_norm=1e4, max_update_norm_ratio=20.0)
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    # Execute
+    upload_all(server, [0, 2])
+    upload = server.upload(report(1), encode({"w": torch.full((3,), 1e30), "b": torch.tensor([1e30])}), 1.0)
+    outcome = server.close_round(0, 3.0)
+
+    # Assert: refused for its norm (2e30 > 1e4), the round finalised with the honest two, exactly
+    assert (outcome.status, outcome.counted, outcome.rejected) == ("finalized", [0, 2], {1: "norm"})
+    message = json.loads(server.store.get(keys.round_rejection(0, 1, upload)) or b"{}")["message"]
+    assert "2e+30" in message and "server.max_update_norm (10000)" in message
+    assert_exact_model(server, HONEST_0_2, version=1)
+    # and the run goes on: the next round counts every honest update (sent as planned: AMBLE's plans
+    # now follow the devices' measured speeds)
+    plans, _ = server.start_round(1, [0, 1, 2], 10.0)
+    for d, plan in plans.items():
+        planned = Report(1, d, SAMPLES[d], plan.local_steps, plan.batch_size, 1.0, 0.1, 0.1)
+        server.upload(planned, encode(delta(d)), 11.0)
+    assert sorted(server.close_round(1, 13.0).counted) == [0, 1, 2]
+
+
+def test_the_relative_bound_compares_with_the_median_norm_behind_the_model() -> None:
+    # Prepare: ratio 2, no absolute bound. Norms of delta(d): sqrt(3), sqrt(13), sqrt(31) (w = d+1 thrice, b = -d)
+    server = make_server(max_update_norm_ratio=2.0)
+    server.start_round(0, [0, 1, 2], 0.0)
+    upload_all(server, [0, 1, 2])
+    first = server.close_round(0, 3.0)  # the first model has no reference: a 3.2x spread is fine
+
+    # Execute: round 1 trains from version 1, whose reference is the median, sqrt(13) = 3.606: bound 7.211
+    server.start_round(1, [0, 1, 2], 10.0)
+    scaled = {0: 4.0, 1: 3.0, 2: 1.0}  # norms 4 sqrt(3) = 6.93, 3 sqrt(13) = 10.8, sqrt(31) = 5.57
+    uploads = {
+        d: server.upload(report(d, 1), encode({n: t * scaled[d] for n, t in delta(d).items()}), 11.0) for d in scaled
+    }
+    second = server.close_round(1, 13.0)
+
+    # Assert
+    assert first.counted == [0, 1, 2] and first.rejected == {}
+    assert json.loads(server.store.get(keys.norm_reference(1)) or b"{}") == {"median_norm": 13**0.5, "updates": 3}
+    assert (second.status, second.counted, second.rejected) == ("finalized", [0, 2], {1: "norm"})
+    message = json.loads(server.store.get(keys.round_rejection(1, 1, uploads[1])) or b"{}")["message"]
+    assert "10.82" in message and "2 times the median norm 3.606" in message and "model version 1" in message
+    median = json.loads(server.store.get(keys.norm_reference(2)) or b"{}")["median_norm"]
+    assert median == pytest.approx((4 * 3**0.5 + 31**0.5) / 2)
+
+
+class HugeWeightFedAvg(FedAvgAggregator):
+    """FedAvg with every weight and count scaled by 2**900: the same model (powers of two scale
+    exactly), but a float32 update of 3e38 then weighs 3e38 * 192 * 2**900, past float64's range."""
+
+    def contribution(self, report: Report) -> Contribution:
+        n = float(report.num_samples) * 2.0**900
+        return Contribution(weight=n, stats={"num_samples": n})
+
+
+def test_an_update_that_would_overflow_the_sum_is_refused_not_folded() -> None:
+    # Prepare: no norm bounds, so only the overflow check stands in the way
+    server = make_server(strategy=FedAvg(BaseWork(32, 1, 0.1), HugeWeightFedAvg()))
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    # Execute: device 1 lands between the two honest folds of the same shard
+    server.upload(report(0), encode(delta(0)), 0.0)
+    upload = server.upload(report(1), encode({"w": torch.full((3,), 3e38), "b": torch.tensor([0.0])}), 1.0)
+    server.upload(report(2), encode(delta(2)), 2.0)
+    outcome = server.close_round(0, 3.0)
+
+    # Assert
+    assert (outcome.status, outcome.counted, outcome.rejected) == ("finalized", [0, 2], {1: "overflow"})
+    assert "non-finite" in json.loads(server.store.get(keys.round_rejection(0, 1, upload)) or b"{}")["message"]
+    assert_exact_model(server, HONEST_0_2, version=1)
+
+
+class OverscaledFedAvg(FedAvgAggregator):
+    """FedAvg with a server learning rate of 1e39: finite in float64, infinite once rounded to float32."""
+
+    def apply(self, global_params: Params, weighted_sum: Params, stats: Mapping[str, float]) -> Params:
+        return super().apply(global_params, {n: s * 1e39 for n, s in weighted_sum.items()}, stats)
+
+
+def test_a_non_finite_model_is_never_published_and_the_round_fails_saying_why() -> None:
+    server = make_server(strategy=FedAvg(BaseWork(32, 1, 0.1), OverscaledFedAvg()))
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    upload_all(server, [0, 1, 2])
+    outcome = server.close_round(0, 3.0)
+
+    assert (outcome.status, outcome.version, outcome.rejected) == ("failed", 0, {})
+    state = RoundState.from_json(server.store.get(keys.round_state(0)) or b"{}")
+    assert state.failure is not None and "NaN or infinite values in ['b', 'w']" in state.failure
+    assert server.store.get(keys.model(1)) is None and server.store.get(keys.norm_reference(1)) is None
+    assert_model(server, INITIAL, version=0)
+
+
+def test_below_quorum_the_failure_says_so() -> None:
+    server = make_server(quorum=0.7)
+    server.start_round(0, [0, 1, 2], 0.0)
+
+    upload_all(server, [0])
+    server.close_round(0, 5.0)
+
+    state = RoundState.from_json(server.store.get(keys.round_state(0)) or b"{}")
+    assert state.failure == "1 of 3 updates counted at the deadline, below the quorum of 3"
+
+
+def test_the_configs_norm_bounds_reach_the_functions() -> None:
+    default = run_settings(config_from_dict({}))
+    off = run_settings(config_from_dict({"server": {"max_update_norm": None, "max_update_norm_ratio": 5}}))
+
+    assert (default.max_update_norm, default.max_update_norm_ratio) == (1e4, 20.0)
+    assert (off.max_update_norm, off.max_update_norm_ratio) == (None, 5.0)
+    assert (
+        RunSettings.from_json(
+            b'{"seed": 0, "devices_per_round": 3, "quorum": 0.5, "max_update_bytes": 9}'
+        ).max_update_norm
+        is None
+    )

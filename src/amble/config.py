@@ -229,6 +229,13 @@ class ServerConfig(_Section):
     quorum: float = Field(0.5, gt=0, le=1)
     max_update_mb: float = Field(256.0, gt=0)
     max_attempts: int = Field(5, ge=1)
+    max_update_norm: float | None = Field(1e4, gt=0)
+    """Refuse an update whose L2 norm (all its tensors together) is above this (reason ``norm``);
+    ``null``: no absolute bound. The default is far above any honest update of the repo's models."""
+    max_update_norm_ratio: float | None = Field(20.0, gt=1)
+    """Refuse an update whose L2 norm is above this many times the median norm of the updates that
+    made the model it trained from (the previous finalized round's; none before the first). Fixed
+    before the round's first upload, so the bound does not depend on the order of arrival. ``null``: off."""
 
 
 class RayConfig(_Section):

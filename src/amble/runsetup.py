@@ -59,6 +59,8 @@ def run_settings(config: ExperimentConfig) -> RunSettings:
         devices_per_round=config.devices_per_round,
         quorum=config.server.quorum,
         max_update_bytes=int(config.server.max_update_mb * 2**20),
+        max_update_norm=config.server.max_update_norm,
+        max_update_norm_ratio=config.server.max_update_norm_ratio,
     )
 
 

@@ -13,30 +13,42 @@ half-way and running it again, has the effect of running it once:
 - ``finalize`` seals the meta record (no fold can commit after it), sums the shards, and moves the
   round from ``open`` to ``finalized`` with one compare-and-set; only the invocation that wins it
   publishes the next model version.
+
+The sums are exact in effect (``partialsum``): float64 products, double-double shards merged in a
+fixed order, the aggregator applied in float64 and rounded to the model's dtype once, so the model
+published does not depend on which instance folded which update in which order: the embedded
+server, worker processes and Ray publish the same bits. No update can make the sums non-finite:
+each is bounded in L2 norm (absolute, and relative to the median norm of the updates that made the
+model it trained from), a fold that would overflow is rejected, and a non-finite model is never
+published (the round fails instead, saying why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Mapping
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.events.base import Event
+from amble.server.partialsum import FoldRecord, PartialSum
 from amble.server.reports import check_report, num_samples, parse_report
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
 from amble.server.tensors import (
     TensorSpec,
+    all_finite,
     decode,
     encode,
+    l2_norm,
     template_from_json,
     validate_update,
 )
@@ -50,9 +62,8 @@ class _Folded:
     """An update folded into a copy of this instance's shard, ready to commit."""
 
     shard_version: int
-    sums: Params
+    sums: PartialSum
     blob: bytes
-    stats: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,12 @@ class RunSettings:
     quorum: float
     max_update_bytes: int
     report_window: int = 16
+    max_update_norm: float | None = None
+    """Reject an update whose L2 norm (all its tensors together) is above this; None: no absolute bound.
+    (None here so settings stored before the bounds existed still parse; the config sets both.)"""
+    max_update_norm_ratio: float | None = None
+    """Reject an update whose L2 norm is above this many times the median norm of the updates that
+    made the model it trained from (the first model has none: only the absolute bound applies)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -291,7 +308,9 @@ class ServerFunctions:
             if device in meta["counted"]:  # a duplicate or a redelivery: finish what a crash may have cut
                 if update_key:
                     self.store.delete(update_key)
-                self._record_report(inv, Report.from_dict(payload["report"]))
+                with contextlib.suppress(UpdateRejected):  # what the planner learns is checked and bounded too
+                    arrived = check_report(self.store, round_index, device, payload.get("report"), state, arrived_at_s)
+                    self._record_report(inv, arrived)
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
             if meta["sealed"] or not state.is_open:
@@ -301,18 +320,22 @@ class ServerFunctions:
                 # The heavy part, done once unless this shard itself moved: then loop to re-read the
                 # meta record, which other instances may have changed in the meantime.
                 delta = self._load_update(inv, device, update_key, payload)
+                norm = l2_norm(delta)
+                self._check_norm(inv, state, norm)
                 sums, shard_version = self._shard_sums(inv, shard_key)
                 contribution = self.strategy.aggregator.contribution(report)
                 # In place, so the warm copy leaves the cache until the commit puts it back: no path
                 # that ends without committing (a duplicate, a late fold, a crash) can reuse it.
                 inv.cache.pop("shard", None)
-                for name, total in sums.items():  # multiply, then add: not add_(alpha=), whose fused
-                    total.add_(delta[name].mul_(contribution.weight))  # multiply-add rounds differently
-                folded = _Folded(shard_version, sums, encode(sums), contribution.stats)
+                if not sums.add(device, delta, contribution.weight, FoldRecord(norm, contribution.stats)):
+                    raise UpdateRejected(
+                        "overflow",
+                        f"update (L2 norm {norm:.4g}, weight {contribution.weight:g}) would make the round's "
+                        "sum non-finite: it was not counted; lower server.max_update_norm to refuse such updates",
+                    )
+                folded = _Folded(shard_version, sums, sums.to_blob())
                 continue
             meta["counted"].append(device)
-            for stat, value in folded.stats.items():
-                meta["stats"][stat] = meta["stats"].get(stat, 0.0) + value
             if shard_key not in meta["shards"]:
                 meta["shards"].append(shard_key)
             writes = {
@@ -340,11 +363,45 @@ class ServerFunctions:
             raise UpdateRejected("missing_update", f"no update blob was stored for device {device}")
         return validate_update(blob, self._template(inv), settings.max_update_bytes)
 
+    def _check_norm(self, inv: Invocation, state: RoundState, norm: float) -> None:
+        """Refuse an update over the absolute or the relative norm bound (reason ``norm``)."""
+        settings = self._settings(inv)
+        bound = settings.max_update_norm
+        if bound is not None and not norm <= bound:
+            raise UpdateRejected(
+                "norm",
+                f"update's L2 norm is {norm:.4g}, over server.max_update_norm ({bound:g}): train with the "
+                "round's plan (its learning rate and steps), or ask the operator to raise the bound",
+            )
+        ratio = settings.max_update_norm_ratio
+        reference = self._norm_reference(inv, state.base_version) if ratio is not None else None
+        if ratio is not None and reference is not None and not norm <= ratio * reference:
+            raise UpdateRejected(
+                "norm",
+                f"update's L2 norm is {norm:.4g}, over {ratio:g} times the median norm {reference:.4g} of the "
+                f"updates that made model version {state.base_version} (server.max_update_norm_ratio): train "
+                "with the round's plan, or ask the operator to raise the ratio",
+            )
+
+    def _norm_reference(self, inv: Invocation, version: int) -> float | None:
+        """The median update norm behind model ``version`` (None: the first model, or all updates zero).
+
+        Stored by the ``finalize`` that published the version, so it is fixed before any update of a
+        round that trains from it arrives: the bound does not depend on the order of arrival.
+        """
+        cached = inv.cache.get("norm_reference")
+        if cached is None or cached[0] != version:
+            stored = read_json(self.store, keys.norm_reference(version))
+            cached = (version, None if stored is None else float(stored["median_norm"]))
+            inv.cache["norm_reference"] = cached
+        reference: float | None = cached[1]
+        return reference if reference else None
+
     def _announce_if_complete(self, inv: Invocation, round_index: int, meta: dict[str, Any], state: RoundState) -> None:
         if len(meta["counted"]) == len(state.expected) and not meta["sealed"]:
             inv.emit(FUNCTIONS_TOPIC, "round_ready", {"round": round_index})
 
-    def _shard_sums(self, inv: Invocation, key: str) -> tuple[Params, int]:
+    def _shard_sums(self, inv: Invocation, key: str) -> tuple[PartialSum, int]:
         """This instance's shard of the partial sums and its version (zeros at version 0 when new).
 
         The warm copy is used while the Store still holds its version: a cheap check, not a download.
@@ -352,14 +409,14 @@ class ServerFunctions:
         version = self.store.version(key)
         cached = inv.cache.get("shard")
         if cached is not None and cached[0] == key and cached[1] == version:
-            return cached[2], version
+            sums: PartialSum = cached[2]
+            return sums, version
         if version == 0:
-            zeros = {n: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for n, s in self._template(inv).items()}
-            return zeros, 0
+            return PartialSum.zeros(self._template(inv)), 0
         current = self.store.get_versioned(key)
         if current is None:  # deleted in between (the round was compacted): the commit will fail and retry
             return self._shard_sums(inv, key)
-        return decode(current.value), current.version
+        return PartialSum.from_blob(current.value), current.version
 
     def _record_report(self, inv: Invocation, report: Report) -> None:
         """Append the report to the device's history (what the planner learns from), once."""
@@ -378,10 +435,14 @@ class ServerFunctions:
     def finalize(self, event: Event, inv: Invocation) -> None:
         """Publish the next model once every expected update is in, or at the deadline with a quorum.
 
-        Order of writes: seal the partial (no fold can land after it), write the model blob (its bytes
-        follow from the sealed partial, so a rerun writes the same bytes), move the round state to
-        ``finalized`` (the one decisive compare-and-set), advance ``latest``, announce. A rerun after a
-        crash at any point completes the remaining steps.
+        Order of writes: seal the partial (no fold can land after it), write the model blob and its
+        norm reference (their bytes follow from the sealed partial, so a rerun writes the same bytes),
+        move the round state to ``finalized`` (the one decisive compare-and-set), advance ``latest``,
+        announce. A rerun after a crash at any point completes the remaining steps.
+
+        A round fails visibly, with the reason in its state's ``failure``, when it is below quorum at
+        the deadline or when the new model would hold a NaN or an infinity (the aggregator's result
+        overflowed the model's dtype): the model stays at the round's base version.
         """
         round_index = int(event.payload["round"])
         state_key = keys.round_state(round_index)
@@ -399,13 +460,26 @@ class ServerFunctions:
         quorum = max(1, math.ceil(self._settings(inv).quorum * len(state.expected)))
         base_version = state.base_version
         if counted < quorum:
-            outcome = state.decided("failed", meta["counted"], quorum=quorum)
+            failure = (
+                f"{counted} of {len(state.expected)} updates counted at the deadline, below the quorum of {quorum}"
+            )
+            outcome = state.decided("failed", meta["counted"], quorum=quorum, failure=failure)
         else:
-            sums = self._merge_shards(meta["shards"])
-            new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums, meta["stats"])
-            self.store.put(keys.model(base_version + 1), encode(new_params))
-            inv.cache["model"] = (base_version + 1, new_params)
-            outcome = state.decided("finalized", meta["counted"], version=base_version + 1)
+            sums = self._merge_shards(meta["shards"], meta["counted"])
+            new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums.total(), sums.stats())
+            broken = sorted(n for n, t in new_params.items() if t.is_floating_point() and not all_finite(t))
+            if broken:
+                failure = (
+                    f"the aggregate of {counted} updates holds NaN or infinite values in {broken[:5]}; it was not "
+                    f"published (the model stays at version {base_version}): lower server.max_update_norm"
+                )
+                outcome = state.decided("failed", meta["counted"], failure=failure)
+            else:
+                reference = {"median_norm": statistics.median(sums.norms()), "updates": counted}
+                self.store.put(keys.model(base_version + 1), encode(new_params))
+                self.store.put(keys.norm_reference(base_version + 1), json.dumps(reference).encode())
+                inv.cache["model"] = (base_version + 1, new_params)
+                outcome = state.decided("finalized", meta["counted"], version=base_version + 1)
         if self.store.compare_and_set(state_key, outcome.to_json(), current.version):
             self._announce_outcome(inv, round_index, outcome)
 
@@ -424,17 +498,19 @@ class ServerFunctions:
                 return meta
         raise RuntimeError(f"could not seal round {round_index}: too much contention")
 
-    def _merge_shards(self, shards: list[str]) -> Params:
+    def _merge_shards(self, shards: list[str], counted: list[int]) -> PartialSum:
         """The sealed shards summed in a fixed (sorted) order, so a rerun computes the same bytes."""
-        total: Params | None = None
+        total: PartialSum | None = None
         for key in sorted(shards):
             blob = self.store.get(key)
             if blob is None:
                 raise LookupError(f"shard {key} of a sealed round is missing from the store")
-            part = decode(blob)
-            total = part if total is None else {name: total[name] + part[name] for name in total}
+            part = PartialSum.from_blob(blob)
+            total = part if total is None else total.merged(part)
         if total is None:
             raise LookupError("a round with counted updates has no shards")
+        if sorted(total.folds) != sorted(counted):
+            raise LookupError(f"the shards hold devices {sorted(total.folds)}, the round counted {sorted(counted)}")
         return total
 
     def _announce_outcome(self, inv: Invocation, round_index: int, state: RoundState) -> None:
@@ -443,20 +519,27 @@ class ServerFunctions:
             self._compact(round_index, state.base_version)
             inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": state.version})
         elif state.status == "failed":
-            payload = {"round": round_index, "counted": len(state.counted), "quorum": state.quorum}
+            payload = {
+                "round": round_index,
+                "counted": len(state.counted),
+                "quorum": state.quorum,
+                "failure": state.failure,
+            }
             inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state.base_version})
 
     def _compact(self, round_index: int, base_version: int) -> None:
         """Once a round is decided, drop what nobody reads again (idempotent, so reruns are fine).
 
         The shards go (the sealed meta record stays: a late or duplicate fold still sees the round
-        closed) and so does the model before this round's base: the store keeps the latest two.
+        closed) and so does the model before this round's base, with its norm reference: the store
+        keeps the latest two.
         """
         meta = _meta(self.store.get(keys.round_meta(round_index)))
         for shard in meta["shards"]:
             self.store.delete(shard)
         if base_version >= 1:
             self.store.delete(keys.model(base_version - 1))
+            self.store.delete(keys.norm_reference(base_version - 1))
 
     def _advance_latest(self, version: int) -> None:
         def advance(latest: Any) -> Any:
@@ -466,9 +549,10 @@ class ServerFunctions:
 
 
 def _meta(blob: bytes | None) -> dict[str, Any]:
-    """A round's aggregation record: devices counted, aggregator stats, shards written, sealed."""
+    """A round's aggregation record: devices counted, shards written, sealed. Each device's norm and
+    aggregator statistics travel with its fold, in its shard."""
     if blob is None:
-        return {"counted": [], "stats": {}, "shards": [], "sealed": False}
+        return {"counted": [], "shards": [], "sealed": False}
     meta: dict[str, Any] = json.loads(blob)
     return meta
 

@@ -24,6 +24,12 @@ def round_state(round_index: int) -> str:
     return f"round/{round_index:06d}/state"
 
 
+def norm_reference(version: int) -> str:
+    """JSON: the median L2 norm of the updates that made model ``version`` (the relative norm bound's
+    reference for rounds that train from it), and how many there were."""
+    return f"norms/{version:08d}"
+
+
 def round_meta(round_index: int) -> str:
     """JSON: devices counted, aggregator stats, shards written, sealed."""
     return f"round/{round_index:06d}/meta"

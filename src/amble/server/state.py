@@ -34,7 +34,9 @@ class RoundState:
     version: int | None = None
     """The published model version (``finalized`` only)."""
     quorum: int | None = None
-    """The quorum the round missed (``failed`` only)."""
+    """The quorum the round missed (``failed`` below quorum only)."""
+    failure: str | None = None
+    """Why the round failed (``failed`` only): below quorum, or an aggregate that was not finite."""
 
     @property
     def is_open(self) -> bool:
@@ -44,9 +46,14 @@ class RoundState:
         return self.plans.get(device)
 
     def decided(
-        self, status: RoundStatus, counted: list[int], version: int | None = None, quorum: int | None = None
+        self,
+        status: RoundStatus,
+        counted: list[int],
+        version: int | None = None,
+        quorum: int | None = None,
+        failure: str | None = None,
     ) -> RoundState:
-        return replace(self, status=status, counted=tuple(counted), version=version, quorum=quorum)
+        return replace(self, status=status, counted=tuple(counted), version=version, quorum=quorum, failure=failure)
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {
@@ -59,6 +66,7 @@ class RoundState:
             "counted": list(self.counted),
             "version": self.version,
             "quorum": self.quorum,
+            "failure": self.failure,
         }
         return json.dumps(data).encode()
 
@@ -75,6 +83,7 @@ class RoundState:
             counted=tuple(int(d) for d in data.get("counted", [])),
             version=None if data.get("version") is None else int(data["version"]),
             quorum=None if data.get("quorum") is None else int(data["quorum"]),
+            failure=data.get("failure"),
         )
 
     def public(self) -> dict[str, Any]:

@@ -137,6 +137,15 @@ def validate_update(blob: bytes, template: Mapping[str, TensorSpec], max_bytes: 
     return tensors
 
 
+def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all the floating-point tensors together, computed in float64 (so the squares of
+    float32 values cannot overflow)."""
+    squares = [
+        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values() if t.is_floating_point()
+    ]
+    return math.sqrt(math.fsum(squares))
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or infinity in ``tensor``. A finite sum proves it (a NaN or an infinity would make the
     sum non-finite) at the cost of one reduction; only a non-finite sum, which may also be an

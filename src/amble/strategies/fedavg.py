@@ -26,9 +26,12 @@ class FedAvgAggregator(Aggregator):
         return Contribution(weight=float(report.num_samples), stats={"num_samples": float(report.num_samples)})
 
     def apply(self, global_params: Params, weighted_sum: Params, stats: Mapping[str, float]) -> Params:
+        """Computed in float64 and rounded to each parameter's dtype once, at the end."""
         total = stats["num_samples"]
         return {
-            name: value + (weighted_sum[name] / total).to(value.dtype) if name in weighted_sum else value.clone()
+            name: (value.double() + weighted_sum[name].double() / total).to(value.dtype)
+            if name in weighted_sum
+            else value.clone()
             for name, value in global_params.items()
         }
 

@@ -23,10 +23,11 @@ class FedNovaAggregator(Aggregator):
         return Contribution(weight=n / steps, stats={"num_samples": n, "sample_steps": n * steps})
 
     def apply(self, global_params: Params, weighted_sum: Params, stats: Mapping[str, float]) -> Params:
+        """Computed in float64 and rounded to each parameter's dtype once, at the end."""
         total = stats["num_samples"]
-        effective_steps = stats["sample_steps"] / total
+        scale = (stats["sample_steps"] / total) / total
         return {
-            name: value + (weighted_sum[name] * (effective_steps / total)).to(value.dtype)
+            name: (value.double() + weighted_sum[name].double() * scale).to(value.dtype)
             if name in weighted_sum
             else value.clone()
             for name, value in global_params.items()

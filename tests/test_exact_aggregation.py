@@ -1,0 +1,181 @@
+"""The published model does not depend on how updates reach the functions.
+
+The same 40 updates (magnitudes from 1e-8 to 1e4, pairs that nearly cancel, non-integer FedNova
+weights) are folded in different orders into different shards, with warm and cold instances, as
+worker processes and Ray actors would; every run must publish the same bits, and those bits must
+be the exact (correctly rounded) weighted sum computed here with ``math.fsum``. A float32 running
+sum fails this test: it differs in the last bits from one order to the next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from amble.server import (
+    Invocation,
+    LocalRuntime,
+    MemoryEventLog,
+    MemoryStore,
+    ParameterServer,
+    PoolSettings,
+    RunSettings,
+    ServerFunctions,
+)
+from amble.server.partialsum import FoldRecord, PartialSum
+from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
+from amble.server.tensors import TensorSpec, encode, l2_norm
+from amble.strategies import BaseWork, FedAvg, FedNova, Report, Strategy
+from amble.strategies.fedprox import PartialWorkSettings
+
+DEVICES = list(range(40))
+SAMPLES = {d: 32 * (1 + (7 * d) % 23) for d in DEVICES}  # 32 to 736 samples: 1 to 23 steps at B0 = 32
+SHAPES = {"w": (64, 50), "b": (50,)}
+
+
+def make_initial() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+def make_updates() -> dict[int, dict[str, torch.Tensor]]:
+    """Updates of widely different exponents; every odd device nearly cancels its even neighbour's
+    weighted update, so the sum is small against its terms (where summation order shows most)."""
+    rng = np.random.default_rng(7)
+    updates: dict[int, dict[str, torch.Tensor]] = {}
+    for d in DEVICES:
+        if d % 2 == 0:
+            scale = 10.0 ** rng.uniform(-8, 4)
+            updates[d] = {n: torch.from_numpy(rng.standard_normal(s) * scale).float() for n, s in SHAPES.items()}
+        else:
+            ratio = SAMPLES[d - 1] / SAMPLES[d]
+            noise = 10.0 ** rng.uniform(-6, 0)
+            updates[d] = {
+                n: (-updates[d - 1][n].double() * ratio + torch.from_numpy(rng.standard_normal(s) * noise)).float()
+                for n, s in SHAPES.items()
+            }
+    return updates
+
+
+def steps_of(d: int) -> int:
+    """Local steps reported: the plan's (n / 32) for even devices, fewer for odd ones (FedNova weights
+    n / steps that are not integers)."""
+    planned = SAMPLES[d] // 32
+    return planned if d % 2 == 0 else max(1, planned * 2 // 3)
+
+
+def fedavg() -> Strategy:
+    return FedAvg(BaseWork(32, 1, 0.1))
+
+
+def fednova() -> Strategy:
+    return FedNova(BaseWork(32, 1, 0.1), PartialWorkSettings())
+
+
+Order = list[tuple[int, int, bool]]
+"""(device, shard, warm): fold the device's update into ``shard``, with that shard's warm cache or a
+cold instance (which loads the shard from the Store)."""
+
+
+def publish(strategy: Callable[[], Strategy], order: Order) -> dict[str, torch.Tensor]:
+    """Run one round, folding the uploads in ``order``, and return the published model."""
+    store, events = MemoryStore(), MemoryEventLog()
+    functions = ServerFunctions(store, strategy())
+    runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=1))
+    server = ParameterServer(store, events, runtime)
+    settings = RunSettings(seed=0, devices_per_round=len(DEVICES), quorum=1.0, max_update_bytes=10**7)
+    server.initialize(make_initial(), SAMPLES, settings)
+    server.start_round(0, DEVICES, 0.0)
+    updates = make_updates()
+    for d in DEVICES:
+        server.upload(Report(0, d, SAMPLES[d], steps_of(d), 32, 1.0, 0.1, 0.1), encode(updates[d]), 1.0)
+    uploaded = {int(e.payload["device"]): e for e in events.read(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, "test", 1000)}
+    caches: dict[int, dict[str, object]] = {}
+    for d, shard, warm in order:
+        cache = caches.setdefault(shard, {}) if warm else {}
+        functions.aggregate(uploaded[d], Invocation(shard, not warm, cache, shard=shard))
+        events.ack(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, uploaded[d].id)
+    outcome = server.close_round(0, 2.0)
+    assert (outcome.status, sorted(outcome.counted)) == ("finalized", DEVICES)
+    return server.model()
+
+
+def exact_model(strategy: Callable[[], Strategy]) -> dict[str, torch.Tensor]:
+    """The published model computed here: each product in float64, their sum correctly rounded
+    (``math.fsum``), then the aggregator's formula in float64, rounded to float32 once."""
+    initial, updates, aggregator = make_initial(), make_updates(), strategy().aggregator
+    contributions = {
+        d: aggregator.contribution(Report(0, d, SAMPLES[d], steps_of(d), 32, 1.0, 0.1, 0.1)) for d in DEVICES
+    }
+    stats = {k: math.fsum(c.stats[k] for c in contributions.values()) for k in contributions[0].stats}
+    model = {}
+    for name in SHAPES:
+        products = np.stack([updates[d][name].double().numpy().ravel() * contributions[d].weight for d in DEVICES])
+        summed = np.array([math.fsum(column) for column in products.T]).reshape(SHAPES[name])
+        model[name] = torch.from_numpy(summed)
+    return aggregator.apply(initial, model, stats)
+
+
+def orders() -> dict[str, Order]:
+    rng = np.random.default_rng(11)
+    shuffled = [int(d) for d in rng.permutation(DEVICES)]
+    return {
+        "upload order, one shard (embedded)": [(d, 0, True) for d in DEVICES],
+        "reversed, one shard": [(d, 0, True) for d in reversed(DEVICES)],
+        "shuffled over 5 warm shards": [(d, i % 5, True) for i, d in enumerate(shuffled)],
+        "shuffled over 3 shards, cold instances": [(d, 1000 + i % 3, False) for i, d in enumerate(reversed(shuffled))],
+        "lopsided shards": [(d, 7 if d < 35 else d, True) for d in shuffled],
+    }
+
+
+@pytest.mark.parametrize("strategy", [fedavg, fednova], ids=["fedavg", "fednova"])
+def test_every_order_and_shard_assignment_publishes_the_same_bits(strategy: Callable[[], Strategy]) -> None:
+    # Prepare
+    expected = exact_model(strategy)
+
+    # Execute
+    published = {label: publish(strategy, order) for label, order in orders().items()}
+
+    # Assert: bit for bit, against each other and against the exact sum
+    for label, model in published.items():
+        for name in SHAPES:
+            assert torch.equal(model[name], expected[name]), (label, name)
+
+
+def test_a_partial_sum_is_exact_where_float64_alone_loses_the_small_term() -> None:
+    # Prepare: 2**53 + 1 rounds to 2**53 in float64, so a plain running sum of these is 0 or 1 by order
+    template = {"x": TensorSpec((1,), "float32")}
+    values = [2.0**53, 1.0, -(2.0**53)]
+
+    # Execute: every order, one term per fold, and one order split across two merged shards
+    totals = []
+    for order in ([0, 1, 2], [0, 2, 1], [1, 0, 2], [2, 1, 0]):
+        sums = PartialSum.zeros(template)
+        for i in order:
+            assert sums.add(i, {"x": torch.tensor([values[i]], dtype=torch.float64)}, 1.0, FoldRecord(1.0, {}))
+        totals.append(float(sums.total()["x"]))
+    left, right = PartialSum.zeros(template), PartialSum.zeros(template)
+    left.add(0, {"x": torch.tensor([values[0]], dtype=torch.float64)}, 1.0, FoldRecord(1.0, {"n": 0.1}))
+    left.add(1, {"x": torch.tensor([values[1]], dtype=torch.float64)}, 1.0, FoldRecord(2.0, {"n": 0.2}))
+    right.add(2, {"x": torch.tensor([values[2]], dtype=torch.float64)}, 1.0, FoldRecord(3.0, {"n": 0.3}))
+    merged = PartialSum.from_blob(left.to_blob()).merged(PartialSum.from_blob(right.to_blob()))
+
+    # Assert
+    assert totals == [1.0, 1.0, 1.0, 1.0]
+    assert float(merged.total()["x"]) == 1.0
+    assert merged.stats() == {"n": 0.6}  # fsum: 0.1 + 0.2 + 0.3 rounded once (a running sum gives 0.6000000000000001)
+    assert merged.norms() == [1.0, 2.0, 3.0]
+
+
+def test_a_fold_that_would_overflow_float64_reports_it() -> None:
+    fine, huge = {"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([3e38, 1.0])}
+
+    # weight 1e300: 2e300 fits in float64, 3e338 does not
+    fits = PartialSum.zeros({"x": TensorSpec((2,), "float32")}).add(0, fine, 1e300, FoldRecord(l2_norm(fine), {}))
+    overflows = PartialSum.zeros({"x": TensorSpec((2,), "float32")}).add(0, huge, 1e300, FoldRecord(l2_norm(huge), {}))
+
+    assert fits and not overflows
