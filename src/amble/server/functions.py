@@ -98,6 +98,36 @@ def select_devices(seed: int, round_index: int, available: list[int], count: int
     return sorted(pool[int(i)] for i in chosen)
 
 
+def norm_reference(store: Store, version: int) -> float | None:
+    """The median update norm behind model ``version`` (None: the first model, or all updates zero).
+
+    Stored by the ``finalize`` that published the version, so it is fixed before any update of a
+    round that trains from it arrives: the relative bound does not depend on the order of arrival.
+    """
+    stored = read_json(store, keys.norm_reference(version))
+    median = None if stored is None else float(stored["median_norm"])
+    return median if median else None
+
+
+def check_norm(norm: float, settings: RunSettings, reference: float | None, base_version: int) -> None:
+    """Refuse (reason ``norm``) an update whose L2 norm is over the absolute bound, or over the ratio
+    times ``reference``, the median norm behind ``base_version`` (see :func:`norm_reference`)."""
+    bound, ratio = settings.max_update_norm, settings.max_update_norm_ratio
+    if bound is not None and not norm <= bound:
+        raise UpdateRejected(
+            "norm",
+            f"update's L2 norm is {norm:.4g}, over server.max_update_norm ({bound:g}): train with the "
+            "round's plan (its learning rate and steps), or ask the operator to raise the bound",
+        )
+    if ratio is not None and reference is not None and not norm <= ratio * reference:
+        raise UpdateRejected(
+            "norm",
+            f"update's L2 norm is {norm:.4g}, over {ratio:g} times the median norm {reference:.4g} of the "
+            f"updates that made model version {base_version} (server.max_update_norm_ratio): train with "
+            "the round's plan, or ask the operator to raise the ratio",
+        )
+
+
 def record_rejection(store: Store, round_index: int, device: int, upload: str, reason: str, message: str) -> None:
     """Record why an upload was rejected; the first reason recorded for an upload wins."""
     key = keys.round_rejection(round_index, device, upload)
@@ -364,38 +394,16 @@ class ServerFunctions:
         return validate_update(blob, self._template(inv), settings.max_update_bytes)
 
     def _check_norm(self, inv: Invocation, state: RoundState, norm: float) -> None:
-        """Refuse an update over the absolute or the relative norm bound (reason ``norm``)."""
+        """:func:`check_norm`, with the round's reference read once per warm instance."""
         settings = self._settings(inv)
-        bound = settings.max_update_norm
-        if bound is not None and not norm <= bound:
-            raise UpdateRejected(
-                "norm",
-                f"update's L2 norm is {norm:.4g}, over server.max_update_norm ({bound:g}): train with the "
-                "round's plan (its learning rate and steps), or ask the operator to raise the bound",
-            )
-        ratio = settings.max_update_norm_ratio
-        reference = self._norm_reference(inv, state.base_version) if ratio is not None else None
-        if ratio is not None and reference is not None and not norm <= ratio * reference:
-            raise UpdateRejected(
-                "norm",
-                f"update's L2 norm is {norm:.4g}, over {ratio:g} times the median norm {reference:.4g} of the "
-                f"updates that made model version {state.base_version} (server.max_update_norm_ratio): train "
-                "with the round's plan, or ask the operator to raise the ratio",
-            )
-
-    def _norm_reference(self, inv: Invocation, version: int) -> float | None:
-        """The median update norm behind model ``version`` (None: the first model, or all updates zero).
-
-        Stored by the ``finalize`` that published the version, so it is fixed before any update of a
-        round that trains from it arrives: the bound does not depend on the order of arrival.
-        """
-        cached = inv.cache.get("norm_reference")
-        if cached is None or cached[0] != version:
-            stored = read_json(self.store, keys.norm_reference(version))
-            cached = (version, None if stored is None else float(stored["median_norm"]))
-            inv.cache["norm_reference"] = cached
-        reference: float | None = cached[1]
-        return reference if reference else None
+        reference = None
+        if settings.max_update_norm_ratio is not None:
+            cached = inv.cache.get("norm_reference")
+            if cached is None or cached[0] != state.base_version:
+                cached = (state.base_version, norm_reference(self.store, state.base_version))
+                inv.cache["norm_reference"] = cached
+            reference = cached[1]
+        check_norm(norm, settings, reference, state.base_version)
 
     def _announce_if_complete(self, inv: Invocation, round_index: int, meta: dict[str, Any], state: RoundState) -> None:
         if len(meta["counted"]) == len(state.expected) and not meta["sealed"]:
