@@ -18,7 +18,6 @@ take the median norm as the next round's reference without the order of arrival 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from amble.server.tensors import TensorSpec, all_finite, decode, encode, read_me
 Params = dict[str, torch.Tensor]
 
 _HI, _LO = "hi/", "lo/"
+_FOLD_DEVICES, _FOLD_NORMS, _FOLD_STAT = "fold/devices", "fold/norms", "fold/stat/"
 SAFE_MAGNITUDE = 2.0**1000
 """Below this bound on a sum's elements (float64 reaches 2**1024), no fold can overflow: checked on a
 scalar, not on every element."""
@@ -105,18 +105,30 @@ class PartialSum:
         return sorted(record.norm for record in self.folds.values())
 
     def to_blob(self) -> bytes:
+        """The sums and the fold records as one safetensors blob. The records are tensors too (device
+        ids, norms, one column per statistic), not JSON: a shard is re-encoded after every fold, and
+        the records grow with the round."""
         tensors = {**{_HI + n: t for n, t in self.hi.items()}, **{_LO + n: t for n, t in self.lo.items()}}
-        folds = {str(d): {"norm": r.norm, "stats": dict(r.stats)} for d, r in sorted(self.folds.items())}
-        return encode(tensors, metadata={"folds": json.dumps(folds), "magnitude": repr(self.magnitude)})
+        devices = sorted(self.folds)
+        names = sorted({stat for record in self.folds.values() for stat in record.stats})
+        tensors[_FOLD_DEVICES] = torch.tensor(devices, dtype=torch.int64)
+        tensors[_FOLD_NORMS] = torch.tensor([self.folds[d].norm for d in devices], dtype=torch.float64)
+        for stat in names:
+            column = [self.folds[d].stats.get(stat, 0.0) for d in devices]
+            tensors[_FOLD_STAT + stat] = torch.tensor(column, dtype=torch.float64)
+        return encode(tensors, metadata={"magnitude": repr(self.magnitude)})
 
     @classmethod
     def from_blob(cls, blob: bytes) -> PartialSum:
         tensors = decode(blob)
         hi = {name[len(_HI) :]: t for name, t in tensors.items() if name.startswith(_HI)}
         lo = {name[len(_LO) :]: t for name, t in tensors.items() if name.startswith(_LO)}
-        folds = json.loads(read_metadata(blob).get("folds", "{}"))
+        devices = tensors[_FOLD_DEVICES].tolist() if _FOLD_DEVICES in tensors else []
+        norms = tensors[_FOLD_NORMS].tolist() if _FOLD_NORMS in tensors else []
+        columns = {n[len(_FOLD_STAT) :]: t.tolist() for n, t in tensors.items() if n.startswith(_FOLD_STAT)}
         records = {
-            int(d): FoldRecord(float(r["norm"]), {k: float(v) for k, v in r["stats"].items()}) for d, r in folds.items()
+            int(d): FoldRecord(float(norms[i]), {stat: float(c[i]) for stat, c in columns.items()})
+            for i, d in enumerate(devices)
         }
         return cls(hi, lo, records, float(read_metadata(blob).get("magnitude", "inf")))
 

@@ -60,9 +60,9 @@ class Invocation:
     cache: dict[str, Any]
     emitted: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     shard: int = 0
-    """Which shard of a round's partial sums this instance folds into. Instances that run in
-    parallel use different shards so they never redo each other's folds; in-process instances run
-    one at a time and share shard 0, so sums are taken in upload order whatever the pool does."""
+    """Which shard of a round's partial sums this instance folds into: its own, so it never redoes
+    another instance's fold and its warm copy of the shard stays valid between its events. The sum
+    does not depend on which shard took which update (aggregation is exact: ``server.partialsum``)."""
 
     def emit(self, topic: str, type_: str, payload: Mapping[str, Any]) -> None:
         """Publish an event once this invocation succeeds (never on failure)."""

@@ -108,7 +108,7 @@ class LocalRuntime(Runtime):
             self.events,
             self.handlers,
             event,
-            Invocation(instance.id, cold, instance.cache),
+            Invocation(instance.id, cold, instance.cache, shard=instance.id),
             start_s,
             self.settings,
         )
