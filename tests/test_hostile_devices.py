@@ -83,6 +83,15 @@ def finite(params: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in params.values() if t.is_floating_point())
 
 
+def run_all(agents: list[DeviceAgent]) -> None:
+    """Each device's loop in a thread of its own, until the run is done (two minutes at most)."""
+    threads = [threading.Thread(target=agent.run) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+
 # -- the report header -------------------------------------------------------------------------
 
 
@@ -197,11 +206,7 @@ def test_devices_retry_a_503_with_backoff_and_every_round_is_counted_in_full(tmp
     runtime.handlers["update_uploaded"] = flaky  # type: ignore[attr-defined]
     with serving(served) as gw:
         agents = [DeviceAgent(gw.url, served.tokens[d], retry=RetryPolicy(base_s=0.05)) for d in range(4)]
-        threads = [threading.Thread(target=agent.run) for agent in agents]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        run_all(agents)
         history = gw.operator().get("/v1/status").json()["history"]
         assert [(r["status"], r["counted"]) for r in history] == [("finalized", 4), ("finalized", 4)]
         assert sorted(log.status for a in agents for log in a.rounds) == [202] * 8
@@ -307,11 +312,7 @@ def test_devices_honour_the_plans_deadline_stop_sends_partial_work_and_none_left
     served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=2)
     with serving(served) as gw:
         agents = [DeviceAgent(gw.url, served.tokens[d]) for d in range(4)]
-        threads = [threading.Thread(target=agent.run) for agent in agents]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        run_all(agents)
         history = gw.operator().get("/v1/status").json()["history"]
         assert [(r["status"], r["counted"]) for r in history] == [("finalized", 4), ("failed", 0)]
         assert all(p["at_deadline"] == "stop" for p in history[1]["plans"].values())
