@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ class RunSetup:
     test: tuple[torch.Tensor, torch.Tensor]
     """The evaluation samples: ``eval.test_samples`` of the test set, chosen by the seed."""
 
-    @property
+    @cached_property
     def num_samples(self) -> dict[int, int]:
         """Each device's training samples: its FedAvg weight, known to the server from the config."""
         return {device: len(y) for device, (_, y) in enumerate(self.device_data)}

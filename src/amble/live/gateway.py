@@ -72,9 +72,10 @@ def update_limit_bytes(template: Mapping[str, TensorSpec]) -> int:
     return payload + UPDATE_MARGIN_BYTES
 
 
-def parse_report(raw: str | None) -> Any:
+def report_header(raw: str | None) -> Any:
     """The report header as JSON, refused before parsing when absent or too long, and refused when
-    it does not parse (including nesting deep enough to exhaust the parser's recursion)."""
+    it does not parse (including nesting deep enough to exhaust the parser's recursion). What the
+    JSON must be is :func:`amble.server.reports.parse_report`'s part."""
     if raw is None:
         raise UpdateRejected("malformed_report", "send the update's JSON report in the X-Amble-Report header")
     if len(raw) > MAX_REPORT_BYTES:
@@ -85,8 +86,6 @@ def parse_report(raw: str | None) -> Any:
         parsed = json.loads(raw)
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; so are oversized integers
         raise UpdateRejected("malformed_report", "X-Amble-Report is not valid JSON") from None
-    if not isinstance(parsed, dict):
-        raise UpdateRejected("malformed_report", "X-Amble-Report must be a JSON object of the report's fields")
     return parsed
 
 
@@ -249,7 +248,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
                 raise reject(413, "too_large", message, device)
         except ApiError:
             if content_length is None or content_length <= body_limit:
-                await _discard(request, body_limit)  # answer a client that is done sending: no reset
+                await _read_limited(request, body_limit, keep=False)  # answer a client done sending: no reset
             raise
         body = await _read_limited(request, body_limit)
         if body is None:
@@ -273,7 +272,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
         if device not in state.expected:
             raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
         try:
-            return device, check_report(store, round_index, device, parse_report(raw_report), state)
+            return device, check_report(store, round_index, device, report_header(raw_report), state)
         except UpdateRejected as exc:
             raise reject(422, exc.reason, str(exc), device) from None
 
@@ -281,7 +280,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
         try:
             validate_update(body, template, body_limit)
         except UpdateRejected as exc:
-            raise reject(413 if exc.reason == "too_large" else 422, exc.reason, str(exc), device) from None
+            raise reject(status_of(exc.reason), exc.reason, str(exc), device) from None
         try:
             with coordinator.lock:  # uploads are taken one at a time: the round may have closed meanwhile
                 latest = coordinator.server.round_state(round_index)
@@ -301,8 +300,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
             log.exception("upload of device %s for round %s failed", device, round_index)
             raise busy(f"the update could not be stored or aggregated ({type(exc).__name__})", device) from None
         if not fate.counted and fate.reason is not None:
-            status = {"late": 409, "too_large": 413}.get(fate.reason, 422)
-            raise reject(status, fate.reason, fate.message, device)
+            raise reject(status_of(fate.reason), fate.reason, fate.message, device)
         if not fate.counted:
             raise busy(f"the update was not counted: its aggregation failed (upload {fate.upload})", device)
         store.incr(keys.ACCEPTED)
@@ -324,24 +322,23 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
     return app
 
 
-async def _discard(request: Request, limit: int) -> None:
-    """Read and drop up to ``limit`` bytes of a refused request's body, so the client, which sends its
-    whole body before it reads the answer, gets the answer and not a connection reset."""
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return
+def status_of(reason: str) -> int:
+    """The HTTP status of an update the checks refused: 409 for one too late, 413 too large, else 422."""
+    return {"late": 409, "too_large": 413}.get(reason, 422)
 
 
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it grows past ``limit`` (never buffered beyond it)."""
+async def _read_limited(request: Request, limit: int, keep: bool = True) -> bytes | None:
+    """The request body, or None as soon as it grows past ``limit`` (never buffered beyond it).
+
+    With ``keep=False`` the body is read and dropped: a refused request's client, which sends its
+    whole body before it reads the answer, then gets the answer and not a connection reset."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             return None
-        chunks.append(chunk)
+        if keep:
+            chunks.append(chunk)
     return b"".join(chunks)
 
 

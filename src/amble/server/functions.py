@@ -286,10 +286,7 @@ class ServerFunctions:
             return None, f"{type(exc).__name__}: {exc}"
 
     def _device_state(self, device: int) -> DeviceState:
-        return DeviceState(device, self._num_samples(device), tuple(self._history(device)))
-
-    def _num_samples(self, device: int) -> int:
-        return num_samples(self.store, device)
+        return DeviceState(device, num_samples(self.store, device), tuple(self._history(device)))
 
     def _history(self, device: int) -> list[Report]:
         """The device's past reports that parse (histories stored before reports were checked may
