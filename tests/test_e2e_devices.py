@@ -3,6 +3,12 @@
 Four devices, each really 1x, 2x, 3x or 5x slower (``--slowdown``), train LeNet-5 on Fashion-MNIST
 for three rounds over loopback HTTP. AMBLE plans from the devices' own measured timings: after the
 profiling round, faster devices get larger batches and more work, and the published model learns.
+
+Each device holds 3,000 samples, so a round's compute (about 0.5 s at 1x, 2.5 s at 5x) outweighs
+the noise of loopback HTTP and of four processes starting on two cores. With 400 samples each the
+base work took ~65 ms, the deadline was set by link and start-up noise, and on a loaded machine both
+the fastest and the slowest device were planned to the epoch cap. One torch thread per device: four
+processes with a thread per core each on two cores made a 94-step round take 170 s.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def test_serve_and_four_device_processes_train_with_amble_plans(tmp_path: Path) 
     config = {
         "name": "devices",
         "seed": 0,
-        "data": {"dataset": "fashion-mnist", "partition": {"kind": "iid"}, "num_devices": 150},
+        "data": {"dataset": "fashion-mnist", "partition": {"kind": "iid"}, "num_devices": 20},
         "model": "lenet",
         "rounds": 3,
         "devices_per_round": 4,
@@ -56,7 +62,7 @@ def test_serve_and_four_device_processes_train_with_amble_plans(tmp_path: Path) 
         tokens = json.loads((out / "tokens.json").read_text())
         devices = [
             subprocess.Popen(
-                [*amble, "device", "--server", f"http://127.0.0.1:{port}", "--slowdown", str(slowdown)],
+                [*amble, "device", "--server", f"http://127.0.0.1:{port}", "--slowdown", f"{slowdown}", "--threads=1"],
                 env={**os.environ, "AMBLE_TOKEN": tokens[str(device)]},
                 stderr=subprocess.PIPE,
             )
@@ -83,8 +89,8 @@ def test_serve_and_four_device_processes_train_with_amble_plans(tmp_path: Path) 
         batch = {int(d): p["batch_size"] for d, p in r["plans"].items()}
         assert work[0] > work[3] and batch[0] >= batch[3], r["plans"]
     accuracies = [r["accuracy"] for r in rounds]
-    # Chance is 0.1. The plans follow wall-clock speeds, so under load the rounds differ: run alone the
-    # final accuracy is 0.396, under a loaded CI 0.292 was seen. Two rounds past the first must gain
-    # at least ten points and leave chance well behind, whatever the load.
-    assert accuracies[-1] > max(0.2, accuracies[0] + 0.1), accuracies
+    # The plans follow wall-clock speeds, so the rounds differ from run to run: run alone the accuracies
+    # were 0.573, 0.680, 0.750; with two busy loops taking both cores 0.573, 0.678, 0.752. Two rounds
+    # past the first must gain ten points, whatever the load.
+    assert accuracies[-1] > max(0.6, accuracies[0] + 0.1), accuracies
     assert (out / "model_amble.safetensors").is_file()

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     device.add_argument("--slowdown", type=float, default=1.0, help="really take this many times longer to train")
     device.add_argument("--data-root", default=None, help="where the dataset is (default: the config's)")
     device.add_argument("--ca-cert", default=None, help="trust this certificate (PEM) for an https:// server")
+    device.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: one per core; 1 if devices share a machine)"
+    )
 
     report = commands.add_parser("report", help="rebuild plots and report.html from a run's output files")
     report.add_argument("run_dir", type=Path)
@@ -165,6 +168,12 @@ def _device(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("AMBLE_TOKEN")
     if not token:
         raise ConfigError("amble device needs its token: --token TOKEN or AMBLE_TOKEN (from amble serve's tokens.json)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, not {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     rounds = DeviceAgent(args.server, token, args.slowdown, data_root=args.data_root, ca_cert=args.ca_cert).run()
     print(f"amble device: trained in {len(rounds)} rounds", file=sys.stderr)
     return 0
