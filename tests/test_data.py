@@ -78,7 +78,7 @@ def test_public_api_is_pinned() -> None:
     # Assert
     assert exported == expected
     assert amble.data.DATASET_NAMES == ("fashion-mnist", "mnist", "cifar10", "synthetic")
-    assert PARTITION_KINDS == ("iid", "shards", "dirichlet", "quantity")
+    assert PARTITION_KINDS == ("iid", "shards", "dirichlet", "quantity", "natural")
 
 
 # --------------------------------------------------------------------------- IDX read / write
@@ -478,9 +478,10 @@ def _labels_sorted_100() -> np.ndarray:
 def test_partition_is_disjoint_and_covers_all_samples(kind: str) -> None:
     # Prepare
     labels = np.random.default_rng(0).integers(0, 10, size=200)
+    owners = np.arange(200) % 10  # read by the natural partition only: ten users of 20 samples each
 
     # Execute
-    parts = partition_indices(labels, 10, kind, seed=0)
+    parts = partition_indices(labels, 10, kind, seed=0, owners=owners)
 
     # Assert
     assert len(parts) == 10

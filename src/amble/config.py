@@ -6,6 +6,7 @@ fails at load time with a message naming the key, instead of silently running th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amble.errors import ConfigError
+from amble.imports import is_import_path
 
 
 class _Section(BaseModel):
@@ -22,20 +24,49 @@ class _Section(BaseModel):
 class PartitionConfig(_Section):
     """How the training set is split over devices (SPEC 7)."""
 
-    kind: Literal["iid", "shards", "dirichlet", "quantity"] = "iid"
+    kind: Literal["iid", "shards", "dirichlet", "quantity", "natural"] = "iid"
+    """``natural``: the dataset's owner column decides (one device per owner, or owners grouped onto
+    ``data.num_devices`` devices balanced by samples)."""
     shards_per_device: int = Field(2, ge=1)
     alpha: float = Field(0.5, gt=0)
     quantity_sigma: float = Field(1.0, ge=0)
     min_samples: int = Field(1, ge=1)
 
 
+BUILTIN_DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+BUILTIN_MODELS = ("mlp", "cnn", "lenet", "resnet20", "cifar-cnn", "mlp-small")
+USER_FILE_SUFFIXES = (".npz", ".safetensors")
+
+
+def is_user_data_path(dataset: str) -> bool:
+    """Whether ``data.dataset`` names a file or folder of the user's (not a built-in, not an import path)."""
+    return dataset not in BUILTIN_DATASETS and not is_import_path(dataset)
+
+
 class DataConfig(_Section):
-    dataset: Literal["fashion-mnist", "mnist", "cifar10", "synthetic"] = "fashion-mnist"
+    dataset: str = "fashion-mnist"
+    """A built-in dataset (fashion-mnist | mnist | cifar10 | synthetic); a ``.npz`` or ``.safetensors``
+    file of arrays; an image folder (``train/<class>/*``, ``test/<class>/*``); or an import path
+    ``package.module:function`` to a loader returning the same arrays. Relative paths in a YAML file
+    are relative to that file's folder."""
     root: str = "auto"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Arrays given as ``x, y[, owner]`` (no test split of their own): the share held out for testing,
+    drawn by the seed."""
     partition: PartitionConfig = PartitionConfig()
     num_devices: int = Field(100, ge=1)
     synthetic_size: tuple[int, int] = (2000, 500)
     """Train and test samples of the generated ``synthetic`` dataset (ignored by real datasets)."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                f"data.dataset must be one of {', '.join(BUILTIN_DATASETS)}, a .npz/.safetensors file, an image "
+                "folder or an import path 'package.module:function'"
+            )
+        return value
 
     @field_validator("synthetic_size")
     @classmethod
@@ -263,7 +294,11 @@ class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     data: DataConfig = DataConfig()
-    model: Literal["mlp", "cnn", "lenet", "resnet20", "cifar-cnn", "mlp-small"] = "lenet"
+    model: str = "lenet"
+    """A built-in model (mlp | cnn | lenet | resnet20 | cifar-cnn | mlp-small) or an import path
+    ``package.module:function`` to ``function(input_shape, num_classes, **model_args) -> nn.Module``."""
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the model's constructor (JSON values: they travel to devices and workers)."""
     fleet: FleetConfig = FleetConfig()
     rounds: int = Field(50, ge=1)
     devices_per_round: int = Field(10, ge=1)
@@ -274,6 +309,25 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in BUILTIN_MODELS and not is_import_path(value):
+            raise ValueError(
+                f"model must be one of {', '.join(BUILTIN_MODELS)}, or an import path 'package.module:function' to "
+                "a model of your own"
+            )
+        return value
+
+    @field_validator("model_args")
+    @classmethod
+    def _json_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"model_args must hold JSON values (numbers, strings, lists, tables): {exc}") from None
+        return value
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -388,17 +442,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_path} must hold a YAML mapping at the top level")
         raw = loaded
+        _anchor_data_path(raw, config_path.parent)
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(raw, keys, value)
-    return config_from_dict(raw, source)
+    config = config_from_dict(raw, source)
+    dataset = config.data.dataset
+    if is_user_data_path(dataset) and not Path(dataset).expanduser().exists():
+        raise ConfigError(
+            f"invalid config {source}:\n  key 'data.dataset': {dataset!r} is none of the built-in datasets "
+            f"({', '.join(BUILTIN_DATASETS)}), not an import path 'package.module:function', and no such file or "
+            "folder exists: give a .npz/.safetensors file or an image folder (relative paths are relative to the "
+            "config file's folder)"
+        )
+    return config
+
+
+def _anchor_data_path(raw: dict[str, Any], folder: Path) -> None:
+    """A relative ``data.dataset`` path in a YAML file is relative to that file's folder (not the cwd)."""
+    data = raw.get("data")
+    dataset = data.get("dataset") if isinstance(data, dict) else None
+    if isinstance(data, dict) and isinstance(dataset, str) and dataset.strip() and is_user_data_path(dataset):
+        path = Path(dataset).expanduser()
+        data["dataset"] = str(path if path.is_absolute() else (folder / path).resolve())
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "(dict)") -> ExperimentConfig:
+    """Validate a config; a relative ``data.dataset`` path left (from ``--set`` or a dict) is made absolute
+    against the current directory, so the resolved config names the same file wherever it is read."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from None
+    dataset = config.data.dataset
+    if is_user_data_path(dataset) and not Path(dataset).expanduser().is_absolute():
+        data = config.data.model_copy(update={"dataset": str(Path(dataset).expanduser().resolve())})
+        config = config.model_copy(update={"data": data})
+    return config
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

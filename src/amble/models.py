@@ -10,19 +10,22 @@ Parameter counts for 10 classes (trainable weights and biases, BatchNorm affine 
     mlp-small (1, 28, 28)    50,890   one hidden layer of 64 ReLU units: the simulator benchmarks' tiny model
 
 Every model takes ``(input_shape, num_classes)`` and sizes its layers from them, so the same model
-runs on MNIST-like ``(1, 28, 28)`` and CIFAR-like ``(3, 32, 32)`` inputs.
+runs on MNIST-like ``(1, 28, 28)`` and CIFAR-like ``(3, 32, 32)`` inputs. A model of the user's own is
+named by an import path and built the same way (:func:`build_model`, :data:`ModelFactory`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from amble.errors import ConfigError
+from amble.imports import is_import_path, resolve_callable
 
 InputShape = tuple[int, int, int]  # (C, H, W)
 
@@ -194,7 +197,7 @@ def _require_size(name: str, input_shape: InputShape, min_side: int, got: tuple[
         )
 
 
-_MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
+_MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "lenet": LeNet5,
@@ -205,18 +208,96 @@ _MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 
+ModelFactory = Callable[..., nn.Module]
+"""A user's model: ``factory(input_shape, num_classes, **model_args) -> nn.Module``, where ``input_shape``
+is one sample's shape (``(30,)`` for 30 features, ``(1, 28, 28)`` for an image, ``(64,)`` for 64 tokens)."""
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build a freshly initialised model ``name`` for ``(C, H, W)`` images and ``num_classes`` outputs.
+
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    model_args: Mapping[str, Any] | None = None,
+    input_dtype: torch.dtype = torch.float32,
+    factory: ModelFactory | None = None,
+) -> nn.Module:
+    """Build a freshly initialised model for samples of ``input_shape`` and ``num_classes`` outputs.
+
+    ``name`` is a built-in model (for ``(C, H, W)`` images) or an import path ``"package.module:function"``
+    to a :data:`ModelFactory` installed on this machine; ``factory`` (the Python API's in-memory callable)
+    takes the place of the import. A user's model is checked with one forward pass on a batch of two
+    zero samples of ``input_dtype``: it must return ``(2, num_classes)`` logits.
 
     Initialisation draws from torch's global RNG: seed it (``torch.manual_seed``) for reproducibility.
     """
-    factory = _MODELS.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown model {name!r}; model must be one of: {', '.join(MODEL_NAMES)}")
-    if len(input_shape) != 3 or any(int(size) < 1 for size in input_shape):
-        raise ConfigError(f"input_shape must be three positive sizes (C, H, W), got {input_shape}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
-    return factory(shape, int(num_classes))
+    if not input_shape or any(int(size) < 1 for size in input_shape):
+        raise ConfigError(f"input_shape must be positive sizes, got {input_shape}")
+    shape = tuple(int(size) for size in input_shape)
+    args = dict(model_args or {})
+    if factory is None and name in _MODELS:
+        if len(shape) != 3:
+            raise ConfigError(
+                f"input_shape must be three positive sizes (C, H, W) for the built-in model {name!r}, got "
+                f"{input_shape}; for other data name a model of your own (model: 'package.module:function')"
+            )
+        return _call(name, _MODELS[name], shape, int(num_classes), args)
+    if factory is None:
+        if not is_import_path(name):
+            raise ConfigError(
+                f"unknown model {name!r}; model must be one of: {', '.join(MODEL_NAMES)}, or an import path "
+                "'package.module:function' to a model of your own"
+            )
+        factory = resolve_callable(name, "model")
+    model = _call(name, factory, shape, int(num_classes), args)
+    check_model(name, model, shape, int(num_classes), input_dtype)
+    return model
+
+
+def _call(
+    name: str, factory: ModelFactory, shape: tuple[int, ...], num_classes: int, args: dict[str, Any]
+) -> nn.Module:
+    try:
+        model = factory(shape, num_classes, **args)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        keywords = "".join(f", {key}=..." for key in args)
+        raise ConfigError(
+            f"model {name!r}: calling it as f(input_shape={shape}, num_classes={num_classes}{keywords}) raised "
+            f"{type(exc).__name__}: {exc}; a model factory takes (input_shape, num_classes, **model_args)"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module: return the network itself"
+        )
+    return model
+
+
+def check_model(
+    name: str, model: nn.Module, input_shape: tuple[int, ...], num_classes: int, input_dtype: torch.dtype
+) -> None:
+    """One forward pass on two zero samples: the logits must be ``(2, num_classes)``.
+
+    Run in eval mode without gradients, so BatchNorm statistics, dropout and the RNG are left untouched.
+    """
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_shape), dtype=input_dtype))
+    except Exception as exc:
+        raise ConfigError(
+            f"model {name!r} fails on a batch of 2 samples of shape {input_shape} ({input_dtype}): "
+            f"{type(exc).__name__}: {exc}; size its first layer from the input_shape it is given"
+        ) from None
+    finally:
+        model.train(training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, num_classes):
+        raise ConfigError(
+            f"model {name!r} returns {got} for a batch of 2 samples, but must return logits of shape (2, "
+            f"{num_classes}) (batch, num_classes): make its last layer output num_classes values per sample"
+        )

@@ -18,8 +18,9 @@ from torch import nn
 
 from amble.client.trainer import evaluate
 from amble.config import ExperimentConfig
-from amble.data import Dataset, load_dataset, split_for
-from amble.models import build_model
+from amble.data import Dataset
+from amble.models import ModelFactory
+from amble.problem import load_data, make_model, partition
 from amble.server.functions import RunSettings
 from amble.strategies.base import Params
 
@@ -38,6 +39,8 @@ class RunSetup:
     settings: RunSettings
     test: tuple[torch.Tensor, torch.Tensor]
     """The evaluation samples: ``eval.test_samples`` of the test set, chosen by the seed."""
+    model_factory: ModelFactory | None = None
+    """The Python API's in-memory model factory, in place of the config's import path (this process only)."""
 
     @cached_property
     def num_samples(self) -> dict[int, int]:
@@ -45,7 +48,7 @@ class RunSetup:
         return {device: len(y) for device, (_, y) in enumerate(self.device_data)}
 
     def build_model(self) -> nn.Module:
-        return build_model(self.config.model, self.dataset.input_shape, self.dataset.num_classes)
+        return make_model(self.config, self.dataset, self.model_factory)
 
     def score(self, params: Params, model: nn.Module | None = None) -> tuple[float, float]:
         """Accuracy and loss of ``params`` on the evaluation samples."""
@@ -68,9 +71,8 @@ def run_settings(config: ExperimentConfig) -> RunSettings:
 def device_shards(config: ExperimentConfig) -> tuple[Dataset, DeviceData]:
     """The dataset and each device's pre-sliced (x, y) tensors: no DataLoader, no per-step indexing
     into the full set. A function of the config and seed, so every process computes the same split."""
-    data = config.data
-    dataset = load_dataset(data.dataset, data.root, seed=config.seed, synthetic_size=data.synthetic_size)
-    indices = split_for(data, dataset.y_train.numpy(), config.seed)
+    dataset = load_data(config)
+    indices = partition(config, dataset)
     shards = [(dataset.x_train[torch.as_tensor(i)], dataset.y_train[torch.as_tensor(i)]) for i in indices]
     return dataset, shards
 
@@ -90,11 +92,11 @@ def run_namespace(config: ExperimentConfig, out_dir: Path) -> str:
     return f"{config.name}-{digest}"
 
 
-def prepare_run(config: ExperimentConfig) -> RunSetup:
+def prepare_run(config: ExperimentConfig, model_factory: ModelFactory | None = None) -> RunSetup:
+    """What a run starts from; ``model_factory`` (Python API) builds the model instead of ``config.model``."""
     dataset, device_data = device_shards(config)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes)
+    model = make_model(config, dataset, model_factory)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return RunSetup(
-        config, dataset, device_data, model, initial, run_settings(config), evaluation_samples(config, dataset)
-    )
+    test = evaluation_samples(config, dataset)
+    return RunSetup(config, dataset, device_data, model, initial, run_settings(config), test, model_factory)

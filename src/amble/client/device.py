@@ -30,9 +30,8 @@ import torch
 
 from amble.client.trainer import LocalTrainer, derive_seed
 from amble.config import config_from_dict
-from amble.data import load_dataset, split_for
 from amble.errors import AmbleError
-from amble.models import build_model
+from amble.problem import load_data, make_model, partition
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Params, Plan, Report
 
@@ -137,13 +136,10 @@ class DeviceAgent:
         me = self._check(self._get("/v1/whoami"))
         self.device = int(me["device"])
         self.config = config_from_dict(me["config"], "the server's config")
-        data = self.config.data
-        dataset = load_dataset(
-            data.dataset, self.data_root or data.root, seed=self.config.seed, synthetic_size=data.synthetic_size
-        )
-        mine = torch.as_tensor(split_for(data, dataset.y_train.numpy(), self.config.seed)[self.device])
+        dataset = load_data(self.config, self.data_root)
+        mine = torch.as_tensor(partition(self.config, dataset)[self.device])
         self.x, self.y = dataset.x_train[mine], dataset.y_train[mine]
-        model = build_model(self.config.model, dataset.input_shape, dataset.num_classes)
+        model = make_model(self.config, dataset)
         self.trainer = LocalTrainer(model, self.config.train.momentum, self.config.train.weight_decay)
         self._register()
 

@@ -21,13 +21,11 @@ of the binary release.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tarfile
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -35,11 +33,11 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from amble.data.cache import ArrayCache, Arrays, Stamp
 from amble.data.dataset import Dataset, images_to_tensors
 from amble.data.download import cache_dir, fetch, offline
+from amble.data.images import ImageDecoder, ImageSpec, image_names, is_image
 from amble.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -71,10 +69,7 @@ BINARY_ARCHIVE = "cifar-10-binary.tar.gz"
 DOWNLOAD_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 DOWNLOAD_MD5: str | None = "c32a1d4ab5d03f1284b67883e8d87530"  # as published on the CIFAR page
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
-_PIL_FORMATS = ("JPEG", "PNG", "BMP")  # skips Pillow's probe of every other format: ~20% faster
-DECODE_CHUNK = 1000  # images per decoding task
-DECODE_THREADS = min(4, os.cpu_count() or 1)  # Pillow releases the GIL while decoding
+SPEC = ImageSpec("CIFAR-10", CLASS_NAMES, IMAGE_SIDE, IMAGE_SIDE, "RGB")
 
 CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes, so old caches are decoded again
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")  # x: uint8 (N, 3, 32, 32); y: uint8 (N,)
@@ -99,7 +94,7 @@ class CifarSource:
         """
         if self.kind == "image-folder":
             stamped = [folder for split in SPLITS for _, folder in _class_folders(self.path / split)]
-            count = sum(len(_image_names(folder)) for folder in stamped)
+            count = sum(len(image_names(folder)) for folder in stamped)
             stamped += [self.path / split for split in SPLITS]
         else:
             stamped = [self.path / name for name in _binary_names()] if self.kind == "binary-folder" else [self.path]
@@ -359,10 +354,6 @@ def _class_label(folder_name: str, where: str) -> int:
         ) from None
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-
-
 def _class_folders(split_dir: Path) -> list[tuple[int, Path]]:
     """``(label, folder)`` of each class folder in ``split_dir``, by label; unknown names are an error."""
     try:
@@ -372,19 +363,11 @@ def _class_folders(split_dir: Path) -> list[tuple[int, Path]]:
     return sorted((_class_label(folder.name, str(folder)), folder) for folder in folders)
 
 
-def _image_names(folder: Path) -> list[str]:
-    """Sorted names of the images directly in ``folder``."""
-    try:
-        return sorted(name for name in os.listdir(folder) if _is_image(name))
-    except OSError as err:
-        raise DataError(f"cannot list {folder}: {err.strerror or err}; check the path and permissions") from err
-
-
 def _decode_image_folder(folder: Path) -> Arrays:
-    with _ImageDecoder(where="") as decoder:
+    with ImageDecoder(SPEC, where="") as decoder:
         for split in SPLITS:
             for label, class_folder in _class_folders(folder / split):
-                for name in _image_names(class_folder):
+                for name in image_names(class_folder):
                     decoder.add(split, label, str(class_folder / name), class_folder / name)
         return decoder.finish(str(folder))
 
@@ -393,7 +376,7 @@ def _decode_archive(path: Path) -> Arrays:
     """Stream ``path`` once: binary batch files and ``<split>/<class>/<image>`` members, anywhere inside."""
     binary: dict[str, bytes] = {}
     binary_names = set(_binary_names())
-    with _ImageDecoder(where=f"{path} member ") as decoder:
+    with ImageDecoder(SPEC, where=f"{path} member ") as decoder:
         try:
             with tarfile.open(path, mode="r|*") as archive:
                 for member in archive:
@@ -402,7 +385,7 @@ def _decode_archive(path: Path) -> Arrays:
                     parts = PurePosixPath(member.name).parts
                     if parts[-1] in binary_names:
                         binary[parts[-1]] = _member_bytes(path, archive, member)
-                    elif len(parts) >= 3 and parts[-3] in SPLITS and _is_image(parts[-1]):
+                    elif len(parts) >= 3 and parts[-3] in SPLITS and is_image(parts[-1]):
                         label = _class_label(parts[-2], f"{path} member {member.name}")
                         decoder.add(parts[-3], label, member.name, _member_bytes(path, archive, member))
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
@@ -428,81 +411,3 @@ def _member_bytes(path: Path, archive: tarfile.TarFile, member: tarfile.TarInfo)
     if stream is None:
         raise DataError(f"{path}: cannot read member {member.name}; copy the archive again")
     return stream.read()
-
-
-class _ImageDecoder:
-    """Decodes images in a thread pool while the caller is still listing or unpacking the rest.
-
-    Each image is decoded straight into one slot of a preallocated uint8 chunk: no per-pixel Python.
-    """
-
-    def __init__(self, where: str) -> None:
-        self._where = where  # prefixes image names in error messages
-        self._pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="cifar-decode")
-        self._keys: list[tuple[str, int, str]] = []  # (split, label, name) per image, in add() order
-        self._pending: list[tuple[str, bytes | Path]] = []
-        self._chunks: list[Future[npt.NDArray[np.uint8]]] = []
-
-    def __enter__(self) -> _ImageDecoder:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    @property
-    def count(self) -> int:
-        return len(self._keys)
-
-    def add(self, split: str, label: int, name: str, payload: bytes | Path) -> None:
-        """Queue one image: ``payload`` is its encoded bytes or its file path."""
-        self._keys.append((split, label, name))
-        self._pending.append((name, payload))
-        if len(self._pending) >= DECODE_CHUNK:
-            self._submit()
-
-    def finish(self, where: str) -> Arrays:
-        """Wait for every chunk; return both splits ordered by (label, name), channel-major."""
-        self._submit()
-        images = np.concatenate([chunk.result() for chunk in self._chunks]) if self._chunks else _no_images()
-        arrays: Arrays = {}
-        for split in SPLITS:
-            order = sorted((label, name, index) for index, (s, label, name) in enumerate(self._keys) if s == split)
-            labels = np.array([label for label, _, _ in order], dtype=np.uint8)
-            present = set(labels.tolist())
-            missing = [name for label, name in enumerate(CLASS_NAMES) if label not in present]
-            if missing:
-                raise DataError(
-                    f"{where}: {split}/ has no images of class {', '.join(missing)}; the copy is incomplete, "
-                    "unpack or download it again"
-                )
-            picked = images[np.array([index for _, _, index in order], dtype=np.int64)]  # (N, 32, 32, 3)
-            arrays[f"x_{split}"] = np.ascontiguousarray(picked.transpose(0, 3, 1, 2))  # (N, 3, 32, 32)
-            arrays[f"y_{split}"] = labels
-        return arrays
-
-    def _submit(self) -> None:
-        if self._pending:
-            self._chunks.append(self._pool.submit(_decode_chunk, self._pending, self._where))
-            self._pending = []
-
-
-def _no_images() -> npt.NDArray[np.uint8]:
-    return np.empty((0, IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
-
-
-def _decode_chunk(items: list[tuple[str, bytes | Path]], where: str) -> npt.NDArray[np.uint8]:
-    """Decode ``(name, bytes or path)`` images into a uint8 ``(n, 32, 32, 3)`` RGB array."""
-    out = np.empty((len(items), IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
-    for slot, (name, payload) in enumerate(items):
-        source: Any = io.BytesIO(payload) if isinstance(payload, bytes) else payload
-        try:
-            with Image.open(source, formats=_PIL_FORMATS) as image:
-                if image.size != (IMAGE_SIDE, IMAGE_SIDE):
-                    width, height = image.size
-                    raise DataError(f"{where}{name}: image is {width}x{height}, but CIFAR-10 images are 32x32")
-                rgb = image if image.mode == "RGB" else image.convert("RGB")
-                # tobytes + frombuffer is ~2x faster than np.asarray(image) for tiny images.
-                out[slot] = np.frombuffer(rgb.tobytes(), dtype=np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE, 3)
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DataError(f"{where}{name}: cannot decode the image ({err}); it is corrupt, copy it again") from err
-    return out

@@ -13,11 +13,14 @@ from amble.errors import DataError
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification dataset held in memory, images normalised with the train split's statistics.
+    """A classification dataset held in memory (built-in images normalised with the train split's statistics).
 
-    Images are float32 ``(N, C, H, W)``; labels are int64 ``(N,)`` in ``[0, num_classes)``.
-    Holding everything as tensors once lets devices slice their partition without a DataLoader.
-    ``eq=False`` because comparing tensors element-wise is not what ``==`` on a dataset should mean.
+    Samples are float32 (or int64, e.g. token ids) ``(N, *sample_shape)``: images ``(N, C, H, W)``,
+    feature vectors ``(N, F)``, sequences ``(N, T)``; labels are int64 ``(N,)`` in ``[0, num_classes)``.
+    ``owner_train`` (optional, int64 ``(N_train,)``) says which user each training sample came from:
+    what a ``natural`` partition splits by. Holding everything as tensors once lets devices slice their
+    partition without a DataLoader. ``eq=False`` because comparing tensors element-wise is not what
+    ``==`` on a dataset should mean.
     """
 
     name: str
@@ -26,34 +29,44 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    owner_train: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise DataError(f"dataset {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             _check_split(self.name, split, x, y, self.num_classes)
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+        if self.x_train.shape[1:] != self.x_test.shape[1:] or self.x_train.dtype != self.x_test.dtype:
             raise DataError(
-                f"dataset {self.name!r}: train images are {tuple(self.x_train.shape[1:])} but test images "
-                f"are {tuple(self.x_test.shape[1:])}; both splits must have the same image shape"
+                f"dataset {self.name!r}: train samples are {self.x_train.dtype} {tuple(self.x_train.shape[1:])} but "
+                f"test samples are {self.x_test.dtype} {tuple(self.x_test.shape[1:])}; both splits must have the "
+                "same sample shape and dtype"
+            )
+        owners = self.owner_train
+        if owners is not None and (owners.dtype != torch.int64 or tuple(owners.shape) != (len(self.y_train),)):
+            raise DataError(
+                f"dataset {self.name!r}: owner_train must be int64 with one owner per training sample "
+                f"({len(self.y_train)}), got {owners.dtype} {tuple(owners.shape)}"
             )
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """One image's shape ``(C, H, W)``, what a model needs to size its first layer."""
-        channels, height, width = self.x_train.shape[1:]
-        return int(channels), int(height), int(width)
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape (``(C, H, W)`` for images), what a model needs to size its first layer."""
+        return tuple(int(size) for size in self.x_train.shape[1:])
 
 
 def _check_split(name: str, split: str, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
     """Reject a split whose tensors have the wrong dtype, rank, length or label range."""
     where = f"dataset {name!r} ({split} split)"
-    if x.dtype != torch.float32 or x.dim() != 4:
-        raise DataError(f"{where}: images must be float32 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.int64) or x.dim() < 2:
+        raise DataError(
+            f"{where}: samples must be float32 or int64 (N, *sample_shape), e.g. images (N, C, H, W), got "
+            f"{x.dtype} {tuple(x.shape)}"
+        )
     if y.dtype != torch.int64 or y.dim() != 1:
         raise DataError(f"{where}: labels must be int64 (N,), got {y.dtype} {tuple(y.shape)}")
     if x.shape[0] != y.shape[0]:
-        raise DataError(f"{where}: {x.shape[0]} images but {y.shape[0]} labels; the files do not match")
+        raise DataError(f"{where}: {x.shape[0]} samples but {y.shape[0]} labels; the files do not match")
     if y.numel() > 0 and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise DataError(
             f"{where}: labels span [{int(y.min())}, {int(y.max())}] but must lie in [0, {num_classes}); "

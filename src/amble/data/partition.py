@@ -14,7 +14,7 @@ from amble.errors import DataError
 
 IndexArray = npt.NDArray[np.int64]
 
-PARTITION_KINDS: tuple[str, ...] = ("iid", "shards", "dirichlet", "quantity")
+PARTITION_KINDS: tuple[str, ...] = ("iid", "shards", "dirichlet", "quantity", "natural")
 
 # Dirichlet draws are cheap; a thousand failures in a row means the request is (nearly) impossible.
 MAX_DIRICHLET_ATTEMPTS = 1000
@@ -30,6 +30,7 @@ def partition_indices(
     alpha: float = 0.5,
     quantity_sigma: float = 1.0,
     min_samples: int = 1,
+    owners: npt.ArrayLike | None = None,
 ) -> list[IndexArray]:
     """Return one sorted int64 index array per device into ``labels``.
 
@@ -41,6 +42,9 @@ def partition_indices(
       ``min_samples``.
     - ``quantity``: IID labels, device sizes proportional to LogNormal(0, ``quantity_sigma``) draws,
       each at least ``min_samples``.
+    - ``natural``: by ``owners`` (one user id per sample): with as many devices as owners, device ``k``
+      holds the ``k``-th smallest owner's samples; with fewer, owners are dealt onto devices largest
+      first, each to the device with the fewest samples so far (ties in size broken by the seed).
     """
     label_array = np.asarray(labels)
     if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
@@ -66,6 +70,8 @@ def partition_indices(
         parts = _shards(rng, label_array, num_devices, shards_per_device)
     elif kind == "dirichlet":
         parts = _dirichlet(rng, label_array, num_devices, alpha, min_samples)
+    elif kind == "natural":
+        parts = _natural(rng, owners, num_samples, num_devices)
     else:
         parts = _quantity(rng, num_samples, num_devices, quantity_sigma, min_samples)
 
@@ -144,8 +150,46 @@ def _quantity(
     return list(np.split(rng.permutation(num_samples), np.cumsum(sizes)[:-1]))
 
 
-def split_for(data: DataConfig, labels: npt.ArrayLike, seed: int) -> list[IndexArray]:
-    """The partition a config describes: what the simulator and every real device compute alike."""
+def _natural(
+    rng: np.random.Generator, owners: npt.ArrayLike | None, num_samples: int, num_devices: int
+) -> list[IndexArray]:
+    if owners is None:
+        raise DataError(
+            "partition.kind 'natural' needs an owner column (which user each training sample came from), and "
+            "this dataset has none: add owner_train (or owner) to the arrays, or choose iid, shards, dirichlet "
+            "or quantity"
+        )
+    owner_array = np.asarray(owners)
+    if owner_array.shape != (num_samples,) or owner_array.dtype.kind not in "iu":
+        raise DataError(
+            f"owners must be integers, one per sample ({num_samples}), got {owner_array.dtype} {owner_array.shape}"
+        )
+    ids, inverse, sizes = np.unique(owner_array, return_inverse=True, return_counts=True)
+    if num_devices > len(ids):
+        raise DataError(
+            f"natural partition: {len(ids)} owners cannot fill data.num_devices={num_devices} devices; set "
+            f"data.num_devices to {len(ids)} (one device per owner) or fewer (owners grouped)"
+        )
+    if num_devices == len(ids):
+        return [np.flatnonzero(inverse == owner) for owner in range(len(ids))]
+    shuffled = rng.permutation(len(ids))
+    order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]  # largest first, equal sizes in seeded order
+    loads = np.zeros(num_devices, dtype=np.int64)
+    device_of_owner = np.empty(len(ids), dtype=np.int64)
+    for owner in order:
+        device = int(np.argmin(loads))  # the lightest device, the lowest index among equals
+        device_of_owner[owner] = device
+        loads[device] += sizes[owner]
+    device_of_sample = device_of_owner[inverse]
+    return [np.flatnonzero(device_of_sample == device) for device in range(num_devices)]
+
+
+def split_for(
+    data: DataConfig, labels: npt.ArrayLike, seed: int, owners: npt.ArrayLike | None = None
+) -> list[IndexArray]:
+    """The partition a config describes: what the simulator and every real device compute alike.
+
+    ``owners`` is the dataset's owner column (``Dataset.owner_train``), used by a ``natural`` partition."""
     part = data.partition
     return partition_indices(
         labels,
@@ -156,4 +200,5 @@ def split_for(data: DataConfig, labels: npt.ArrayLike, seed: int) -> list[IndexA
         alpha=part.alpha,
         quantity_sigma=part.quantity_sigma,
         min_samples=part.min_samples,
+        owners=owners,
     )

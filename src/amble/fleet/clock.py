@@ -71,10 +71,17 @@ def calibrate(
     batches: tuple[int, ...] = CALIBRATION_BATCHES,
     repeats: int = 10,
     warmup: int = 3,
+    inputs: torch.Tensor | None = None,
 ) -> StepTime:
-    """Time real SGD steps of the model at several batch sizes (fastest of ``repeats``); cached on disk."""
+    """Time real SGD steps of the model at several batch sizes (fastest of ``repeats``); cached on disk.
+
+    ``inputs`` are real samples to time on (repeated to fill a batch), for data that random normal
+    values cannot stand in for (token ids); without them, batches are drawn from N(0, 1).
+    """
     cache = (cache_dir or default_cache_dir()) / "calibration.json"
     parts = [model_name, "x".join(map(str, input_shape)), str(num_classes), torch.__version__, platform.machine()]
+    if inputs is not None and inputs.dtype != torch.float32:
+        parts.append(str(inputs.dtype))
     parts += [f"threads={torch.get_num_threads()}", f"batches={','.join(map(str, batches))}"]
     key = "|".join(parts)
     cached: dict[str, dict[str, float]] = {}
@@ -92,7 +99,10 @@ def calibrate(
     generator = torch.Generator().manual_seed(0)
     measured: dict[int, float] = {}
     for batch in batches:
-        x = torch.randn((batch, *input_shape), generator=generator)
+        if inputs is not None and len(inputs):
+            x = inputs[torch.arange(batch) % len(inputs)]
+        else:
+            x = torch.randn((batch, *input_shape), generator=generator)
         y = torch.randint(0, num_classes, (batch,), generator=generator)
         times = []
         for rep in range(warmup + repeats):

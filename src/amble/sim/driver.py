@@ -27,9 +27,10 @@ from amble.client import derive_seed, evaluate
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict, strategy_label, trains_on_ray
 from amble.data import Dataset
 from amble.durable import write_atomic
-from amble.errors import AmbleError
+from amble.errors import AmbleError, ConfigError
 from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
-from amble.models import build_model
+from amble.models import ModelFactory
+from amble.problem import model_key, sample_batch
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
@@ -55,10 +56,12 @@ class StrategyRun:
 class Experiment:
     """What every strategy of one config shares: data, partition, fleet, clock and initial model."""
 
-    def __init__(self, config: ExperimentConfig, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: ExperimentConfig, cache_dir: Path | None = None, model_factory: ModelFactory | None = None
+    ) -> None:
         self.config = config
         seed = config.seed
-        self.setup = prepare_run(config)
+        self.setup = prepare_run(config, model_factory)
         self.dataset: Dataset = self.setup.dataset
         self.device_data = self.setup.device_data
         self.fleet: list[DeviceProfile] = generate_fleet(config.fleet, config.data.num_devices, seed)
@@ -70,11 +73,12 @@ class Experiment:
             step_time = StepTime.from_mapping(config.fleet.t_ref)
         else:
             step_time = calibrate(
-                lambda: build_model(config.model, self.dataset.input_shape, self.dataset.num_classes),
-                config.model,
+                self.setup.build_model,
+                model_key(config, self.model),
                 self.dataset.input_shape,
                 self.dataset.num_classes,
                 cache_dir,
+                inputs=sample_batch(self.dataset),
             )
         self.step_time = step_time
         self.clock = VirtualClock(step_time, update_bytes, seed)
@@ -385,12 +389,20 @@ def run_experiment(
     progress: bool = True,
     cache_dir: Path | None = None,
     resume: bool = False,
+    model_factory: ModelFactory | None = None,
 ) -> dict[str, Any]:
     """Run every strategy of ``config`` on the identical partition, fleet and seed; write the outputs.
 
     Every round is checkpointed in ``out_dir/state`` (and in the Redis store, when that is the store);
     with ``resume`` each strategy continues after its last checkpointed round instead of starting over.
+    ``model_factory`` (the Python API's in-memory model) builds the model in this process instead of
+    ``config.model``; it cannot reach Ray training actors.
     """
+    if model_factory is not None and trains_on_ray(config):
+        raise ConfigError(
+            "a model factory passed in memory cannot reach Ray training actors in other processes: name the model "
+            "by an import path installed on every node (model: 'package.module:function'), or set ray.train: false"
+        )
     namespace = run_namespace(config, out_dir)
     state_dir = out_dir / "state"
     keep: dict[str, int] = {}
@@ -398,7 +410,7 @@ def run_experiment(
         keep = resume_points(config, out_dir)
     else:
         shutil.rmtree(state_dir, ignore_errors=True)
-    experiment = Experiment(config, cache_dir)
+    experiment = Experiment(config, cache_dir, model_factory)
     with RunWriter(out_dir, append=resume, keep_rounds=keep) as writer:
         write_atomic(
             out_dir / RUN_FILE, json.dumps({"config": config_to_dict(config), "namespace": namespace}).encode()

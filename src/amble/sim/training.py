@@ -17,7 +17,7 @@ from torch import nn
 from amble.client import LocalTrainer
 from amble.config import ExperimentConfig
 from amble.data import Dataset
-from amble.models import build_model
+from amble.problem import make_model
 from amble.runsetup import DeviceData
 from amble.server.tensors import encode
 from amble.sim.vectorized import VectorizedTrainer, group_key, why_not_vectorized
@@ -49,7 +49,7 @@ def local_trainer(config: ExperimentConfig, dataset: Dataset, model: nn.Module |
     """The trainer a config describes, on ``model`` (default: a new one; its initial weights never matter,
     every job loads its start state)."""
     if model is None:
-        model = build_model(config.model, dataset.input_shape, dataset.num_classes)
+        model = make_model(config, dataset)
     return LocalTrainer(model, config.train.momentum, config.train.weight_decay)
 
 

@@ -1,0 +1,60 @@
+"""What a config trains: its dataset, each device's share of it, and a fresh model of its architecture.
+
+Resolved here, the same way, by every process that trains: the simulator, the Ray training actors,
+``amble serve`` and ``amble device``. A model or loader named by an import path is imported from the
+code installed on the machine at hand (:mod:`amble.imports`), never sent by a server.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from amble.config import BUILTIN_MODELS, ExperimentConfig
+from amble.data import Dataset, load_dataset, split_for
+from amble.data.partition import IndexArray
+from amble.models import ModelFactory, build_model
+
+
+def load_data(config: ExperimentConfig, data_root: str | None = None) -> Dataset:
+    """The config's dataset; ``data_root`` (a device's ``--data-root``) says where it is on this machine."""
+    data = config.data
+    return load_dataset(
+        data.dataset,
+        data_root or data.root,
+        seed=config.seed,
+        synthetic_size=data.synthetic_size,
+        test_fraction=data.test_fraction,
+    )
+
+
+def partition(config: ExperimentConfig, dataset: Dataset) -> list[IndexArray]:
+    """Each device's training-sample indices, a function of the config and seed alone."""
+    owners = None if dataset.owner_train is None else dataset.owner_train.numpy()
+    return split_for(config.data, dataset.y_train.numpy(), config.seed, owners)
+
+
+def make_model(config: ExperimentConfig, dataset: Dataset, factory: ModelFactory | None = None) -> nn.Module:
+    """A new model of the config's architecture for this dataset (``factory``: the Python API's in-memory one)."""
+    return build_model(
+        config.model,
+        dataset.input_shape,
+        dataset.num_classes,
+        model_args=config.model_args,
+        input_dtype=dataset.x_train.dtype,
+        factory=factory,
+    )
+
+
+def model_key(config: ExperimentConfig, model: nn.Module) -> str:
+    """Names the architecture for the step-time calibration cache: model, its arguments and its size."""
+    size = sum(p.numel() for p in model.parameters())
+    args = json.dumps(config.model_args, sort_keys=True) if config.model_args else ""
+    return f"{config.model}{args}#{size}" if args or config.model not in BUILTIN_MODELS else config.model
+
+
+def sample_batch(dataset: Dataset, count: int = 512) -> torch.Tensor:
+    """Up to ``count`` real training samples: what the clock's calibration times steps on."""
+    return dataset.x_train[:count]
