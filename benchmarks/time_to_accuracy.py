@@ -14,6 +14,13 @@ number for every strategy of the cell; nothing is tuned per cell.
     python benchmarks/time_to_accuracy.py --reduced --reuse --jobs 2  # one seed, four cells (the README's)
     python benchmarks/time_to_accuracy.py --reduced --variants --seeds 0 1 2 --jobs 2  # with the fixes tried
     python benchmarks/time_to_accuracy.py --jobs 2           # the full matrix, 3 seeds (many hours on 2 cores)
+    PYTHONPATH=examples/tabular python benchmarks/time_to_accuracy.py --config examples/tabular/tabular.yaml \
+        --seeds 0 1 2 --rounds 25 --jobs 2                   # one cell from your own config (data, model, fleet)
+
+With ``--config`` the cell is a config of the user's (its data, model, partition, fleet and training
+settings; its code importable as for ``amble run``): the benchmark replaces its strategies with the
+ones below, its seed and rounds with the benchmark's, and pins its step times (calibrated here once,
+on the config's own model and data, unless the config gives ``fleet.t_ref``).
 
 ``--jobs N`` runs N ``amble run`` processes at a time with cpus/N torch threads each. Virtual times do
 not depend on it (the clock's step times are pinned in every config); torch may round differently
@@ -48,7 +55,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from provenance import commit, cpu_name
 
-from amble.config import ExperimentConfig, config_from_dict, config_to_dict
+from amble.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
 from amble.fleet import StepTime, calibrate
 from amble.models import build_model
 
@@ -117,6 +124,43 @@ class Cell:
             "eval": {"every": 1, "target_accuracy": 0.99, "test_samples": 2000},
         }
 
+
+@dataclass(frozen=True)
+class ConfigCell:
+    """A cell made from a user's config (``--config``): everything but strategies, seed, rounds and t_ref."""
+
+    name: str
+    base: dict[str, Any]
+    rounds: int
+
+    def config(self, seed: int, rounds: int | None = None, variants: bool = False) -> dict[str, Any]:
+        raw = json.loads(json.dumps(self.base))
+        raw.update(seed=seed, rounds=rounds or self.rounds)
+        raw["strategies"] = [
+            s for s in STRATEGIES if variants or not (isinstance(s, dict) and s.get("label") in VARIANTS)
+        ]
+        raw["fleet"] = {**raw["fleet"], "t_ref": config_step_times(json.dumps(self.base, sort_keys=True))}
+        return raw
+
+
+@functools.cache
+def config_step_times(base: str) -> dict[int, float]:
+    """``t_ref(B)`` of a user config's model on its own data: calibrated once here (cached on disk)."""
+    from amble.problem import load_data, make_model, model_key, sample_batch
+
+    config = config_from_dict(json.loads(base), "the --config cell")
+    if config.fleet.t_ref is not None:
+        return dict(config.fleet.t_ref)
+    dataset = load_data(config)
+    model = make_model(config, dataset)
+    key = model_key(config, model)
+    step_time = calibrate(
+        lambda: make_model(config, dataset), key, dataset.input_shape, dataset.num_classes, inputs=sample_batch(dataset)
+    )
+    return {int(b): t for b, t in step_time.to_json().items()}
+
+
+AnyCell = Cell | ConfigCell
 
 SHARDS = {"kind": "shards", "shards_per_device": 2}
 FULL_MATRIX = [
@@ -220,7 +264,7 @@ def threads_per_run(parallel: int) -> int:
 
 
 def run_cells(
-    jobs: list[tuple[Cell, int, int | None]], out_root: Path, parallel: int, variants: bool = False
+    jobs: list[tuple[AnyCell, int, int | None]], out_root: Path, parallel: int, variants: bool = False
 ) -> dict[str, list[Path]]:
     """Every strategy of each (cell, seed) in one ``amble run``; the run directories by cell."""
     by_cell: dict[str, list[Path]] = {}
@@ -574,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds of every cell (default: the cell's own)")
     parser.add_argument("--tag", default=None, help="results go to time_to_accuracy_TAG.md (default: by mode)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="benchmark this config of your own instead of the matrix's cells"
+    )
     args = parser.parse_args(argv)
 
     default_seeds = [0] if args.reduced else [0, 1, 2]
@@ -582,7 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("_reduced" if args.reduced else "") + ("" if len(seeds) == len(default_seeds) else f"_{len(seeds)}seeds")
     if args.tag:
         suffix = f"_{args.tag}"
-    cells = [c for c in FULL_MATRIX if not args.reduced or c.name in REDUCED]
+    cells: list[AnyCell] = [c for c in FULL_MATRIX if not args.reduced or c.name in REDUCED]
+    if args.config is not None:
+        user = load_config(args.config)
+        cells = [ConfigCell(user.name, config_to_dict(user), user.rounds)]
+        if not args.tag:
+            suffix = f"_{user.name}" + ("" if len(seeds) == len(default_seeds) else f"_{len(seeds)}seeds")
     if args.cells:
         cells = [c for c in cells if any(part in c.name for part in args.cells)]
     if not cells:
@@ -593,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs must be at least 1")
     began = time.perf_counter()
     jobs = [
-        (cell, seed, args.rounds or (REDUCED[cell.name] if args.reduced else None)) for cell in cells for seed in seeds
+        (cell, seed, args.rounds or (REDUCED.get(cell.name) if args.reduced else None))
+        for cell in cells
+        for seed in seeds
     ]
     runs = run_cells(jobs, args.out.resolve(), args.jobs, args.variants)
     sections, results = [], []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import amble
+import amble.api
 import amble.data
 import amble.fleet
 import amble.report
@@ -30,3 +32,5 @@ def test_public_names() -> None:
     )
     assert {"load_dataset", "partition_indices", "Dataset"} <= set(amble.data.__all__)
     assert {"RunWriter", "build_report", "read_run"} <= set(amble.report.__all__)
+    assert sorted(amble.__all__) == ["RunResult", "load_config", "run"]
+    assert (amble.run, amble.RunResult) == (amble.api.run, amble.api.RunResult)
