@@ -145,7 +145,8 @@ class ConfigCell:
 
 @functools.cache
 def config_step_times(base: str) -> dict[int, float]:
-    """``t_ref(B)`` of a user config's model on its own data: calibrated once here (cached on disk)."""
+    """``t_ref(B)`` of a user config's model on its own data: calibrated once here with one torch thread
+    (cached on disk)."""
     from amble.problem import load_data, make_model, model_key, sample_batch
 
     config = config_from_dict(json.loads(base), "the --config cell")
@@ -154,9 +155,15 @@ def config_step_times(base: str) -> dict[int, float]:
     dataset = load_data(config)
     model = make_model(config, dataset)
     key = model_key(config, model)
-    step_time = calibrate(
-        lambda: make_model(config, dataset), key, dataset.input_shape, dataset.num_classes, inputs=sample_batch(dataset)
-    )
+    # One torch thread: a small model's steps are too short to share, and on a loaded machine two threads
+    # waiting for each other make the timings noisy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shape, classes = dataset.input_shape, dataset.num_classes
+        step_time = calibrate(lambda: make_model(config, dataset), key, shape, classes, inputs=sample_batch(dataset))
+    finally:
+        torch.set_num_threads(threads)
     return {int(b): t for b, t in step_time.to_json().items()}
 
 
@@ -498,10 +505,12 @@ def mean_spread(values: Iterable[float | int | None], digits: int = 3, unit: str
 
 
 def render_cell(result: CellResult, plot: str) -> str:
+    seconds_digits = 0 if min(result.budget_s) >= 100 else 2  # a cell of short rounds (tabular) needs decimals
     lines = [
         f"### {result.cell}",
         "",
-        f"Target accuracy {result.target:.2f} (95% of FedAvg's best); budget {mean_spread(result.budget_s, 0, ' s')} "
+        f"Target accuracy {result.target:.2f} (95% of FedAvg's best); budget "
+        f"{mean_spread(result.budget_s, seconds_digits, ' s')} "
         f"of virtual time (the shortest strategy's total); {result.seeds} seed(s), mean ± sd.",
         "",
         "| strategy | time to target (s) | ratio to amble (q=1) | rounds to target | final acc @budget "
@@ -510,7 +519,7 @@ def render_cell(result: CellResult, plot: str) -> str:
     ]
     for name, s in result.strategies.items():
         cells = [
-            mean_spread(s.time_to_target_s, 0),
+            mean_spread(s.time_to_target_s, seconds_digits),
             mean_spread(s.ratio_to_amble, 2),
             mean_spread(s.rounds_to_target, 1),
             mean_spread(s.final_at_budget),
@@ -597,11 +606,12 @@ def reuse_experiment(out_root: Path, rounds: int) -> str:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def machine(jobs: int) -> str:
+def machine(jobs: int, calibration_threads: int | None = None) -> str:
     threads = threads_per_run(jobs)
     return (
         f"{cpu_name()}, {jobs} run(s) at a time with {threads} torch thread(s) each (step times calibrated with "
-        f"{torch.get_num_threads()}), Python {platform.python_version()}, torch {torch.__version__}"
+        f"{calibration_threads or torch.get_num_threads()}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
     )
 
 
@@ -650,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds
     ]
     runs = run_cells(jobs, args.out.resolve(), args.jobs, args.variants)
+    calibration_threads = 1 if args.config is not None else None  # config_step_times calibrates with one
     sections, results = [], []
     for cell in cells:
         results.append(analyse(cell.name, runs[cell.name]))
@@ -662,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     reuse = reuse_experiment(args.out.resolve(), 20) if args.reuse else ""
     command = "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine(args.jobs)}, {commit()}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine(args.jobs, calibration_threads)}, {commit()}.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall, including reused runs).",
         "",
     ]

@@ -346,3 +346,22 @@ def test_cli_errors_name_the_fix_without_a_traceback(
     assert "Traceback" not in done.stderr
     for fragment in fragments:
         assert fragment in done.stderr
+
+
+# --------------------------------------------------------------------------- the example
+
+
+def test_tabular_example_has_ten_clinics_with_the_documented_label_skew(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the example's folder on the path, as its README command puts it
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "tabular"))
+    config = load_config(REPO / "examples" / "tabular" / "tabular.yaml")
+
+    # Execute
+    dataset, shards = device_shards(config)
+
+    # Assert: 569 patients, 114 held out; ten clinics by decile of mean radius, whole on their devices
+    assert (len(dataset.y_train), len(dataset.y_test), dataset.input_shape) == (455, 114, (30,))
+    assert len(shards) == 10 and sum(len(y) for _, y in shards) == 455
+    assert [len(y) for _, y in shards] == [46, 46, 44, 48, 43, 47, 43, 46, 42, 50]
+    # label 1 is benign in scikit-learn's set: the smallest tumours are all benign, the largest all malignant
+    assert [int(y.sum()) for _, y in shards] == [46, 45, 40, 45, 36, 33, 29, 7, 0, 0]

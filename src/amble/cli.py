@@ -63,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     device.add_argument("--server", required=True, help="the gateway's URL, e.g. http://127.0.0.1:8000")
     device.add_argument("--token", default=None, help="this device's token (default: $AMBLE_TOKEN)")
     device.add_argument("--slowdown", type=float, default=1.0, help="really take this many times longer to train")
-    device.add_argument("--data-root", default=None, help="where the dataset is (default: the config's)")
+    device.add_argument(
+        "--data-root",
+        default=None,
+        help="where the dataset is on this machine (a built-in's folder, or your own file or image folder; "
+        "default: the config's)",
+    )
     device.add_argument("--ca-cert", default=None, help="trust this certificate (PEM) for an https:// server")
     device.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: one per core; 1 if devices share a machine)"
