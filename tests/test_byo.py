@@ -365,3 +365,18 @@ def test_tabular_example_has_ten_clinics_with_the_documented_label_skew(monkeypa
     assert [len(y) for _, y in shards] == [46, 46, 44, 48, 43, 47, 43, 46, 42, 50]
     # label 1 is benign in scikit-learn's set: the smallest tumours are all benign, the largest all malignant
     assert [int(y.sum()) for _, y in shards] == [46, 45, 40, 45, 36, 33, 29, 7, 0, 0]
+
+
+def test_text_example_builds_token_windows_and_an_lstm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "text"))
+    config = load_config(REPO / "examples" / "text" / "text.yaml")
+
+    # Execute
+    dataset, shards = device_shards(config)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes, input_dtype=dataset.x_train.dtype)
+
+    # Assert: 16-character windows as int64 ids, 32 distinct characters, one device per paragraph
+    assert (dataset.x_train.dtype, dataset.input_shape, dataset.num_classes) == (torch.int64, (16,), 32)
+    assert len(shards) == 7 and sum(len(y) for _, y in shards) == len(dataset.y_train)
+    assert tuple(model(dataset.x_test[:3]).shape) == (3, 32)
