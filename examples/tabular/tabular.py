@@ -74,7 +74,6 @@ if __name__ == "__main__":
 
     result = amble.run(Path(__file__).with_name("tabular.yaml"), progress=True)
     for label, numbers in result.strategies.items():
-        print(
-            f"{label:>10}: final accuracy {numbers['final_accuracy']:.3f}, virtual time {numbers['virtual_time_s']:.1f} s"
-        )
+        final, virtual_s = numbers["final_accuracy"], numbers["virtual_time_s"]
+        print(f"{label:>10}: final accuracy {final:.3f}, virtual time {virtual_s:.1f} s")
     print(f"report: {result.report}")
