@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from amble.config import config_from_dict, load_config
 from amble.data import load_dataset, partition_indices
 from amble.errors import ConfigError, DataError
 from amble.models import build_model
+from amble.problem import load_data
 from amble.runsetup import device_shards
 from tests.byo_models import make_net, separable_data
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 T_REF = {8: 0.001, 16: 0.0015, 64: 0.003}
@@ -380,3 +383,78 @@ def test_text_example_builds_token_windows_and_an_lstm(monkeypatch: pytest.Monke
     assert (dataset.x_train.dtype, dataset.input_shape, dataset.num_classes) == (torch.int64, (16,), 32)
     assert len(shards) == 7 and sum(len(y) for _, y in shards) == len(dataset.y_train)
     assert tuple(model(dataset.x_test[:3]).shape) == (3, 32)
+
+
+# --------------------------------------------------------------------------- real devices
+
+
+def test_real_devices_resolve_the_model_from_their_own_installed_code(tmp_path: Path) -> None:
+    """`amble serve` and two `amble device` processes on a user's model and .npz: a device without the
+    model's code installed stops with what to install; one with its data elsewhere uses --data-root."""
+    # Prepare
+    write_split_npz(tmp_path / "vectors.npz")
+    elsewhere = tmp_path / "device-copy"
+    elsewhere.mkdir()
+    write_split_npz(elsewhere / "vectors.npz")
+    config = small_config("vectors.npz", rounds=2, strategies=["fedavg"])
+    config["data"]["num_devices"] = 2
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    port, out = free_port(), tmp_path / "out"
+    with_tests = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    serve_log = (tmp_path / "serve.log").open("w")  # a file, not a pipe: nobody reads it while devices run
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "amble", "serve", "c.yaml", "--port", str(port), "--out", str(out), "--linger-s", "2"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": with_tests},
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        while not (out / "tokens.json").is_file():
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+        tokens = json.loads((out / "tokens.json").read_text())
+
+        def device(token: str, pythonpath: str, *extra: str) -> subprocess.Popen[bytes]:
+            command = [sys.executable, "-m", "amble", "device", "--server", f"http://127.0.0.1:{port}", "--threads=1"]
+            env = {**os.environ, "AMBLE_TOKEN": token, "PYTHONPATH": pythonpath}
+            return subprocess.Popen([*command, *extra], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+
+        # Execute
+        missing = device(tokens["0"], str(REPO / "src"))  # the tests' module is not installed for it
+        _, missing_err = missing.communicate(timeout=120)
+        devices = [device(tokens["0"], with_tests), device(tokens["1"], with_tests, "--data-root", str(elsewhere))]
+        errors = [process.communicate(timeout=180)[1].decode() for process in devices]
+        serve.wait(timeout=60)
+
+        # Assert
+        assert missing.returncode == 2
+        assert "module 'tests.byo_models' is not importable" in missing_err.decode()
+        assert "Traceback" not in missing_err.decode()
+        assert [process.returncode for process in devices] == [0, 0], errors
+        assert serve.returncode == 0, (tmp_path / "serve.log").read_text()
+        rounds = read_jsonl(out / "serve.jsonl")
+        expected = [(0, "finalized", 2), (1, "finalized", 2)]
+        assert [(row["round"], row["status"], row["counted"]) for row in rounds] == expected
+        assert {plan["local_steps"] for row in rounds for plan in row["plans"].values()} == {10}  # 160 samples / 16
+    finally:
+        for process in [serve, *locals().get("devices", [])]:
+            if process.poll() is None:
+                process.kill()
+        serve_log.close()
+
+
+def test_data_root_says_where_a_users_file_is_on_this_machine(tmp_path: Path) -> None:
+    # Prepare: the config names one file; this machine's copy (other values) is elsewhere
+    write_split_npz(tmp_path / "vectors.npz")
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    write_split_npz(elsewhere / "vectors.npz", train=30, test=10)
+    config = config_from_dict(small_config(str(tmp_path / "vectors.npz")))
+
+    # Execute
+    default, by_folder = load_data(config), load_data(config, str(elsewhere))
+    by_file = load_data(config, str(elsewhere / "vectors.npz"))
+
+    # Assert
+    assert (len(default.y_train), len(by_folder.y_train), len(by_file.y_train)) == (320, 30, 30)

@@ -12,18 +12,22 @@ import json
 import torch
 from torch import nn
 
-from amble.config import BUILTIN_MODELS, ExperimentConfig
+from amble.config import BUILTIN_MODELS, ExperimentConfig, is_user_data_path
 from amble.data import Dataset, load_dataset, split_for
 from amble.data.partition import IndexArray
 from amble.models import ModelFactory, build_model
 
 
 def load_data(config: ExperimentConfig, data_root: str | None = None) -> Dataset:
-    """The config's dataset; ``data_root`` (a device's ``--data-root``) says where it is on this machine."""
+    """The config's dataset; ``data_root`` (a device's ``--data-root``) says where it is on this machine.
+
+    A user's file or folder is where ``data.dataset`` says unless ``data_root`` says otherwise
+    (``data.root`` is the built-in datasets' search folder and does not apply to it)."""
     data = config.data
+    root = data_root or ("auto" if is_user_data_path(data.dataset) else data.root)
     return load_dataset(
         data.dataset,
-        data_root or data.root,
+        root,
         seed=config.seed,
         synthetic_size=data.synthetic_size,
         test_fraction=data.test_fraction,

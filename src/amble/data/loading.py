@@ -73,8 +73,18 @@ def load_dataset(
                 f"unknown dataset {name!r}; data.dataset must be one of: {', '.join(DATASET_NAMES)}, a .npz or "
                 ".safetensors file, an image folder, or an import path 'package.module:function'"
             )
-        source = name if is_import_path(name) or root in (None, "auto") else str(root)
-        return load_user_dataset(source, seed=seed, test_fraction=test_fraction)
+        return load_user_dataset(_user_source(name, root), seed=seed, test_fraction=test_fraction)
     if name == "synthetic" and synthetic_size is not None:
         return make_synthetic(num_train=synthetic_size[0], num_test=synthetic_size[1], seed=seed)
     return loader(root, seed)
+
+
+def _user_source(name: str, root: Root) -> str:
+    """Where a user's dataset is: ``name``, unless an explicit ``root`` says where it is on this machine
+    (the file or folder itself, or for a file the folder holding one of the same name)."""
+    if is_import_path(name) or root is None or str(root) == "auto":
+        return name
+    place = Path(root).expanduser()
+    if place.is_dir() and Path(name).suffix in (".npz", ".safetensors"):
+        return str(place / Path(name).name)
+    return str(place)

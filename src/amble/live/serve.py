@@ -41,7 +41,7 @@ from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
 from amble.strategies.base import Params
 
-DEVICE_SECTIONS = ("name", "seed", "data", "model", "devices_per_round", "train")
+DEVICE_SECTIONS = ("name", "seed", "data", "model", "model_args", "devices_per_round", "train")
 """What ``/v1/whoami`` tells a device of the config: enough to load its data partition and build its
 model and trainer. Not the server section (a store URL may hold a password), strategies or fleet."""
 
