@@ -272,7 +272,7 @@ def test_status_and_metrics_need_the_operator_token(hostile_run: Gateway) -> Non
 def test_whoami_gives_a_device_only_what_it_needs_to_train(hostile_run: Gateway) -> None:
     me = hostile_run.client(2).get("/v1/whoami").json()
     assert me["device"] == 2
-    assert sorted(me["config"]) == ["data", "devices_per_round", "model", "name", "seed", "train"]
+    assert sorted(me["config"]) == ["data", "devices_per_round", "model", "model_args", "name", "seed", "train"]
     assert config_from_dict(me["config"]).data.num_devices == 4  # enough to load its partition
 
 
