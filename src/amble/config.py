@@ -213,14 +213,23 @@ class ServerConfig(_Section):
     """Where functions run: ``local`` (in process with ``memory``, else ``amble worker`` processes) or
     ``ray`` (Ray actors; needs a Redis store every node can reach, see the ``ray`` section)."""
     workers: int = Field(0, ge=0)
-    """With a Redis store: local ``amble worker`` processes to start for the run (0: use running ones)."""
+    """With a Redis store: at least this many local ``amble worker`` processes serve the run, started
+    by it and replaced when they die or wedge (0 and no ``autoscale``: only workers started elsewhere)."""
+    autoscale: bool = False
+    """With a Redis store: start more local workers while events wait (one per waiting event, up to
+    ``max_instances``); those above ``workers`` leave after ``keep_alive_s`` idle, so with
+    ``workers: 0`` the pool scales to zero between bursts."""
     visibility_timeout_s: float = Field(30.0, gt=0)
     """With a Redis store: seconds an un-acked event waits before another worker claims it."""
     drain_timeout_s: float = Field(120.0, gt=0)
     """With a Redis store: seconds without any function progress before the run fails (never hangs)."""
     keep_alive_s: float = Field(60.0, ge=0)
+    """Seconds an idle function instance stays warm (virtual clock; real idle seconds for the
+    ``autoscale`` pool's workers)."""
     max_instances: int = Field(4, ge=1)
+    """The most function instances at once (virtual pool; real workers with ``autoscale``)."""
     reuse: bool = True
+    """False: every event gets a fresh (cold) instance; the real pool's workers then run one event each."""
     cold_start_s: float = Field(0.25, ge=0)
     """Virtual seconds a cold instance spends starting before it runs (a provisioned container)."""
     invocation_s: float | Literal["measured"] = 0.02
@@ -236,6 +245,15 @@ class ServerConfig(_Section):
     """Refuse an update whose L2 norm is above this many times the median norm of the updates that
     made the model it trained from (the previous finalized round's; none before the first). Fixed
     before the round's first upload, so the bound does not depend on the order of arrival. ``null``: off."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        if self.autoscale and (self.store == "memory" or self.runtime != "local"):
+            raise ValueError(
+                "server.autoscale scales local `amble worker` processes: it needs a Redis store "
+                "(server.store: redis://...) and server.runtime: local"
+            )
+        return self
 
 
 class RayConfig(_Section):
