@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,8 @@ import redis
 from amble.server.runtime.base import RealInstances
 
 CRASH_LOOP = 5
-"""Instances in a row that exit at start (before their first heartbeat): the pool stops replacing."""
+"""Instances in a row that exit with an error at start (before their first heartbeat): the pool
+stops replacing them and the run fails with their messages."""
 START_GRACE_S = 60.0
 """How long a starting instance (importing torch, connecting) may go without a heartbeat."""
 
@@ -136,6 +138,8 @@ class WorkerPool:
                     self.tick()
             except redis.RedisError:  # Redis restarting: supervise again on the next tick
                 continue
+            except Exception as exc:
+                print(f"amble worker pool: {type(exc).__name__}: {exc}; supervising on", file=sys.stderr)
 
     # -- one look at the run ----------------------------------------------------------------------
 
@@ -154,7 +158,9 @@ class WorkerPool:
                 continue
             self.figures.died += 1
             self._to_replace += 1
-            self._failed_starts = 0 if instance.beat else self._failed_starts + 1
+            # A process that exits with an error before its first heartbeat could not start (a bad
+            # URL, a missing package): replacing it forever would hide that. A killed one is not that.
+            self._failed_starts = self._failed_starts + 1 if code > 0 and not instance.beat else 0
             if self._failed_starts >= CRASH_LOOP and self.failure is None:
                 self.failure = (
                     f"{CRASH_LOOP} local `amble worker` processes in a row exited at start (last exit status "
