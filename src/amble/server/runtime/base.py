@@ -149,6 +149,8 @@ class RealInstances:
     """Stopped making progress (e.g. SIGSTOP) and were killed."""
     peak: int = 0
     """Most instances alive at once."""
+    instance_s: float = 0.0
+    """Seconds the local pool's worker processes were alive, summed (what a provider bills; Ray: 0)."""
 
     def summary(self, records: list[InstanceRecord]) -> dict[str, Any]:
         """These counts and, from the instances' own records, real cold starts and events per instance."""

@@ -123,6 +123,8 @@ class WorkerPool:
             self._thread.join()
         with self._lock:
             processes = [i.process for i in self.instances]
+            now = time.monotonic()
+            self.figures.instance_s += sum(now - i.spawned_at for i in self.instances)
             self.instances = []
         stop_processes(processes, timeout_s)
 
@@ -152,6 +154,7 @@ class WorkerPool:
     def _reap(self) -> None:
         for instance in [i for i in self.instances if i.process.poll() is not None]:
             self.instances.remove(instance)
+            self.figures.instance_s += time.monotonic() - instance.spawned_at  # exited within a tick
             code = instance.process.returncode
             if code == 0 and not instance.kept:
                 self.figures.retired += 1  # idle for keep_alive_s, or its one event done
@@ -182,6 +185,7 @@ class WorkerPool:
                 instance.process.kill()  # SIGKILL works on a stopped process too
                 instance.process.wait()
                 self.instances.remove(instance)
+                self.figures.instance_s += time.monotonic() - instance.spawned_at
                 self.client.hdel(self.heartbeats, instance.consumer)
                 self.figures.wedged += 1
                 self._to_replace += 1
