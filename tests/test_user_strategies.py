@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from amble.cli import main
 from amble.config import config_from_dict, strategy_label
+from amble.live.serve import device_config, prepare
 from amble.server import keys
 from amble.server.runtime.workers import worker_command
 from amble.server.store.redis import RedisStore, wipe
@@ -197,6 +198,47 @@ def test_the_readme_shows_the_example_strategy_as_it_is() -> None:
     example = (ROOT / "examples" / "my_strategy.py").read_text()
 
     assert f"```python\n{example}```" in readme
+
+
+def test_amble_serve_plans_with_a_user_strategy_and_tells_devices_nothing_of_it(tmp_path: Path) -> None:
+    # Prepare: serve the user's strategy (lr0 = 0.05)
+    config = config_from_dict({**SMALL, "strategies": ["fedavg", {"name": PARITY, "steps": 5, "lr_factor": 2.0}]})
+    served = prepare(config, tmp_path / "serve", strategy="ParityPlans")
+
+    # Execute: the first round's plans, as the gateway hands them out
+    plans, _ = served.coordinator.server.start_round(0, list(range(8)), 0.0)
+
+    # Assert: the user's rule, and a device's view of the config names no strategy it could import
+    assert served.label == "ParityPlans" and len(plans) == 4
+    assert {k: (p.batch_size, p.local_steps, p.lr) for k, p in plans.items()} == {
+        k: (8 if k % 2 == 0 else 16, 5, 0.1) for k in plans
+    }
+    assert "strategies" not in device_config(config) and "aggregator" not in device_config(config)
+
+
+def test_a_user_strategy_and_aggregator_on_ray_publish_the_embedded_models(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    # Prepare: the functions run on Ray actors (other processes), which import the user's classes there.
+    # Training stays in the driver, at one thread as in the embedded run.
+    mine = {**SMALL, "rounds": 2, "strategies": [{"name": PARITY, "steps": 2}], "aggregator": HALF_STEP}
+    on_ray = {**mine, "server": {"store": redis_server.url, "runtime": "ray"}, "ray": {"train": False}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        # Execute
+        run_experiment(config_from_dict(mine), tmp_path / "embedded", progress=False)
+        run_experiment(config_from_dict(on_ray), tmp_path / "ray", progress=False)
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+
+    # Assert
+    embedded, remote = (load_file(tmp_path / run / "model_ParityPlans.safetensors") for run in ("embedded", "ray"))
+    assert embedded.keys() == remote.keys()
+    assert all(torch.equal(embedded[name], remote[name]) for name in embedded)
 
 
 def test_labels_of_built_in_and_imported_strategies() -> None:
