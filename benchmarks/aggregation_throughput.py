@@ -50,7 +50,8 @@ from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import decode_event
 from amble.server.events.redis import RedisEventLog
 from amble.server.factory import build_server, release_server
-from amble.server.runtime.workers import HEARTBEATS, stop_processes, worker_command
+from amble.server.runtime.pool import stop_processes
+from amble.server.runtime.workers import HEARTBEATS, worker_command
 from amble.server.store.redis import connect
 from amble.server.tensors import encode
 from amble.strategies.base import Params, Report

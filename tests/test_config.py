@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from amble.config import AmbleConfig, load_config
+from amble.config import load_config
 from amble.errors import AmbleError, ConfigError
+from amble.strategies import AmbleSettings
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 
@@ -27,7 +28,7 @@ def test_overrides_set_nested_keys_and_list_items() -> None:
     assert config.rounds == 3
     assert (config.data.partition.kind, config.data.partition.alpha) == ("dirichlet", 0.1)
     amble = config.strategies[1]
-    assert isinstance(amble, AmbleConfig) and amble.lr_scaling == "sqrt"
+    assert isinstance(amble, AmbleSettings) and amble.lr_scaling == "sqrt"
 
 
 def test_override_turns_a_shorthand_strategy_into_a_table() -> None:

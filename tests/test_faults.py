@@ -34,7 +34,8 @@ from safetensors.torch import load_file
 from amble.config import config_from_dict
 from amble.server import ParameterServer, RunSettings
 from amble.server.factory import build_server, release_server
-from amble.server.runtime.workers import FOLDING, HEARTBEATS, NAMESPACES, stop_processes, worker_command
+from amble.server.runtime.pool import stop_processes
+from amble.server.runtime.workers import FOLDING, HEARTBEATS, NAMESPACES, worker_command
 from amble.server.tensors import encode
 from amble.sim import run_experiment
 from tests.conftest import RedisServer

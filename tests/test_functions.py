@@ -506,7 +506,7 @@ class HugeWeightFedAvg(FedAvgAggregator):
 
 def test_an_update_that_would_overflow_the_sum_is_refused_not_folded() -> None:
     # Prepare: no norm bounds, so only the overflow check stands in the way
-    server = make_server(strategy=FedAvg(BaseWork(32, 1, 0.1), HugeWeightFedAvg()))
+    server = make_server(strategy=FedAvg(BaseWork(32, 1, 0.1), aggregator=HugeWeightFedAvg()))
     server.start_round(0, [0, 1, 2], 0.0)
 
     # Execute: device 1 lands between the two honest folds of the same shard
@@ -529,7 +529,7 @@ class OverscaledFedAvg(FedAvgAggregator):
 
 
 def test_a_non_finite_model_is_never_published_and_the_round_fails_saying_why() -> None:
-    server = make_server(strategy=FedAvg(BaseWork(32, 1, 0.1), OverscaledFedAvg()))
+    server = make_server(strategy=FedAvg(BaseWork(32, 1, 0.1), aggregator=OverscaledFedAvg()))
     server.start_round(0, [0, 1, 2], 0.0)
 
     upload_all(server, [0, 1, 2])

@@ -16,8 +16,9 @@ def test_public_names() -> None:
         [
             "AGGREGATORS", "AdaBatch", "AdaBatchSettings", "Aggregator", "Amble", "AmbleSettings", "BaseWork",
             "Contribution", "DeadlineFedAvg", "DeadlineSettings", "DeviceState", "FedAvg", "FedAvgAggregator",
-            "FedNova", "FedNovaAggregator", "FedProx", "Params", "PartialWorkSettings", "Plan", "Report",
-            "SpeedModel", "Strategy", "base_work", "build_strategy", "fit_speed",
+            "FedNova", "FedNovaAggregator", "FedNovaSettings", "FedProx", "Params", "PartialWorkSettings", "Plan",
+            "Report", "STRATEGIES", "SpeedModel", "Strategy", "StrategySettings", "base_work", "build_strategy",
+            "fit_speed",
         ]
     )  # fmt: skip
     assert sorted(amble.server.__all__) == sorted(

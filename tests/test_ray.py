@@ -66,6 +66,9 @@ class TestRayRuntime(RedisRuntimeContract):
         assert [store.counter(f"done/{i}") for i in range(3)] == [1, 1, 1]
         assert events.pending(FUNCTIONS_TOPIC, "functions") == 0
         assert runtime.stats().dead_letters == 0
+        real = runtime.real_instances()  # each event's first delivery killed its actor: 3 died, replaced
+        assert real is not None and real["died"] == 3 and real["replacements"] >= 2
+        assert sum(real["events_per_instance"]) == 3  # the survivors' records: the dead ones never wrote one
 
     def test_an_event_that_always_kills_its_instance_is_dead_lettered(self) -> None:
         def handlers_for(store: Store) -> Mapping[str, Handler]:
@@ -93,6 +96,12 @@ class TestRayRuntime(RedisRuntimeContract):
         runtime.drain()
         assert runtime.actor_count == 1
         assert (runtime.stats().cold_starts, runtime.stats().warm_starts) == (3, 4)
+        # The real actors behind those starts: the third cold start took over an expired instance's
+        # actor (its cache dropped), and the other expired actor was retired.
+        real = runtime.real_instances()
+        assert real is not None
+        assert (real["started"], real["retired"], real["peak"], real["died"]) == (2, 1, 2, 0)
+        assert sum(real["events_per_instance"]) == 7 and real["cold_start_ms_median"] > 0
         runtime.close()
         assert runtime.actor_count == 0
 

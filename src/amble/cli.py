@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     worker.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the driver) is gone")
     worker.add_argument("--idle-exit-s", type=float, default=None, help="exit after this many idle seconds")
+    worker.add_argument(
+        "--spawned-at", type=float, default=None, help="Unix time the process was started (set by the run's pool)"
+    )
 
     serve = commands.add_parser("serve", help="serve one strategy of a config to real devices over HTTP")
     serve.add_argument("config", type=Path, help="experiment YAML (data, model, rounds, the strategy)")
@@ -139,7 +142,13 @@ def _worker(args: argparse.Namespace) -> int:
     # Folding is memory-bound: a thread per core in every worker only makes workers wait for each other.
     torch.set_num_threads(args.threads)
     check_access(args.store)  # a bad URL or a missing password fails here, clearly
-    worker = FunctionWorker(args.store, handlers_from_store, namespaces=args.namespace, parent_pid=args.parent_pid)
+    worker = FunctionWorker(
+        args.store,
+        handlers_from_store,
+        namespaces=args.namespace,
+        parent_pid=args.parent_pid,
+        started_at_s=args.spawned_at,
+    )
     worker.store_factory = store_factory_from_env(worker.consumer)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

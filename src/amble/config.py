@@ -6,15 +6,30 @@ fails at load time with a message naming the key, instead of silently running th
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from amble.errors import ConfigError
 from amble.imports import is_import_path
+from amble.strategies.base import BaseWork, Strategy, StrategySettings
+from amble.strategies.registry import aggregator_class, strategy_class
 
 
 class _Section(BaseModel):
@@ -132,93 +147,74 @@ class TrainConfig(_Section):
     the same results up to float rounding, faster for small models. Models with BatchNorm train per device."""
 
 
-Aggregator = Literal["fedavg", "fednova"]
+def _known_aggregator(name: str) -> str:
+    try:
+        aggregator_class(name)
+    except ConfigError as exc:
+        raise PydanticCustomError("aggregator", "{reason}", {"reason": str(exc)}) from None
+    return name
 
 
-class FedAvgConfig(_Section):
-    name: Literal["fedavg"]
+AggregatorName = Annotated[str, AfterValidator(_known_aggregator)]
+"""A built-in aggregator (``fedavg``, ``fednova``) or ``package.module:Class``, checked when the config loads."""
+
+
+class StrategyEntry(_Section):
+    """One entry of ``strategies``: which strategy, filed under which label, with which aggregator.
+
+    The strategy's own keys are the fields of its ``settings_model`` (declared once, in its module):
+    each entry is validated by a model made of both (:func:`entry_model`), so the keys stay flat in
+    YAML (``{name: amble, deadline_quantile: 0.8}``) and ``--set strategies.1.q=...`` reaches them.
+    """
+
+    name: str
+    """A built-in strategy (``fedavg``, ``amble``, ...) or a user's ``package.module:Class``."""
     label: str | None = None
-    aggregator: Aggregator | None = None
+    aggregator: AggregatorName | None = None
+    """Overrides the strategy's own aggregator and the config's ``aggregator``."""
+
+    def settings(self) -> StrategySettings:
+        """The strategy's settings object, as its constructor takes it."""
+        model = strategy_class(self.name).settings_model
+        return model.model_validate(self.model_dump(exclude=set(StrategyEntry.model_fields)))
 
 
-class AmbleConfig(_Section):
-    """AMBLE planner knobs (SPEC 3); defaults are the safe ones the prototype evidence points to."""
-
-    name: Literal["amble"]
-    label: str | None = None
-    aggregator: Aggregator | None = None
-    deadline_quantile: float = Field(1.0, gt=0, le=1)
-    deadline_s: float | None = Field(None, gt=0)
-    batch_min: int = Field(16, ge=1)
-    batch_max: int = Field(256, ge=1)
-    batch_multiple: int = Field(8, ge=1)
-    epochs_max: float = Field(5.0, gt=0)
-    deadline_slack: float = Field(0.1, ge=0, lt=1)
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    lr_max_factor: float = Field(2.0, ge=1)
-    lr_warmup_steps: int = Field(0, ge=0)
-    prox_mu: float = Field(0.0, ge=0)
-    """FedProx's proximal term ``mu/2 ||w - w_r||^2`` in every device's objective: holds long local runs
-    on non-IID data closer to the round's model (0: none)."""
-    speed_decay: float = Field(0.7, gt=0, le=1)
-    speed_window: int = Field(8, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> AmbleConfig:
-        if self.batch_min > self.batch_max:
-            raise ValueError("batch_min must be <= batch_max")
-        return self
+@functools.cache
+def entry_model(strategy: type[Strategy]) -> type[StrategyEntry]:
+    """The config entry of ``strategy``: its settings plus ``name``, ``label`` and ``aggregator``."""
+    made = create_model(f"{strategy.__name__}Entry", __base__=(strategy.settings_model, StrategyEntry))
+    return cast(type[StrategyEntry], made)
 
 
-class _SpeedAware(_Section):
-    label: str | None = None
-    aggregator: Aggregator | None = None
-    speed_decay: float = Field(0.7, gt=0, le=1)
-    speed_window: int = Field(8, ge=1)
+def _strategy_entry(value: Any) -> StrategyEntry:
+    """Validate one ``strategies`` item with the model of the strategy its ``name`` names."""
+    if isinstance(value, StrategyEntry):
+        return value
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise PydanticCustomError(
+            "strategy_entry", "a strategy is a name, or a table with a 'name' key such as name: amble"
+        )
+    try:
+        model = entry_model(strategy_class(value["name"]))
+    except ConfigError as exc:
+        raise PydanticCustomError("strategy_name", "{reason}", {"reason": str(exc)}) from None
+    unknown = sorted(set(value) - set(model.model_fields))
+    if unknown:
+        known = ", ".join(k for k in model.model_fields if k != "name")
+        raise PydanticCustomError(
+            "strategy_key",
+            "strategy '{name}' has no setting {unknown}; its keys are: {known}",
+            {"name": value["name"], "unknown": ", ".join(repr(k) for k in unknown), "known": known},
+        )
+    return model.model_validate(value)
 
 
-class DeadlineConfig(_SpeedAware):
-    """FedAvg that drops the devices not done by ``T_r`` (the q-quantile of predicted FedAvg times)."""
-
-    name: Literal["deadline"]
-    deadline_quantile: float = Field(0.8, gt=0, le=1)
-    deadline_s: float | None = Field(None, gt=0)
+StrategyConfig = Annotated[SerializeAsAny[StrategyEntry], PlainValidator(_strategy_entry)]
+"""A ``strategies`` item; dumped with its strategy's settings (``SerializeAsAny``), not only the entry's keys."""
 
 
-class FedProxConfig(_SpeedAware):
-    """FedProx: proximal term ``prox_mu``; devices past ``T_r`` send the partial work they finished."""
-
-    name: Literal["fedprox"]
-    deadline_quantile: float = Field(0.8, gt=0, le=1)
-    deadline_s: float | None = Field(None, gt=0)
-    prox_mu: float = Field(0.01, ge=0)
-
-
-class FedNovaConfig(_SpeedAware):
-    """FedProx-style partial work with FedNova's normalised aggregation."""
-
-    name: Literal["fednova"]
-    deadline_quantile: float = Field(0.8, gt=0, le=1)
-    deadline_s: float | None = Field(None, gt=0)
-    prox_mu: float = Field(0.0, ge=0)
-
-
-class AdaBatchConfig(_SpeedAware):
-    """DBS: batch proportional to measured throughput, fixed epochs, no lr scaling."""
-
-    name: Literal["adabatch"]
-    batch_min: int = Field(16, ge=1)
-    batch_max: int = Field(256, ge=1)
-    batch_multiple: int = Field(8, ge=1)
-
-
-AnyStrategyConfig = FedAvgConfig | AmbleConfig | DeadlineConfig | FedProxConfig | FedNovaConfig | AdaBatchConfig
-StrategyConfig = Annotated[AnyStrategyConfig, Field(discriminator="name")]
-STRATEGY_NAMES = ("fedavg", "amble", "deadline", "fedprox", "fednova", "adabatch")
-
-
-def _default_strategies() -> list[AnyStrategyConfig]:
-    return [FedAvgConfig(name="fedavg")]
+def _default_strategies() -> list[StrategyEntry]:
+    return [_strategy_entry({"name": "fedavg"})]
 
 
 class ServerConfig(_Section):
@@ -244,14 +240,23 @@ class ServerConfig(_Section):
     """Where functions run: ``local`` (in process with ``memory``, else ``amble worker`` processes) or
     ``ray`` (Ray actors; needs a Redis store every node can reach, see the ``ray`` section)."""
     workers: int = Field(0, ge=0)
-    """With a Redis store: local ``amble worker`` processes to start for the run (0: use running ones)."""
+    """With a Redis store: at least this many local ``amble worker`` processes serve the run, started
+    by it and replaced when they die or wedge (0 and no ``autoscale``: only workers started elsewhere)."""
+    autoscale: bool = False
+    """With a Redis store: start more local workers while events wait (one per waiting event, up to
+    ``max_instances``); those above ``workers`` leave after ``keep_alive_s`` idle, so with
+    ``workers: 0`` the pool scales to zero between bursts."""
     visibility_timeout_s: float = Field(30.0, gt=0)
     """With a Redis store: seconds an un-acked event waits before another worker claims it."""
     drain_timeout_s: float = Field(120.0, gt=0)
     """With a Redis store: seconds without any function progress before the run fails (never hangs)."""
     keep_alive_s: float = Field(60.0, ge=0)
+    """Seconds an idle function instance stays warm (virtual clock; real idle seconds for the
+    ``autoscale`` pool's workers)."""
     max_instances: int = Field(4, ge=1)
+    """The most function instances at once (virtual pool; real workers with ``autoscale``)."""
     reuse: bool = True
+    """False: every event gets a fresh (cold) instance; the real pool's workers then run one event each."""
     cold_start_s: float = Field(0.25, ge=0)
     """Virtual seconds a cold instance spends starting before it runs (a provisioned container)."""
     invocation_s: float | Literal["measured"] = 0.02
@@ -267,6 +272,15 @@ class ServerConfig(_Section):
     """Refuse an update whose L2 norm is above this many times the median norm of the updates that
     made the model it trained from (the previous finalized round's; none before the first). Fixed
     before the round's first upload, so the bound does not depend on the order of arrival. ``null``: off."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        if self.autoscale and (self.store == "memory" or self.runtime != "local"):
+            raise ValueError(
+                "server.autoscale scales local `amble worker` processes: it needs a Redis store "
+                "(server.store: redis://...) and server.runtime: local"
+            )
+        return self
 
 
 class RayConfig(_Section):
@@ -304,7 +318,7 @@ class ExperimentConfig(_Section):
     devices_per_round: int = Field(10, ge=1)
     train: TrainConfig = TrainConfig()
     strategies: list[StrategyConfig] = Field(default_factory=_default_strategies)
-    aggregator: Aggregator | None = None
+    aggregator: AggregatorName | None = None
     """Overrides every strategy's aggregator (a strategy's own ``aggregator`` key wins); None: their defaults."""
     server: ServerConfig = ServerConfig()
     ray: RayConfig = RayConfig()
@@ -344,12 +358,12 @@ class ExperimentConfig(_Section):
         labels = [strategy_label(s) for s in self.strategies]
         if len(set(labels)) != len(labels):
             raise ValueError(f"strategies must have distinct labels, got {labels}; set 'label' on repeats")
+        base = BaseWork(self.train.batch_size, self.train.local_epochs, self.train.lr)
         for strategy in self.strategies:
-            if isinstance(strategy, AmbleConfig) and strategy.epochs_max < self.train.local_epochs:
-                raise ValueError(
-                    f"strategy '{strategy_label(strategy)}': epochs_max ({strategy.epochs_max}) is below "
-                    f"train.local_epochs ({self.train.local_epochs}); raise epochs_max"
-                )
+            try:
+                strategy.settings().check(base)
+            except ValueError as exc:
+                raise ValueError(f"strategy '{strategy_label(strategy)}': {exc}") from None
         if self.server.runtime == "ray" and self.server.store == "memory":
             raise ValueError(
                 "server.runtime 'ray' runs functions on Ray actors in other processes, which need a shared "
@@ -367,17 +381,18 @@ class ExperimentConfig(_Section):
         return self
 
 
-def strategy_label(strategy: AnyStrategyConfig) -> str:
-    """The name a strategy's results are filed under."""
-    return strategy.label or strategy.name
+def strategy_label(strategy: StrategyEntry) -> str:
+    """The name a strategy's results are filed under: its ``label``, else its name (a class name for an
+    import path: ``mypkg.strats:MyStrategy`` is filed under ``MyStrategy``)."""
+    if strategy.label:
+        return strategy.label
+    return strategy.name.rpartition(":")[2] if is_import_path(strategy.name) else strategy.name
 
 
 def _format_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors()[:5]:
-        parts = [str(p) for p in item["loc"] if not str(p).startswith("function-")]
-        # Drop the discriminator tag pydantic inserts after a strategy's index ("strategies.1.amble.lr").
-        key = ".".join(p for i, p in enumerate(parts) if not (i and parts[i - 1].isdigit() and p in STRATEGY_NAMES))
+        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
         where = f"key '{key}'" if key else "config"
         got = item.get("input")
         shown = f" (got {got!r})" if item["type"] != "missing" and not isinstance(got, dict) else ""

@@ -197,6 +197,18 @@ def _count(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _instances(value: object) -> str:
+    """The real instances of a Redis or Ray run in one cell; the embedded runtime has virtual ones only."""
+    if not isinstance(value, dict):
+        return "none (embedded: in the driver's process)"
+    cold_ms = value.get("cold_start_ms_median")
+    cold = f"; cold start {cold_ms:,.0f} ms (median)" if isinstance(cold_ms, int | float) else ""
+    return escape(
+        f"{value.get('started', 0)} started ({value.get('replacements', 0)} replacements, "
+        f"{value.get('retired', 0)} retired), peak {value.get('peak', 0)}{cold}"
+    )
+
+
 _ROWS: dict[str, tuple[str, _Formatter]] = {
     "final_accuracy": ("Final accuracy", _numeric(_percent)),
     "best_accuracy": ("Best accuracy", _numeric(_percent)),
@@ -212,4 +224,5 @@ _ROWS: dict[str, tuple[str, _Formatter]] = {
     "cold_starts": ("Cold starts", _numeric(_count)),
     "warm_starts": ("Warm starts", _numeric(_count)),
     "function_busy_s": ("Busy function time", _numeric(_seconds)),
+    "real_instances": ("Real function instances", _instances),
 }

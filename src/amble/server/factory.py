@@ -16,7 +16,8 @@ from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterSer
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import Handler
 from amble.server.runtime.onray import RayRuntime
-from amble.server.runtime.workers import NAMESPACES, WorkerRuntime
+from amble.server.runtime.pool import ScalingPolicy
+from amble.server.runtime.workers import HEARTBEAT_STALE_S, NAMESPACES, WorkerRuntime
 from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, wipe
 from amble.strategies import Strategy
@@ -32,6 +33,19 @@ def pool_settings(server: ServerConfig) -> PoolSettings:
         invocation_s=None if server.invocation_s == "measured" else server.invocation_s,
         max_attempts=server.max_attempts,
         visibility_timeout_s=server.visibility_timeout_s,
+    )
+
+
+def scaling_policy(server: ServerConfig) -> ScalingPolicy:
+    """The real worker pool of a Redis run. A worker is wedged when silent for the visibility timeout
+    (its events are being claimed by others by then), and never sooner than a worker is deemed gone."""
+    return ScalingPolicy(
+        min_instances=server.workers,
+        max_instances=server.max_instances,
+        autoscale=server.autoscale,
+        keep_alive_s=server.keep_alive_s,
+        reuse=server.reuse,
+        wedged_after_s=max(server.visibility_timeout_s, HEARTBEAT_STALE_S),
     )
 
 
@@ -70,7 +84,7 @@ def build_server(
         return ParameterServer(store, events, on_ray)
     runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
     store.client.sadd(NAMESPACES, namespace)  # the run joins the list `amble worker` processes serve
-    runtime.start_workers(config.server.workers)
+    runtime.start_pool(scaling_policy(config.server))
     return ParameterServer(store, events, runtime)
 
 

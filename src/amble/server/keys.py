@@ -114,3 +114,12 @@ def rejected_counter(reason: str) -> str:
 def rounds_counter(status: str) -> str:
     """Counter: rounds the live coordinator closed with ``status``."""
     return f"gateway/rounds/{status}"
+
+
+INSTANCE_PREFIX = "instance/"
+
+
+def instance(consumer: str) -> str:
+    """JSON: one real function instance's figures for this run (started at, first event done at, events
+    run), written by the instance after each event; see :class:`~amble.server.runtime.base.InstanceRecord`."""
+    return f"{INSTANCE_PREFIX}{consumer}"

@@ -376,6 +376,7 @@ class _Tally:
             "function_busy_s": stats.busy_s,
             "function_failures": stats.failures,
             "aggregation_latency_s": float(np.mean(self.latencies)) if self.latencies else None,
+            "real_instances": server.runtime.real_instances(),
         }
 
 

@@ -11,16 +11,18 @@ from amble.strategies.base import (
     Plan,
     Report,
     Strategy,
+    StrategySettings,
 )
 from amble.strategies.deadline import DeadlineFedAvg, DeadlineSettings
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
-from amble.strategies.fednova import FedNova, FedNovaAggregator
+from amble.strategies.fednova import FedNova, FedNovaAggregator, FedNovaSettings
 from amble.strategies.fedprox import FedProx, PartialWorkSettings
-from amble.strategies.registry import AGGREGATORS, base_work, build_strategy
+from amble.strategies.registry import AGGREGATORS, STRATEGIES, base_work, build_strategy
 from amble.strategies.speed import SpeedModel, fit_speed
 
 __all__ = [
     "AGGREGATORS",
+    "STRATEGIES",
     "AdaBatch",
     "AdaBatchSettings",
     "Aggregator",
@@ -35,6 +37,7 @@ __all__ = [
     "FedAvgAggregator",
     "FedNova",
     "FedNovaAggregator",
+    "FedNovaSettings",
     "FedProx",
     "Params",
     "PartialWorkSettings",
@@ -42,6 +45,7 @@ __all__ = [
     "Report",
     "SpeedModel",
     "Strategy",
+    "StrategySettings",
     "base_work",
     "build_strategy",
     "fit_speed",

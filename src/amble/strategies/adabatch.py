@@ -7,29 +7,23 @@ deadline (every device runs ``E0`` epochs) and the learning rate does not follow
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
-from amble.strategies.fedavg import FedAvgAggregator
-from amble.strategies.rounds import base_plan, estimate_round, round_batch
+from pydantic import Field
+
+from amble.strategies.base import DeviceState, Plan, Strategy
+from amble.strategies.rounds import SpeedSettings, base_plan, estimate_round, round_batch
 
 
-@dataclass(frozen=True)
-class AdaBatchSettings:
-    batch_min: int = 16
-    batch_max: int = 256
-    batch_multiple: int = 8
-    speed_decay: float = 0.7
-    speed_window: int = 8
+class AdaBatchSettings(SpeedSettings):
+    batch_min: int = Field(16, ge=1)
+    batch_max: int = Field(256, ge=1)
+    batch_multiple: int = Field(8, ge=1)
 
 
 class AdaBatch(Strategy):
     name = "adabatch"
-
-    def __init__(self, base: BaseWork, settings: AdaBatchSettings, aggregator: Aggregator | None = None) -> None:
-        self.base = base
-        self.settings = settings
-        self.aggregator = aggregator or FedAvgAggregator()
+    settings_model = AdaBatchSettings
+    settings: AdaBatchSettings
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         s, base = self.settings, self.base

@@ -27,41 +27,55 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Literal
 
-from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
-from amble.strategies.fedavg import FedAvgAggregator
-from amble.strategies.rounds import base_plan, estimate_round, round_batch, steps_within
+from pydantic import Field, model_validator
+
+from amble.strategies.base import BaseWork, DeviceState, Plan, Strategy
+from amble.strategies.rounds import SpeedSettings, base_plan, estimate_round, round_batch, steps_within
 
 LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 
 
-@dataclass(frozen=True)
-class AmbleSettings:
-    deadline_quantile: float = 1.0
-    deadline_s: float | None = None
-    batch_min: int = 16
-    batch_max: int = 256
-    batch_multiple: int = 8
-    epochs_max: float = 5.0
-    deadline_slack: float = 0.1
-    lr_scaling: str = "linear"
-    lr_max_factor: float = 2.0
-    lr_warmup_steps: int = 0
-    prox_mu: float = 0.0
-    speed_decay: float = 0.7
-    speed_window: int = 8
+class AmbleSettings(SpeedSettings):
+    """AMBLE's knobs (SPEC 3); the defaults are the safe ones the prototype evidence points to."""
+
+    deadline_quantile: float = Field(1.0, gt=0, le=1)
+    """q: ``T_r`` is this quantile of the devices' FedAvg times; below 1 the slowest do partial work."""
+    deadline_s: float | None = Field(None, gt=0)
+    """An absolute cap on ``T_r`` in seconds (None: none)."""
+    batch_min: int = Field(16, ge=1)
+    batch_max: int = Field(256, ge=1)
+    batch_multiple: int = Field(8, ge=1)
+    epochs_max: float = Field(5.0, gt=0)
+    """No device runs more than this many epochs of its data in a round."""
+    deadline_slack: float = Field(0.1, ge=0, lt=1)
+    """Devices other than the deadline device plan to finish by ``(1 - slack) T_r``."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    lr_max_factor: float = Field(2.0, ge=1)
+    lr_warmup_steps: int = Field(0, ge=0)
+    prox_mu: float = Field(0.0, ge=0)
+    """FedProx's proximal term ``mu/2 ||w - w_r||^2`` in every device's objective: holds long local runs
+    on non-IID data closer to the round's model (0: none)."""
+
+    @model_validator(mode="after")
+    def _batch_bounds(self) -> AmbleSettings:
+        if self.batch_min > self.batch_max:
+            raise ValueError("batch_min must be <= batch_max")
+        return self
+
+    def check(self, base: BaseWork) -> None:
+        if self.epochs_max < base.local_epochs:
+            raise ValueError(
+                f"epochs_max ({self.epochs_max}) is below train.local_epochs ({base.local_epochs}); raise epochs_max"
+            )
 
 
 class Amble(Strategy):
     name = "amble"
-
-    def __init__(self, base: BaseWork, settings: AmbleSettings, aggregator: Aggregator | None = None) -> None:
-        if settings.lr_scaling not in LR_EXPONENTS:
-            raise ValueError(f"lr_scaling must be one of {sorted(LR_EXPONENTS)}, got {settings.lr_scaling!r}")
-        self.base = base
-        self.settings = settings
-        self.aggregator = aggregator or FedAvgAggregator()
+    settings_model = AmbleSettings
+    settings: AmbleSettings
 
     def batch_ceiling(self) -> int:
         """The largest batch the learning rate can follow: ``B0 * lr_max_factor ** (1 / gamma)``.

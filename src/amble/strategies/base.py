@@ -9,9 +9,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # at run time only a name: importing the strategies (and the config) needs no torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class Contribution:
     stats: Mapping[str, float]
 
 
-Params = dict[str, torch.Tensor]
+Params = dict[str, "torch.Tensor"]
 
 
 class Aggregator(ABC):
@@ -113,11 +116,47 @@ class Aggregator(ABC):
         """The next global model from the current one and the folded sums; inputs are not mutated."""
 
 
-class Strategy(ABC):
-    """Decides each selected device's plan; its aggregator decides how updates combine."""
+class StrategySettings(BaseModel):
+    """A strategy's own settings, declared once: the fields, defaults and checks of its config entry.
 
-    name: str
-    aggregator: Aggregator
+    A strategy's entry in a config's ``strategies`` list takes exactly these keys (besides ``name``,
+    ``label`` and ``aggregator``), so a typo fails when the config loads. Frozen, unknown keys refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check(self, base: BaseWork) -> None:
+        """Raise ``ValueError`` saying what to change if these settings cannot work with the base work."""
+
+
+class Strategy(ABC):
+    """Decides each selected device's plan; its aggregator decides how updates combine.
+
+    Built from a config entry as ``cls(base, settings, aggregator)``: ``settings`` an instance of
+    :attr:`settings_model`, ``aggregator`` None for the strategy's own (:meth:`own_aggregator`).
+    """
+
+    name: ClassVar[str]
+    """What a config calls a built-in strategy (a strategy of the user's own is named by its import path)."""
+    settings_model: ClassVar[type[StrategySettings]] = StrategySettings
+    """The strategy's settings (none by default)."""
+
+    def __init__(
+        self, base: BaseWork, settings: StrategySettings | None = None, aggregator: Aggregator | None = None
+    ) -> None:
+        if settings is not None and not isinstance(settings, StrategySettings):
+            raise TypeError(
+                f"{type(self).__name__}: settings must be a StrategySettings, got {type(settings).__name__}"
+            )
+        self.base = base
+        self.settings = settings if settings is not None else self.settings_model()
+        self.aggregator = aggregator if aggregator is not None else self.own_aggregator()
+
+    def own_aggregator(self) -> Aggregator:
+        """The aggregator used unless the config names one: FedAvg's sample-weighted mean."""
+        from amble.strategies.fedavg import FedAvgAggregator  # fedavg.py builds on this module
+
+        return FedAvgAggregator()
 
     @abstractmethod
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:

@@ -7,28 +7,26 @@ stragglers' work (and biasing the model towards the fast devices' data).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
-from amble.strategies.fedavg import FedAvgAggregator
-from amble.strategies.rounds import base_plan, estimate_round
+from pydantic import Field
+
+from amble.strategies.base import DeviceState, Plan, Strategy
+from amble.strategies.rounds import SpeedSettings, base_plan, estimate_round
 
 
-@dataclass(frozen=True)
-class DeadlineSettings:
-    deadline_quantile: float = 0.8
-    deadline_s: float | None = None
-    speed_decay: float = 0.7
-    speed_window: int = 8
+class DeadlineSettings(SpeedSettings):
+    deadline_quantile: float = Field(0.8, gt=0, le=1)
+    """``T_r`` is this quantile of the selected devices' predicted FedAvg times."""
+    deadline_s: float | None = Field(None, gt=0)
+    """An absolute cap on ``T_r`` in seconds (None: none)."""
 
 
 class DeadlineFedAvg(Strategy):
-    name = "deadline"
+    """FedAvg that drops the devices not done by ``T_r``."""
 
-    def __init__(self, base: BaseWork, settings: DeadlineSettings, aggregator: Aggregator | None = None) -> None:
-        self.base = base
-        self.settings = settings
-        self.aggregator = aggregator or FedAvgAggregator()
+    name = "deadline"
+    settings_model = DeadlineSettings
+    settings: DeadlineSettings
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         s = self.settings

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from amble.strategies.base import (
-    Aggregator,
-    BaseWork,
-    Contribution,
-    DeviceState,
-    Params,
-    Plan,
-    Report,
-    Strategy,
-)
+from amble.strategies.base import Aggregator, Contribution, DeviceState, Params, Plan, Report, Strategy
 from amble.strategies.rounds import base_plan
 
 
@@ -40,10 +31,6 @@ class FedAvg(Strategy):
     """Every device runs ``E0`` epochs at ``B0`` with ``lr0``; the round waits for the slowest."""
 
     name = "fedavg"
-
-    def __init__(self, base: BaseWork, aggregator: Aggregator | None = None) -> None:
-        self.base = base
-        self.aggregator = aggregator or FedAvgAggregator()
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         return {d.device: base_plan(self.base, d) for d in devices}

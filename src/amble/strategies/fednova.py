@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from amble.strategies.base import Aggregator, BaseWork, Contribution, DeviceState, Params, Plan, Report, Strategy
+from pydantic import Field
+
+from amble.strategies.base import Aggregator, Contribution, DeviceState, Params, Plan, Report, Strategy
 from amble.strategies.fedprox import PartialWorkSettings, partial_work_plans
+
+
+class FedNovaSettings(PartialWorkSettings):
+    prox_mu: float = Field(0.0, ge=0)
+    """FedNova's normalisation handles unequal steps; no proximal term unless asked for."""
 
 
 class FedNovaAggregator(Aggregator):
@@ -38,11 +45,11 @@ class FedNova(Strategy):
     """FedProx-style partial work (stragglers stop at ``T_r``) with FedNova's normalised aggregation."""
 
     name = "fednova"
+    settings_model = FedNovaSettings
+    settings: PartialWorkSettings
 
-    def __init__(self, base: BaseWork, settings: PartialWorkSettings, aggregator: Aggregator | None = None) -> None:
-        self.base = base
-        self.settings = settings
-        self.aggregator = aggregator or FedNovaAggregator()
+    def own_aggregator(self) -> Aggregator:
+        return FedNovaAggregator()
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         return partial_work_plans(self.base, self.settings, devices)

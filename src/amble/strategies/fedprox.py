@@ -4,20 +4,17 @@ the partial work they finished by ``T_r`` instead of being dropped."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from amble.strategies.base import Aggregator, BaseWork, DeviceState, Plan, Strategy
-from amble.strategies.fedavg import FedAvgAggregator
+from pydantic import Field
+
+from amble.strategies.base import BaseWork, DeviceState, Plan, Strategy
+from amble.strategies.deadline import DeadlineSettings
 from amble.strategies.rounds import base_plan, estimate_round
 
 
-@dataclass(frozen=True)
-class PartialWorkSettings:
-    deadline_quantile: float = 0.8
-    deadline_s: float | None = None
-    prox_mu: float = 0.01
-    speed_decay: float = 0.7
-    speed_window: int = 8
+class PartialWorkSettings(DeadlineSettings):
+    prox_mu: float = Field(0.01, ge=0)
+    """The proximal term ``mu/2 ||w - w_r||^2`` in every device's objective (0: none)."""
 
 
 def partial_work_plans(base: BaseWork, s: PartialWorkSettings, devices: Sequence[DeviceState]) -> dict[int, Plan]:
@@ -34,12 +31,11 @@ def partial_work_plans(base: BaseWork, s: PartialWorkSettings, devices: Sequence
 
 
 class FedProx(Strategy):
-    name = "fedprox"
+    """Proximal term ``prox_mu``; devices past ``T_r`` send the partial work they finished."""
 
-    def __init__(self, base: BaseWork, settings: PartialWorkSettings, aggregator: Aggregator | None = None) -> None:
-        self.base = base
-        self.settings = settings
-        self.aggregator = aggregator or FedAvgAggregator()
+    name = "fedprox"
+    settings_model = PartialWorkSettings
+    settings: PartialWorkSettings
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         return partial_work_plans(self.base, self.settings, devices)

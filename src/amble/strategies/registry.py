@@ -1,45 +1,146 @@
-"""From a config's strategy entries to strategy objects (the one place that maps names to classes)."""
+"""Names to strategy and aggregator classes: the built-in ones, or the user's own by import path.
+
+The one place a config's ``name`` or ``aggregator`` becomes a class; the config builds its
+``strategies`` entries from here, and every path that runs a strategy (simulator, ``amble serve``,
+``amble worker`` processes, Ray) builds it with :func:`build_strategy`.
+
+A strategy of the user's own is named ``"package.module:Class"``. It is imported from what is
+installed on (or on the ``PYTHONPATH`` of) the machine that reads the config: the operator's config
+is local, and nothing here imports code because a remote party named it.
+"""
 
 from __future__ import annotations
 
-from amble.config import (
-    AdaBatchConfig,
-    AmbleConfig,
-    AnyStrategyConfig,
-    DeadlineConfig,
-    ExperimentConfig,
-    FedNovaConfig,
-    FedProxConfig,
-)
-from amble.strategies.adabatch import AdaBatch, AdaBatchSettings
-from amble.strategies.amble import Amble, AmbleSettings
-from amble.strategies.base import Aggregator, BaseWork, Strategy
-from amble.strategies.deadline import DeadlineFedAvg, DeadlineSettings
+import importlib
+import inspect
+from typing import TYPE_CHECKING, cast
+
+from amble.errors import ConfigError
+from amble.strategies.adabatch import AdaBatch
+from amble.strategies.amble import Amble
+from amble.strategies.base import Aggregator, BaseWork, Strategy, StrategySettings
+from amble.strategies.deadline import DeadlineFedAvg
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
 from amble.strategies.fednova import FedNova, FedNovaAggregator
-from amble.strategies.fedprox import FedProx, PartialWorkSettings
+from amble.strategies.fedprox import FedProx
 
-AGGREGATORS: dict[str, type[Aggregator]] = {"fedavg": FedAvgAggregator, "fednova": FedNovaAggregator}
+if TYPE_CHECKING:
+    from amble.config import ExperimentConfig, StrategyEntry
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch)}
+"""The built-in strategies by name; each declares its settings once, as its ``settings_model``."""
+AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvgAggregator, FedNovaAggregator)}
+"""The built-in aggregators by name."""
+
+ENTRY_KEYS = ("name", "label", "aggregator")
+"""The keys every strategy entry takes besides its settings (so no settings model may declare them)."""
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` names a class by import path (``package.module:Class``) rather than a built-in."""
+    return ":" in name
+
+
+def import_class(path: str, kind: type[object], what: str) -> type[object]:
+    """The class ``path`` (``package.module:Class``) names, checked to be a concrete subclass of ``kind``."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute or ":" in attribute:
+        raise ConfigError(f"{what} '{path}' is not an import path: write it as 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError(
+                f"{what} '{path}': no module named '{exc.name}' on this machine. Install the package that "
+                f"provides it here, or put its folder on PYTHONPATH (AMBLE imports only code installed where it runs)"
+            ) from None
+        raise ConfigError(
+            f"{what} '{path}': importing module '{module_name}' failed: it needs '{exc.name}', which is not "
+            f"installed here; install it"
+        ) from None
+    except Exception as exc:  # the user's module raised while importing: say so, without our traceback
+        raise ConfigError(
+            f"{what} '{path}': importing module '{module_name}' failed with {type(exc).__name__}: {exc}; "
+            "fix that module"
+        ) from None
+    found = getattr(module, attribute, None)
+    if found is None:
+        offered = sorted(
+            name
+            for name, value in vars(module).items()
+            if inspect.isclass(value) and issubclass(value, kind) and not inspect.isabstract(value)
+        )
+        hint = f" (it has: {', '.join(offered)})" if offered else ""
+        raise ConfigError(f"{what} '{path}': module '{module_name}' has no attribute '{attribute}'{hint}")
+    if not (inspect.isclass(found) and issubclass(found, kind)):
+        raise ConfigError(
+            f"{what} '{path}' is {_describe(found)}, not a subclass of amble.strategies.{kind.__name__}: "
+            f"subclass {kind.__name__} (see the README, 'Writing a strategy')"
+        )
+    if inspect.isabstract(found):
+        missing = ", ".join(sorted(getattr(found, "__abstractmethods__", ())))
+        raise ConfigError(f"{what} '{path}' does not implement {missing}: define it in {attribute}")
+    return found
+
+
+def _describe(value: object) -> str:
+    if inspect.isclass(value):
+        return f"the class {value.__name__}"
+    if callable(value):
+        return f"the callable {getattr(value, '__name__', repr(value))}"
+    return f"a {type(value).__name__}"
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy ``name`` names: a built-in, or a user's ``package.module:Class``."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    if not is_import_path(name):
+        raise ConfigError(
+            f"unknown strategy '{name}': use one of {', '.join(sorted(STRATEGIES))}, or an import path "
+            f"'package.module:Class' to a Strategy subclass of your own"
+        )
+    found = cast(type[Strategy], import_class(name, Strategy, "strategy"))
+    settings = getattr(found, "settings_model", None)
+    if not (inspect.isclass(settings) and issubclass(settings, StrategySettings)):
+        raise ConfigError(
+            f"strategy '{name}': its settings_model must be a subclass of amble.strategies.StrategySettings, "
+            f"got {_describe(settings)}"
+        )
+    clashes = sorted(set(ENTRY_KEYS) & set(settings.model_fields))
+    if clashes:
+        raise ConfigError(
+            f"strategy '{name}': its settings {settings.__name__} declare {', '.join(clashes)}, which every "
+            f"strategy entry uses already; rename them"
+        )
+    return found
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The aggregator ``name`` names: a built-in, or a user's ``package.module:Class``."""
+    if name in AGGREGATORS:
+        return AGGREGATORS[name]
+    if not is_import_path(name):
+        raise ConfigError(
+            f"unknown aggregator '{name}': use one of {', '.join(sorted(AGGREGATORS))}, or an import path "
+            f"'package.module:Class' to an Aggregator subclass of your own"
+        )
+    return cast(type[Aggregator], import_class(name, Aggregator, "aggregator"))
 
 
 def base_work(config: ExperimentConfig) -> BaseWork:
     return BaseWork(config.train.batch_size, config.train.local_epochs, config.train.lr)
 
 
-def build_strategy(strategy: AnyStrategyConfig, config: ExperimentConfig) -> Strategy:
+def build_strategy(strategy: StrategyEntry, config: ExperimentConfig) -> Strategy:
     """The strategy object a config entry names, with the run's base work and aggregator."""
     chosen = strategy.aggregator or config.aggregator  # None: the strategy's own (FedNova's for fednova)
-    aggregator = AGGREGATORS[chosen]() if chosen else None
-    knobs = strategy.model_dump(exclude={"name", "label", "aggregator"})
-    base = base_work(config)
-    if isinstance(strategy, AmbleConfig):
-        return Amble(base, AmbleSettings(**knobs), aggregator)
-    if isinstance(strategy, DeadlineConfig):
-        return DeadlineFedAvg(base, DeadlineSettings(**knobs), aggregator)
-    if isinstance(strategy, FedProxConfig):
-        return FedProx(base, PartialWorkSettings(**knobs), aggregator)
-    if isinstance(strategy, FedNovaConfig):
-        return FedNova(base, PartialWorkSettings(**knobs), aggregator)
-    if isinstance(strategy, AdaBatchConfig):
-        return AdaBatch(base, AdaBatchSettings(**knobs), aggregator)
-    return FedAvg(base, aggregator)
+    aggregator = None
+    if chosen:
+        try:
+            aggregator = aggregator_class(chosen)()
+        except TypeError as exc:
+            raise ConfigError(
+                f"aggregator '{chosen}' cannot be built without arguments ({exc}); give its __init__ defaults"
+            ) from None
+    return strategy_class(strategy.name)(base_work(config), strategy.settings(), aggregator)

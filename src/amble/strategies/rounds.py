@@ -23,13 +23,24 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from amble.strategies.base import BaseWork, DeviceState, Plan
+from pydantic import Field
+
+from amble.strategies.base import BaseWork, DeviceState, Plan, StrategySettings
 from amble.strategies.speed import SpeedModel, fit_speed
 
 FEDAVG_TIME_SPREAD = 32.0
 """How far a device's FedAvg time may sit from the others' median where it sets ``T_r``."""
 THROUGHPUT_SPREAD = 128.0
 """How far a device's throughput may sit from the others' median where it sets ``v_ref``."""
+
+
+class SpeedSettings(StrategySettings):
+    """How a speed-aware strategy fits each device's speed from its reports (:func:`fit_speed`)."""
+
+    speed_decay: float = Field(0.7, gt=0, le=1)
+    """Weight of a report one round older than the next (exponential forgetting)."""
+    speed_window: int = Field(8, ge=1)
+    """Reports per device the fit uses, newest first."""
 
 
 def quantile_index(values: Sequence[float], q: float) -> int:

@@ -96,6 +96,75 @@ class RuntimeStats:
         )
 
 
+@dataclass
+class InstanceRecord:
+    """What one real function instance (a worker process, a Ray actor) did for a run, on the wall clock.
+
+    Written to the run's Store by the instance itself after every event, so the figures survive it.
+    """
+
+    instance: str
+    started_at_s: float | None
+    """Wall-clock (Unix) time the instance's process started (None: unknown)."""
+    first_event_done_at_s: float | None = None
+    events: int = 0
+
+    @property
+    def cold_start_s(self) -> float | None:
+        """Process start to its first event done: the real cold start, import and connect included."""
+        if self.started_at_s is None or self.first_event_done_at_s is None:
+            return None
+        return self.first_event_done_at_s - self.started_at_s
+
+    def ran_one(self, store: Store) -> None:
+        """Count one more event run, and write the record to ``store``."""
+        self.events += 1
+        if self.first_event_done_at_s is None:
+            self.first_event_done_at_s = time.time()
+        store.put(keys.instance(self.instance), json.dumps(asdict(self)).encode())
+
+    @classmethod
+    def all_in(cls, store: Store) -> list[InstanceRecord]:
+        records = []
+        for key in sorted(store.keys(keys.INSTANCE_PREFIX)):
+            blob = store.get(key)
+            if blob is not None:
+                records.append(cls(**json.loads(blob)))
+        return records
+
+
+@dataclass
+class RealInstances:
+    """A run's real function instances: what the virtual clock's cold and warm starts stand for."""
+
+    started: int = 0
+    """Instances the runtime started (replacements included)."""
+    replacements: int = 0
+    """Started because an instance died or was wedged."""
+    retired: int = 0
+    """Left by themselves: idle for ``keep_alive_s``, or after their one event without ``reuse``."""
+    died: int = 0
+    """Exited unasked (killed, crashed)."""
+    wedged: int = 0
+    """Stopped making progress (e.g. SIGSTOP) and were killed."""
+    peak: int = 0
+    """Most instances alive at once."""
+    instance_s: float = 0.0
+    """Seconds the local pool's worker processes were alive, summed (what a provider bills; Ray: 0)."""
+
+    def summary(self, records: list[InstanceRecord]) -> dict[str, Any]:
+        """These counts and, from the instances' own records, real cold starts and events per instance."""
+        cold_ms = sorted(1000 * c for r in records if (c := r.cold_start_s) is not None)
+        events = sorted(r.events for r in records)
+        return {
+            **asdict(self),
+            "instances_that_ran": sum(1 for r in records if r.events > 0),
+            "cold_start_ms_median": cold_ms[len(cold_ms) // 2] if cold_ms else None,
+            "cold_start_ms_max": cold_ms[-1] if cold_ms else None,
+            "events_per_instance": events,
+        }
+
+
 def record_invocation(store: Store, *, cold: bool, busy_s: float, failed: bool) -> None:
     store.incr(keys.INVOCATIONS)
     store.incr(keys.COLD_STARTS if cold else keys.WARM_STARTS)
@@ -167,6 +236,11 @@ class Runtime(ABC):
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats.from_store(self.store)
+
+    def real_instances(self) -> dict[str, Any] | None:
+        """The real instances' figures (:meth:`RealInstances.summary`); None where instances are
+        virtual only (the embedded runtime runs every function in the driver's process)."""
+        return None
 
     store: Store
 

@@ -22,6 +22,8 @@ dead-lettered. Events travel to actors as JSON.
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,8 +34,10 @@ from amble.server.events.base import Event
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import (
     HandlersFor,
+    InstanceRecord,
     Invocation,
     PoolSettings,
+    RealInstances,
     Runtime,
     dead_letter,
     invoke,
@@ -46,7 +50,9 @@ from amble.server.store.redis import RedisStore
 class FunctionInstance:
     """One function instance, as a Ray actor: its own connections, handlers and warm cache."""
 
-    def __init__(self, url: str, namespace: str, handlers_for: HandlersFor, settings: str, slot: int) -> None:
+    def __init__(
+        self, url: str, namespace: str, handlers_for: HandlersFor, settings: str, slot: int, created_at_s: float
+    ) -> None:
         self.store = RedisStore(url, namespace)
         self.events = RedisEventLog(url, namespace, self.store.client)
         self.handlers = handlers_for(self.store)
@@ -55,6 +61,8 @@ class FunctionInstance:
         self.cache: dict[str, Any] = {}
         self.fresh = True
         """Nothing cached yet (just started, or the last invocation failed and lost the cache)."""
+        self.record = InstanceRecord(f"ray-{os.getpid()}-{slot}", created_at_s)
+        """Its real figures; its cold start counts from the driver's request to create it."""
 
     def run(self, event: str, instance_id: int, cold: bool, start_s: float) -> str:
         """Run one event (as JSON); returns JSON ``{"end_s": float | null}`` (null: the function failed)."""
@@ -65,6 +73,7 @@ class FunctionInstance:
         invocation = Invocation(instance_id, cold, self.cache, shard=self.slot)
         end_s = invoke(self.store, self.events, self.handlers, Event(**data), invocation, start_s, self.settings)
         self.fresh = end_s is None
+        self.record.ran_one(self.store)
         return json.dumps({"end_s": end_s})
 
     def ready(self) -> bool:
@@ -103,6 +112,9 @@ class RayRuntime(Runtime):
         self.spare: list[_Actor] = []
         """Actors whose instance expired: the next new instance takes one over (cold)."""
         self._slots = 0
+        self.figures = RealInstances()
+        """Real actors: started, died (and replaced), peak; retired when their instance expired."""
+        self._to_replace = 0
         self.now_s = 0.0
         """The latest event time seen: the virtual clock the pool expires instances on."""
         # Ray pickles the actor's constructor arguments: give it the handler factory, never the handlers.
@@ -128,9 +140,15 @@ class RayRuntime(Runtime):
                     self.handlers_for,
                     self.settings.to_json().decode(),
                     self._slots,
+                    time.time(),
                 )
                 actor = _Actor(handle, self._slots)
+                self.figures.started += 1
+                if self._to_replace:
+                    self._to_replace -= 1
+                    self.figures.replacements += 1
             self.actors[instance.id] = actor
+        self.figures.peak = max(self.figures.peak, self.actor_count)
         return actor
 
     def drain(self) -> None:
@@ -184,6 +202,8 @@ class RayRuntime(Runtime):
                 self.store.put(keys.last_error(event.id), f"{type(exc).__name__}: {exc}"[-2000:].encode())
                 self.pool.discard(instance)
                 self._forget(actor)
+                self.figures.died += 1
+                self._to_replace += 1
                 continue
             if result["end_s"] is None:  # the function failed: its instance is lost (its next start is cold)
                 self.pool.discard(instance)
@@ -208,7 +228,11 @@ class RayRuntime(Runtime):
             self.spare.append(self.actors.pop(instance_id))
         for actor in self.spare:
             self.ray.kill(actor.handle, no_restart=True)
+        self.figures.retired += len(self.spare)
         self.spare = []
+
+    def real_instances(self) -> dict[str, Any] | None:
+        return self.figures.summary(InstanceRecord.all_in(self.store))
 
     def close(self) -> None:
         for actor in [*self.actors.values(), *self.spare]:

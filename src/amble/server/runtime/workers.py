@@ -10,8 +10,10 @@ template, the current model, its partial sums), so the thesis's instance reuse i
 Cold and warm starts are decided on the event clock, as in the embedded runtime: a worker's first
 event of a run is cold; later ones are warm if they arrive within ``keep_alive_s`` of the end of its
 previous one (and ``reuse`` is on), else the cache is dropped and the start is cold. In simulation
-that clock is virtual, so the counts mean the same as in the embedded runtime; the pool size is the
-number of workers.
+that clock is virtual, so the counts mean the same as in the embedded runtime. Beside them each worker
+records its *real* figures in the run's Store (:class:`~amble.server.runtime.base.InstanceRecord`:
+process start to first event done, events run), and the workers a run starts itself are an elastic,
+self-healing pool (:mod:`amble.server.runtime.pool`).
 
 The driver's side is :class:`WorkerRuntime`: its ``drain`` waits until the run's functions topic
 has nothing unread or pending, and fails with a clear message, never waits forever, when no worker
@@ -22,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
@@ -44,11 +45,14 @@ from amble.server.runtime.base import (
     FUNCTIONS_TOPIC,
     Handler,
     HandlersFor,
+    InstanceRecord,
     Invocation,
     PoolSettings,
+    RealInstances,
     Runtime,
     invoke,
 )
+from amble.server.runtime.pool import ScalingPolicy, WorkerPool
 from amble.server.store.redis import RedisStore, connect
 
 NAMESPACES = "amble:namespaces"
@@ -63,6 +67,21 @@ def server_time(client: redis.Redis) -> float:
     return seconds + micros / 1e6
 
 
+def process_started_at() -> float | None:
+    """Wall-clock time this process started (Linux: from /proc), None where that cannot be read.
+
+    A worker started by the run's pool is told its spawn time instead (``--spawned-at``), which also
+    counts the interpreter's start before this module was imported.
+    """
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        stat = Path("/proc/stat").read_text().splitlines()
+        boot_s = next(float(line.split()[1]) for line in stat if line.startswith("btime"))
+        return boot_s + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 @dataclass
 class _Served:
     """One run as seen by this worker: its store, log, functions and this instance's warm state."""
@@ -71,6 +90,7 @@ class _Served:
     events: RedisEventLog
     handlers: Mapping[str, Handler]
     settings: PoolSettings
+    record: InstanceRecord
     cache: dict[str, Any] = field(default_factory=dict)
     free_at_s: float | None = None
     """Event-clock time this instance finished its last event here (None: never ran: cold)."""
@@ -85,6 +105,7 @@ class FunctionWorker:
         namespaces: list[str] | None = None,
         store_factory: Callable[[str, str, redis.Redis], RedisStore] = RedisStore,
         parent_pid: int | None = None,
+        started_at_s: float | None = None,
     ) -> None:
         self.url = url
         self.client = connect(url)
@@ -94,6 +115,8 @@ class FunctionWorker:
         self.store_factory = store_factory
         self.parent_pid = parent_pid
         """Exit when this process is orphaned (the driver that started it died)."""
+        self.started_at_s = started_at_s if started_at_s is not None else process_started_at()
+        """Wall-clock time this instance's process started: where its real cold start begins."""
         self.served: dict[str, _Served] = {}
         self.stopping = False
         self.invocations = 0
@@ -119,7 +142,8 @@ class FunctionWorker:
             if pool is None:  # registered but not yet initialised: try again on the next refresh
                 continue
             events = RedisEventLog(self.url, namespace, self.client)
-            self.served[namespace] = _Served(store, events, self.handlers_for(store), PoolSettings.from_json(pool))
+            settings, record = PoolSettings.from_json(pool), InstanceRecord(self.consumer, self.started_at_s)
+            self.served[namespace] = _Served(store, events, self.handlers_for(store), settings, record)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -159,6 +183,7 @@ class FunctionWorker:
         invocation = Invocation(os.getpid(), cold, run.cache, shard=os.getpid())
         end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
         self.invocations += 1
+        run.record.ran_one(run.store)
         if end_s is None:  # a failed instance loses its warm state
             run.cache.clear()
             run.free_at_s = None
@@ -241,7 +266,11 @@ def store_factory_from_env(consumer: str) -> Callable[[str, str, redis.Redis], R
 
 
 class WorkerRuntime(Runtime):
-    """The driver's view of a run served by worker processes: wait for them, never forever."""
+    """The driver's view of a run served by worker processes: wait for them, never forever.
+
+    With :meth:`start_pool` the run supervises local workers of its own; workers started elsewhere
+    (``amble worker`` under systemd or Kubernetes) serve it too.
+    """
 
     def __init__(
         self, store: RedisStore, events: RedisEventLog, settings: PoolSettings, drain_timeout_s: float
@@ -251,7 +280,7 @@ class WorkerRuntime(Runtime):
         self.events = events
         self.settings = settings
         self.drain_timeout_s = drain_timeout_s
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.pool: WorkerPool | None = None
 
     def drain(self) -> None:
         last: tuple[int, int, float] | None = None
@@ -274,15 +303,16 @@ class WorkerRuntime(Runtime):
                     f"({progress[0]} events unread, {progress[1]} pending) on {self.redis.url}: "
                     f"check the `amble worker` logs, or raise server.drain_timeout_s"
                 )
+            if self.pool is not None and self.pool.failure is not None:
+                raise AmbleError(self.pool.failure)
             if now - started > HEARTBEAT_STALE_S:  # workers started along with the run get time to come up
                 self._check_alive()
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     def _check_alive(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                return
+        if self.pool is not None and (self.pool.policy.min_instances > 0 or self.pool.policy.autoscale):
+            return  # the pool starts (and replaces) instances while events wait
         beats = cast(dict[bytes, bytes], self.redis.client.hgetall(HEARTBEATS))
         now = server_time(self.redis.client)
         if any(now - float(t) < HEARTBEAT_STALE_S for t in beats.values()):
@@ -292,30 +322,33 @@ class WorkerRuntime(Runtime):
             f"`amble worker --store {self.redis.url}`, or set server.workers: N to start N local ones"
         )
 
-    def start_workers(self, count: int) -> None:
-        """Start ``count`` local ``amble worker`` processes serving this run (stopped by ``close``)."""
-        command = worker_command(self.redis.url, "--namespace", self.redis.namespace, "--parent-pid", str(os.getpid()))
-        for _ in range(count):
-            self.processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
+    def start_pool(self, policy: ScalingPolicy) -> None:
+        """Supervise local ``amble worker`` processes serving this run as ``policy`` says (stopped by
+        ``close``): at least ``min_instances``, replaced when they die or wedge, more while events wait."""
+        if policy.min_instances == 0 and not policy.autoscale:
+            return
+        base = worker_command(self.redis.url, "--namespace", self.redis.namespace, "--parent-pid", str(os.getpid()))
+        self.pool = WorkerPool(
+            self.redis.client,
+            HEARTBEATS,
+            lambda options: [*base, *options],
+            lambda: (
+                self.events.backlog(FUNCTIONS_TOPIC, FUNCTIONS_GROUP)
+                + self.events.pending(FUNCTIONS_TOPIC, FUNCTIONS_GROUP)
+            ),
+            policy,
+        )
+        self.pool.start()
+
+    def real_instances(self) -> dict[str, Any] | None:
+        figures = self.pool.figures if self.pool is not None else RealInstances()
+        return figures.summary(InstanceRecord.all_in(self.store))
 
     def close(self) -> None:
-        stop_processes(self.processes)
-        self.processes = []
+        if self.pool is not None:
+            self.pool.close()
 
 
 def worker_command(url: str, *options: str) -> list[str]:
     """The command line of an ``amble worker`` serving the Redis at ``url``, with ``options``."""
     return [sys.executable, "-m", "amble", "worker", "--store", url, *options]
-
-
-def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
-    """SIGTERM each process (a worker finishes its event and leaves), SIGKILL what outlives ``timeout_s``."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
