@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from types import ModuleType
 from typing import Any
 
 from amble.errors import ConfigError
@@ -21,31 +22,43 @@ def is_import_path(text: str) -> bool:
     return bool(IMPORT_PATH.match(text))
 
 
+def import_module_of(path: str, what: str, shape: str = "function") -> tuple[ModuleType, str]:
+    """The module ``path`` names, imported from this machine's installed code, and the attribute path after
+    the colon. ``what`` says which config key named it (``model``, ``strategy``), for the error messages;
+    ``shape`` what the attribute should be (``function``, ``Class``)."""
+    if not is_import_path(path):
+        raise ConfigError(
+            f"{what} {path!r} is not an import path: write it as 'package.module:{shape}' (a colon before the "
+            f"{shape.lower()}'s name)"
+        )
+    module_name, _, attribute = path.partition(":")
+    try:
+        return importlib.import_module(module_name), attribute
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError(
+                f"{what} {path!r}: module {module_name!r} is not importable on this machine (no module named "
+                f"{exc.name!r}); install it here (pip install ...) or put its folder on PYTHONPATH. Code is never "
+                "fetched from a server: every machine that runs the experiment must have it installed"
+            ) from None
+        raise ConfigError(
+            f"{what} {path!r}: importing {module_name!r} failed: it needs {exc.name!r}, which is not installed "
+            "here; install it"
+        ) from None
+    except Exception as exc:  # the user's module raised while being imported
+        raise ConfigError(
+            f"{what} {path!r}: importing module {module_name!r} raised {type(exc).__name__}: {exc}; fix that module"
+        ) from None
+
+
 def resolve_callable(path: str, what: str) -> Any:
     """The callable ``path`` names, imported from this machine's installed code.
 
     ``what`` says which config key named it (``model``, ``data.dataset``), for the error messages.
     """
-    if not is_import_path(path):
-        raise ConfigError(
-            f"{what} {path!r} is not an import path: write it as 'package.module:function' (a colon before the "
-            "function's name)"
-        )
-    module_name, _, attribute = path.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise ConfigError(
-                f"{what} {path!r}: module {module_name!r} is not importable on this machine ({exc}); install it "
-                "here (pip install ...) or put its folder on PYTHONPATH. Code is never fetched from a server: "
-                "every machine that runs the experiment must have it installed"
-            ) from None
-        raise ConfigError(f"{what} {path!r}: importing {module_name!r} failed: {exc}; install what it needs") from None
-    except Exception as exc:  # the user's module raised while being imported
-        raise ConfigError(
-            f"{what} {path!r}: importing module {module_name!r} raised {type(exc).__name__}: {exc}; fix that module"
-        ) from None
+    target: Any
+    target, attribute = import_module_of(path, what)
+    module_name = path.partition(":")[0]
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(

@@ -11,11 +11,11 @@ is local, and nothing here imports code because a remote party named it.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import TYPE_CHECKING, cast
 
 from amble.errors import ConfigError
+from amble.imports import import_module_of, is_import_path
 from amble.strategies.adabatch import AdaBatch
 from amble.strategies.amble import Amble
 from amble.strategies.base import Aggregator, BaseWork, Strategy, StrategySettings
@@ -36,33 +36,10 @@ ENTRY_KEYS = ("name", "label", "aggregator")
 """The keys every strategy entry takes besides its settings (so no settings model may declare them)."""
 
 
-def is_import_path(name: str) -> bool:
-    """Whether ``name`` names a class by import path (``package.module:Class``) rather than a built-in."""
-    return ":" in name
-
-
 def import_class(path: str, kind: type[object], what: str) -> type[object]:
     """The class ``path`` (``package.module:Class``) names, checked to be a concrete subclass of ``kind``."""
-    module_name, _, attribute = path.partition(":")
-    if not module_name or not attribute or ":" in attribute:
-        raise ConfigError(f"{what} '{path}' is not an import path: write it as 'package.module:Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise ConfigError(
-                f"{what} '{path}': no module named '{exc.name}' on this machine. Install the package that "
-                f"provides it here, or put its folder on PYTHONPATH (AMBLE imports only code installed where it runs)"
-            ) from None
-        raise ConfigError(
-            f"{what} '{path}': importing module '{module_name}' failed: it needs '{exc.name}', which is not "
-            f"installed here; install it"
-        ) from None
-    except Exception as exc:  # the user's module raised while importing: say so, without our traceback
-        raise ConfigError(
-            f"{what} '{path}': importing module '{module_name}' failed with {type(exc).__name__}: {exc}; "
-            "fix that module"
-        ) from None
+    module, attribute = import_module_of(path, what, "Class")
+    module_name = module.__name__
     found = getattr(module, attribute, None)
     if found is None:
         offered = sorted(
