@@ -156,7 +156,8 @@ class ServedRunFiles:
         with RunWriter(self.out_dir, append=True) as writer:
             writer.write_summary(self.summary(stats, wall_time_s, error))
         try:
-            trace = fleet_trace(self.records, self.reference_step_time(), self.config, self.label)
+            invocation_s = stats.busy_s / stats.invocations if stats.invocations else None
+            trace = fleet_trace(self.records, self.reference_step_time(), self.config, self.label, invocation_s)
             write_atomic(self.out_dir / TRACE_FILE, (json.dumps(to_json_value(trace), indent=1) + "\n").encode())
         except Exception as exc:  # the run's own files are written; say what is missing
             log.error("could not write %s: %s: %s", TRACE_FILE, type(exc).__name__, exc)
@@ -224,9 +225,17 @@ class _Observed:
 
 
 def fleet_trace(
-    records: Sequence[RoundRecord], reference: StepTime, config: ExperimentConfig, label: str
+    records: Sequence[RoundRecord],
+    reference: StepTime,
+    config: ExperimentConfig,
+    label: str,
+    invocation_s: float | None = None,
 ) -> dict[str, Any]:
-    """The fleet these rounds measured, as ``fleet.kind: trace`` reads it (see the module docstring)."""
+    """The fleet these rounds measured, as ``fleet.kind: trace`` reads it (see the module docstring).
+
+    ``invocation_s``, the server's mean seconds per function invocation, is recorded for reading:
+    a replay sets ``server.invocation_s`` to it (the fleet trace itself describes devices only).
+    """
     observed = {k: _Observed() for k in range(config.data.num_devices)}
     for record in records:
         for device in record.available:
@@ -271,6 +280,7 @@ def fleet_trace(
             "rounds": len(records),
             "model": config.model,
             "dataset": config.data.dataset,
+            "invocation_s": invocation_s,
         },
         "t_ref_s": reference.to_json(),
         "devices": devices,
