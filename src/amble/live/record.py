@@ -74,7 +74,8 @@ def device_rows(
         arrival = record.arrivals.get(key)
         steps = int(arrival["local_steps"]) if arrival else int(plan["local_steps"])
         batch_size = int(plan["batch_size"])
-        epochs = steps * batch_size / max(num_samples.get(device, 1), 1)
+        samples = int(arrival["num_samples"]) if arrival else num_samples.get(device, 1)  # own data: its count
+        epochs = steps * batch_size / max(samples, 1)
         row: dict[str, Any] = {
             "strategy": label,
             "round": record.round,
