@@ -10,6 +10,7 @@ each other, never against a clock.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,39 @@ def test_the_trace_carries_each_devices_measured_step_times_links_and_presence(t
     assert (timing.compute_s, timing.download_s, timing.upload_s) == pytest.approx((0.03, 0.015, 0.015))
     assert clock.timing(fleet[1], 0, 1, batch_size=32, steps=2).compute_s == pytest.approx(0.03)
     assert not any(clock.is_available(fleet[2], r, 2) for r in range(50))
+
+
+def test_what_slows_every_device_at_once_is_recorded_as_shared_jitter_and_replayed_as_one_draw(
+    tmp_path: Path,
+) -> None:
+    """Both devices take twice as long in round 1 (a load on the machine they share): that is one
+    factor for the fleet, not noise of each device's own."""
+    config = config_from_dict({**SMALL, "data": {**SMALL["data"], "num_devices": 2}, "devices_per_round": 2})
+    plans = {"0": plan(16, 10), "1": plan(16, 10)}
+    rounds = [
+        record(r, 10.0 * r, 10.0 * r + 5, plans, {
+            "0": arrival(0, 10.0 * r + 1, 16, 10, 0.04 * factor, 0.0),
+            "1": arrival(1, 10.0 * r + 1, 16, 10, 0.1 * factor, 0.0),
+        }, [0, 1])
+        for r, factor in enumerate((1, 2, 1))
+    ]  # fmt: skip
+
+    trace = fleet_trace(rounds, REFERENCE, config, "fedavg")
+
+    # Log factors by round: 0, ln 2, 0 for both devices; their medians are 0.004 and 0.01 s per step.
+    assert trace["shared_jitter"] == pytest.approx(math.log(2) / math.sqrt(3))
+    assert [d["jitter"] for d in trace["devices"]] == [pytest.approx(0.0, abs=1e-12)] * 2
+    assert [d["step_s"]["16"] for d in trace["devices"]] == [pytest.approx(0.004), pytest.approx(0.01)]
+    path = tmp_path / TRACE_FILE
+    path.write_text(json.dumps(trace))
+    fleet = load_trace(path, FleetConfig(kind="trace", trace=str(path)), 2)
+    clock = VirtualClock(REFERENCE, model_bytes=1000, seed=0)
+    factors = [
+        [clock.timing(fleet[k], r, k, 16, 10).compute_s / (10 * fleet[k].step_s(16)) for k in (0, 1)]  # type: ignore[misc]
+        for r in range(20)
+    ]
+    assert all(a == pytest.approx(b) for a, b in factors)  # one draw per round for the fleet
+    assert len({round(a, 9) for a, _ in factors}) == 20  # a new one each round
 
 
 def test_a_recorded_trace_that_is_not_one_is_refused_with_what_it_needs(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Compute time for ``tau`` steps at batch ``B`` is ``tau * (slowdown * t_ref(B) + step_overhead_s) *
 noise``: ``t_ref(B)`` is the model's per-step time on the reference device, measured once by timing
 real training steps of that model on this machine (cached), so larger batches are cheaper per sample
-exactly as they are on real hardware. Communication is ``latency + bytes / bandwidth`` each way.
+exactly as they are on real hardware; ``noise`` is lognormal, drawn per device and round
+(``jitter``) and, with ``shared_jitter``, once per round for the whole fleet (a load every device
+feels at once). Communication is ``latency + bytes / bandwidth`` each way.
 A device recorded from a real fleet (``amble serve``'s ``fleet_trace.json``) carries its own
 absolute step times and link times instead, which replace ``slowdown * t_ref(B)`` and the link model.
 """
@@ -124,6 +126,9 @@ class VirtualClock:
     def timing(self, profile: DeviceProfile, round_index: int, device: int, batch_size: int, steps: int) -> RoundTiming:
         rng = self.rng(round_index, device)
         noise = float(np.exp(rng.normal(0.0, profile.jitter))) if profile.jitter > 0 else 1.0
+        if profile.shared_jitter > 0:  # one draw per round, the same for every device
+            shared = np.random.default_rng([self.seed, round_index, 0x5EA7]).standard_normal()
+            noise *= float(np.exp(shared * profile.shared_jitter))
         download_s = profile.download_s
         if download_s is None:
             download_s = profile.latency_s + self.model_bytes * 8 / profile.down_bps

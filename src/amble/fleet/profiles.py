@@ -30,9 +30,12 @@ class DeviceProfile:
     down_bps: float
     latency_s: float
     jitter: float
-    """Sigma of the lognormal noise on each round's compute time."""
+    """Sigma of the lognormal noise on each round's compute time, drawn for each device alone."""
     p_dropout: float
     availability: float
+    shared_jitter: float = 0.0
+    """Sigma of a lognormal factor on compute time drawn once per round for the whole fleet: what
+    slows every device at once (the load of a machine they share, say), on top of ``jitter``."""
     step_s: StepTime | None = None
     """Absolute seconds per step by batch size (a recorded device): replaces ``slowdown x t_ref``."""
     download_s: float | None = None
@@ -155,7 +158,17 @@ def load_recorded_trace(path: Path, config: FleetConfig, num_devices: int) -> li
     entries = trace.get("devices")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f'{where} needs "devices": a list with one object per device')
-    default = replace(_default_profile(config), step_overhead_s=0.0, jitter=0.0, p_dropout=0.0, availability=1.0)
+    shared = trace.get("shared_jitter", 0.0)
+    if type(shared) not in (int, float) or not 0 <= shared < 10:
+        raise ConfigError(f"{where}: 'shared_jitter' must be a number in [0, 10), not {shared!r}")
+    default = replace(
+        _default_profile(config),
+        step_overhead_s=0.0,
+        jitter=0.0,
+        p_dropout=0.0,
+        availability=1.0,
+        shared_jitter=float(shared),
+    )
     by_device: dict[int, DeviceProfile] = {}
     for index, entry in enumerate(entries):
         try:

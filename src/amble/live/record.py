@@ -19,7 +19,9 @@ reported steps at each batch size it ran, interpolated between them, and beyond 
 curve ``t_ref_s``'s shape; ``slowdown`` is the device's median ratio to that curve, for reading
 only); ``download_s`` (median reported) and
 ``upload_s`` (median observed rest of the round trip), so that replayed ``download + compute +
-upload`` is what the server saw; ``jitter`` (spread of its step times, from 3 reports on);
+upload`` is what the server saw; ``jitter`` (spread of its step times around the fitted ones, from 3
+reports on, once the round's shared factor is taken out); ``shared_jitter`` (for the whole fleet:
+the spread of the per-round factor all devices' step times moved by together, e.g. a machine's load);
 ``p_dropout`` (selected rounds it sent nothing in) and ``availability`` (rounds it was registered
 at the start of; 0 for a device that never joined). Absolute times make a replay on another machine
 the recorded fleet, not one rescaled to that machine's calibration.
@@ -216,8 +218,8 @@ class ServedRunFiles:
 class _Observed:
     """One device's measurements across the run."""
 
-    steps: list[tuple[int, float]] = field(default_factory=list)
-    """(batch size, seconds per step) of each arrived update."""
+    steps: list[tuple[int, int, float]] = field(default_factory=list)
+    """(round, batch size, seconds per step) of each arrived update."""
     download_s: list[float] = field(default_factory=list)
     upload_s: list[float] = field(default_factory=list)
     selected: int = 0
@@ -248,10 +250,18 @@ def fleet_trace(
             seen.arrived += 1
             steps, compute_s = int(arrival["local_steps"]), float(arrival["compute_s"])
             download_s = float(arrival["download_s"])
-            seen.steps.append((int(arrival["batch_size"]), compute_s / steps))
+            seen.steps.append((record.round, int(arrival["batch_size"]), compute_s / steps))
             seen.download_s.append(download_s)
             seen.upload_s.append(max(arrival["at_s"] - record.started_s - download_s - compute_s, 0.0))
-    fitted = {k: _fit_steps(seen.steps, reference) for k, seen in observed.items() if seen.steps}
+    fitted = {
+        k: _fit_steps([(batch, seconds) for _, batch, seconds in seen.steps], reference)
+        for k, seen in observed.items()
+        if seen.steps
+    }
+    residuals = {
+        k: {r: math.log(seconds / fitted[k][1](batch)) for r, batch, seconds in observed[k].steps} for k in fitted
+    }
+    shared = _shared_factors(residuals)
     slowdowns = [slowdown for slowdown, _ in fitted.values()]
     typical = statistics.median(slowdowns) if slowdowns else 1.0
     devices = []
@@ -270,7 +280,7 @@ def fleet_trace(
                 step_s=step_s.to_json(),
                 download_s=statistics.median(seen.download_s),
                 upload_s=statistics.median(seen.upload_s),
-                jitter=_jitter(seen.steps, step_s),
+                jitter=_rms([e - shared.get(r, 0.0) for r, e in residuals[k].items()]),
             )
         devices.append(entry)
     return {
@@ -284,6 +294,7 @@ def fleet_trace(
             "invocation_s": invocation_s,
         },
         "t_ref_s": reference.to_json(),
+        "shared_jitter": _rms(list(shared.values())),
         "devices": devices,
     }
 
@@ -308,8 +319,18 @@ def _fit_steps(steps: Sequence[tuple[int, float]], reference: StepTime) -> tuple
     return slowdown, StepTime.from_mapping(points)
 
 
-def _jitter(steps: Sequence[tuple[int, float]], fitted: StepTime) -> float:
-    """The spread (RMS of log ratios) of measured step times around the fitted ones; 0 with few reports."""
-    if len(steps) < MIN_JITTER_REPORTS:
+def _shared_factors(residuals: Mapping[int, Mapping[int, float]]) -> dict[int, float]:
+    """Per round, the log factor every device's step time moved by together: the median of the
+    devices' log ratios to their fitted step times (rounds where at least two devices reported)."""
+    by_round: dict[int, list[float]] = {}
+    for per_round in residuals.values():
+        for r, residual in per_round.items():
+            by_round.setdefault(r, []).append(residual)
+    return {r: statistics.median(values) for r, values in by_round.items() if len(values) >= 2}
+
+
+def _rms(values: Sequence[float]) -> float:
+    """The spread (root mean square) of log ratios; 0 with fewer than :data:`MIN_JITTER_REPORTS`."""
+    if len(values) < MIN_JITTER_REPORTS:
         return 0.0
-    return math.sqrt(statistics.fmean(math.log(seconds / fitted(batch)) ** 2 for batch, seconds in steps))
+    return math.sqrt(statistics.fmean(value**2 for value in values))
