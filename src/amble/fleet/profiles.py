@@ -92,7 +92,7 @@ def load_trace(path: Path, config: FleetConfig, num_devices: int) -> list[Device
 
     The CSV has a header and one device per row; missing columns take the fleet config's values.
     Columns: ``slowdown`` (required) and any of ``step_overhead_s, up_bps, down_bps, latency_s,
-    jitter, p_dropout, availability, download_s, upload_s``. With fewer rows than devices the rows
+    jitter, p_dropout, availability, shared_jitter, download_s, upload_s``. With fewer rows than devices the rows
     are reused in order.
     """
     if not path.is_file():
