@@ -61,6 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--linger-s", type=float, default=5.0, help="seconds to keep serving after the last round")
     serve.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--local-devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also start N `amble device` processes on this machine (devices 0..N-1), stopped at the end",
+    )
+    serve.add_argument(
+        "--slowdowns",
+        default=None,
+        metavar="S1,S2,...",
+        help="with --local-devices: how many times slower each device really trains (one value, or one per device)",
+    )
+    serve.add_argument(
+        "--device-threads", type=int, default=1, help="with --local-devices: torch threads per device (default 1)"
+    )
+    serve.add_argument(
+        "--device-exit-s",
+        type=float,
+        default=60.0,
+        help="with --local-devices: how long devices have to exit after the run before they count as failed",
+    )
 
     device = commands.add_parser("device", help="run one real device against `amble serve`")
     device.add_argument("--server", required=True, help="the gateway's URL, e.g. http://127.0.0.1:8000")
@@ -159,18 +181,41 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from amble.config import load_config
+    from amble.live.localfleet import LocalFleet, check_fleet_size, local_url, parse_slowdowns
     from amble.live.serve import prepare, serve
 
     config = load_config(args.config, args.overrides)
     out_dir = args.out or Path("runs") / f"{config.name}-serve"
+    slowdowns = None
+    if args.local_devices is not None:
+        check_fleet_size(config, args.local_devices)
+        slowdowns = parse_slowdowns(args.slowdowns, args.local_devices)
+    elif args.slowdowns is not None:
+        raise ConfigError("--slowdowns applies to a local fleet: add --local-devices N")
     served = prepare(config, out_dir, args.strategy, args.round_timeout_s)
-    scheme = "https" if args.ssl_certfile else "http"
+    tls = args.ssl_certfile is not None
     print(
-        f"amble serve: {scheme}://{args.host}:{args.port} (OpenAPI at /docs); device tokens in "
+        f"amble serve: {local_url(args.host, args.port, tls)} (OpenAPI at /docs); device tokens in "
         f"{served.tokens_file}, the operator token (/v1/status, /metrics) in {out_dir / 'operator.token'}"
     )
-    serve(served, args.host, args.port, out_dir, args.linger_s, args.ssl_certfile, args.ssl_keyfile)
-    print(f"amble serve: done; rounds in {out_dir / 'serve.jsonl'}")
+    fleet = None
+    if slowdowns is not None:
+        url = local_url(args.host, args.port, tls)
+        tokens = served.tokens
+        fleet = LocalFleet.start(url, tokens, slowdowns, out_dir / "devices", args.device_threads, args.ssl_certfile)
+        print(f"amble serve: started {len(slowdowns)} local devices (logs in {out_dir / 'devices'})")
+    try:
+        serve(served, args.host, args.port, out_dir, args.linger_s, args.ssl_certfile, args.ssl_keyfile)
+    except BaseException:
+        if fleet is not None:
+            fleet.stop()
+        raise
+    if fleet is not None:
+        fleet.finish(args.device_exit_s)
+    print(
+        f"amble serve: done; wrote {out_dir}/ (metrics.jsonl, devices.jsonl, summary.json, report.html, "
+        "fleet_trace.json, serve.jsonl)"
+    )
     return 0
 
 

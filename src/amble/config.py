@@ -108,6 +108,7 @@ class FleetConfig(_Section):
     slowdown_range: tuple[float, float] = (1.0, 10.0)
     sigma: float = Field(1.0, ge=0)
     trace: str | None = None
+    """``kind: trace``: a CSV (one device per row) or a recorded ``fleet_trace.json`` (``amble serve``)."""
     bandwidth_mbps: tuple[float, float] = (5.0, 50.0)
     latency_s: float = Field(0.05, ge=0)
     step_overhead_s: float = Field(0.0, ge=0)
@@ -120,7 +121,10 @@ class FleetConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> FleetConfig:
         if self.kind == "trace" and not self.trace:
-            raise ValueError("fleet.kind 'trace' needs fleet.trace: a CSV path with one device per row")
+            raise ValueError(
+                "fleet.kind 'trace' needs fleet.trace: a CSV with one device per row, or the fleet_trace.json "
+                "amble serve recorded"
+            )
         if self.kind == "tiers" and abs(sum(t.share for t in self.tiers) - 1.0) > 1e-6:
             raise ValueError("fleet.tiers shares must sum to 1")
         lo, hi = self.bandwidth_mbps

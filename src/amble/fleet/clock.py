@@ -3,17 +3,20 @@
 Compute time for ``tau`` steps at batch ``B`` is ``tau * (slowdown * t_ref(B) + step_overhead_s) *
 noise``: ``t_ref(B)`` is the model's per-step time on the reference device, measured once by timing
 real training steps of that model on this machine (cached), so larger batches are cheaper per sample
-exactly as they are on real hardware. Communication is ``latency + bytes / bandwidth`` each way.
+exactly as they are on real hardware; ``noise`` is lognormal, drawn per device and round
+(``jitter``) and, with ``shared_jitter``, once per round for the whole fleet (a load every device
+feels at once). Communication is ``latency + bytes / bandwidth`` each way.
+A device recorded from a real fleet (``amble serve``'s ``fleet_trace.json``) carries its own
+absolute step times and link times instead, which replace ``slowdown * t_ref(B)`` and the link model.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,40 +25,9 @@ import torch
 from torch import nn
 
 from amble.fleet.profiles import DeviceProfile
+from amble.fleet.steptime import StepTime
 
 CALIBRATION_BATCHES = (8, 16, 32, 64, 128, 256, 512)
-
-
-@dataclass(frozen=True)
-class StepTime:
-    """``t_ref(B)``: piecewise-linear through measured points, linear beyond them."""
-
-    points: tuple[tuple[int, float], ...]
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[int, float]) -> StepTime:
-        ordered = sorted((int(b), float(t)) for b, t in values.items())
-        # Physical bounds that timing noise must not break: a bigger batch is never faster per step,
-        # and never slower per sample (t(B) <= t(B') * B / B' for B > B').
-        clean: list[tuple[int, float]] = []
-        for batch, seconds in ordered:
-            if clean:
-                prev_batch, prev_seconds = clean[-1]
-                seconds = min(max(seconds, prev_seconds), prev_seconds * batch / prev_batch)
-            clean.append((batch, seconds))
-        return cls(tuple(clean))
-
-    def __call__(self, batch_size: float) -> float:
-        pts = self.points
-        if len(pts) == 1:
-            return pts[0][1] * batch_size / pts[0][0]
-        batches = [b for b, _ in pts]
-        i = min(max(bisect.bisect_left(batches, batch_size), 1), len(pts) - 1)
-        (b0, t0), (b1, t1) = pts[i - 1], pts[i]
-        return max(t0 + (t1 - t0) * (batch_size - b0) / (b1 - b0), 1e-9)
-
-    def to_json(self) -> dict[str, float]:
-        return {str(b): t for b, t in self.points}
 
 
 def default_cache_dir() -> Path:
@@ -156,13 +128,23 @@ class VirtualClock:
         return bool(draw < profile.availability)
 
     def step_s(self, profile: DeviceProfile, batch_size: int) -> float:
+        """Seconds per step: the device's own recorded step time, else its slowdown times ``t_ref``."""
+        if profile.step_s is not None:
+            return profile.step_s(batch_size) + profile.step_overhead_s
         return profile.slowdown * self.step_time(batch_size) + profile.step_overhead_s
 
     def timing(self, profile: DeviceProfile, round_index: int, device: int, batch_size: int, steps: int) -> RoundTiming:
         rng = self.rng(round_index, device)
         noise = float(np.exp(rng.normal(0.0, profile.jitter))) if profile.jitter > 0 else 1.0
-        download_s = profile.latency_s + self.model_bytes * 8 / profile.down_bps
-        upload_s = profile.latency_s + self.model_bytes * 8 / profile.up_bps
+        if profile.shared_jitter > 0:  # one draw per round, the same for every device
+            shared = np.random.default_rng([self.seed, round_index, 0x5EA7]).standard_normal()
+            noise *= float(np.exp(shared * profile.shared_jitter))
+        download_s = profile.download_s
+        if download_s is None:
+            download_s = profile.latency_s + self.model_bytes * 8 / profile.down_bps
+        upload_s = profile.upload_s
+        if upload_s is None:
+            upload_s = profile.latency_s + self.model_bytes * 8 / profile.up_bps
         compute_s = steps * self.step_s(profile, batch_size) * noise
         dropped_at_s = None
         if profile.p_dropout > 0 and rng.random() < profile.p_dropout:

@@ -5,6 +5,10 @@ in the caller's thread). It starts a round once enough devices have registered, 
 through the gateway (each is an event, folded at once), and closes the round when every selected
 device's update is in or its deadline passes, whichever comes first; then it evaluates the new model
 when it can and starts the next round. Event times are seconds since the coordinator started.
+
+Each round's record keeps what the server itself observed of every device (when its upload arrived,
+what it reported, whether it was counted), so a served run's files and its recorded fleet trace are
+derived from facts, not from what a device claims alone.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 from amble.errors import AmbleError
 from amble.server import keys
 from amble.server.paramserver import ParameterServer, RoundOutcome
+from amble.server.reports import bound_by_elapsed
 from amble.server.store.base import Store, read_json
-from amble.strategies.base import Params
+from amble.strategies.base import Params, Report
 
 log = logging.getLogger("amble.serve")
 
@@ -45,7 +50,8 @@ def device_of(store: Store, token: str) -> int | None:
     return None if blob is None else int(blob)
 
 
-Evaluate = Callable[[Params], float]
+Evaluate = Callable[[Params], tuple[float, float]]
+"""A published model's (accuracy, loss) on the evaluation samples."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,19 @@ class UploadFate:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """An upload that reached the functions: when (seconds since the coordinator started), its report
+    (times bounded by what the server saw elapse since the round started), and if it was counted."""
+
+    at_s: float
+    report: Report
+    counted: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at_s": self.at_s, "counted": self.counted, **self.report.to_dict()}
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -78,9 +97,24 @@ class RoundRecord:
     counted: int
     expected: int
     wall_s: float
+    """When the record was made: after the round closed and its model was evaluated."""
     accuracy: float | None
     plans: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Each selected device's plan (batch size, local steps, lr, ...), by device id."""
+    loss: float | None = None
+    started_s: float = 0.0
+    """When the round was planned (its devices could start)."""
+    closed_s: float = 0.0
+    """When its outcome was published (all updates in, or the deadline passed)."""
+    eval_s: float = 0.0
+    """Seconds the server spent evaluating the published model before the next round could start."""
+    available: list[int] = field(default_factory=list)
+    """The registered devices the round selected from."""
+    rejected: int = 0
+    """Devices whose upload the functions rejected (as the simulator counts ``updates_rejected``)."""
+    arrivals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each upload that reached the functions, by device id: ``at_s``, ``counted`` and the report's
+    fields (the last upload of a device that sent several)."""
 
 
 @dataclass
@@ -99,6 +133,8 @@ class Coordinator:
     current: int | None = None
     finished: bool = False
     history: list[RoundRecord] = field(default_factory=list)
+    arrivals: dict[int, dict[int, Arrival]] = field(default_factory=dict)
+    """Uploads that reached the functions, by round and device (see :class:`Arrival`)."""
     _started: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -160,26 +196,41 @@ class Coordinator:
                     f"over server.max_weight_share ({self.limits.max_weight_share:.0%})"
                 )
 
-    def accept(self, upload: Callable[[float], str], round_index: int, device: int) -> UploadFate:
+    def accept(
+        self, upload: Callable[[float], str], round_index: int, device: int, report: Report | None = None
+    ) -> UploadFate:
         """Store an already validated update, run the functions it triggers, and say what became of it.
 
         With the embedded runtime the update's ``aggregate`` has run when ``drain`` returns; with
         workers, ``drain`` waits for them. Counted means it is in the round's sums (it will be in the
         published model if the round is finalised); otherwise it was rejected by the functions, or
         its event failed (dead-lettered) or is still pending: then nothing was counted yet and the
-        device may send it again (a repeat is counted once).
+        device may send it again (a repeat is counted once). With ``report``, the arrival is kept
+        for the round's record.
         """
         with self.lock:
-            upload_id = upload(self.now_s())
+            at_s = self.now_s()
+            upload_id = upload(at_s)
             self.server.runtime.drain()
             self.changed.notify_all()
             meta = read_json(self.store, keys.round_meta(round_index)) or {}
-            if device in meta.get("counted", ()):
+            counted = device in meta.get("counted", ())
+            if report is not None:
+                self._arrived(round_index, device, report, at_s, counted)
+            if counted:
                 return UploadFate(upload_id, True)
             rejection = read_json(self.store, keys.round_rejection(round_index, device, upload_id))
             if rejection is not None:
                 return UploadFate(upload_id, False, str(rejection["reason"]), str(rejection["message"]))
             return UploadFate(upload_id, False)
+
+    def _arrived(self, round_index: int, device: int, report: Report, at_s: float, counted: bool) -> None:
+        state = self.server.round_state(round_index)
+        if state is not None:  # what the functions keep too: times no longer than the server saw elapse
+            report = bound_by_elapsed(report, at_s - state.started_at_s)
+        arrivals = self.arrivals.setdefault(round_index, {})
+        if not arrivals.get(device, Arrival(0.0, report, False)).counted:  # a counted arrival stays
+            arrivals[device] = Arrival(at_s, report, counted)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -231,7 +282,8 @@ class Coordinator:
                 return
             with self.lock:
                 outcome = self.server.close_round(r, self.now_s())
-            self._record(outcome)
+                closed_s = self.now_s()
+            self._record(outcome, available, closed_s)
         with self.lock:
             self.finished = True
             self.current = None
@@ -252,11 +304,14 @@ class Coordinator:
                 self.changed.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
             return True
 
-    def _record(self, outcome: RoundOutcome) -> None:
-        accuracy = None
+    def _record(self, outcome: RoundOutcome, available: list[int], closed_s: float) -> None:
+        accuracy = loss = None
         if outcome.status == "finalized" and self.evaluate is not None:
-            accuracy = self.evaluate(self.server.model(outcome.version))
+            accuracy, loss = self.evaluate(self.server.model(outcome.version))
+        eval_s = self.now_s() - closed_s
         state = self.server.round_state(outcome.round)
+        with self.lock:
+            arrivals = self.arrivals.pop(outcome.round, {})
         record = RoundRecord(
             outcome.round,
             outcome.status,
@@ -266,6 +321,13 @@ class Coordinator:
             self.now_s(),
             accuracy,
             {str(d): p.to_dict() for d, p in state.plans.items()} if state else {},
+            loss=loss,
+            started_s=state.started_at_s if state else closed_s,
+            closed_s=closed_s,
+            eval_s=eval_s,
+            available=available,
+            rejected=len(outcome.rejected),
+            arrivals={str(d): a.to_dict() for d, a in sorted(arrivals.items())},
         )
         with self.lock:
             self.history.append(record)

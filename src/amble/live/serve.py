@@ -4,9 +4,11 @@ It sets up one strategy of a config as the simulator would (initial model from t
 store the config names), issues one bearer token per device and one operator token (written to
 files only the owner can read; the store keeps their hashes), plays the rounds with a
 :class:`Coordinator` in a background thread, evaluates each published model on the test set, and
-serves the gateway with uvicorn (optionally over TLS with uvicorn's certificate options). Round
-records go to ``serve.jsonl`` and the final model to ``model_<strategy>.safetensors`` in the output
-directory.
+serves the gateway with uvicorn (optionally over TLS with uvicorn's certificate options). The
+output directory gets what ``amble run`` writes (``metrics.jsonl``, ``devices.jsonl``,
+``summary.json``, ``report.html`` and plots, on the wall clock: see :mod:`amble.live.record`), the
+fleet as measured (``fleet_trace.json``, which ``fleet.kind: trace`` replays), each round's record
+as the coordinator made it (``serve.jsonl``) and the final model (``model_<strategy>.safetensors``).
 
 A run *fails* when its rounds cannot go on: an exception in the round loop (a parameter-server
 function dead-lettered so a round was never planned or decided, a store fault, an evaluation
@@ -35,6 +37,7 @@ from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
 from amble.live.coordinator import Coordinator, RoundRecord, SampleLimits, issue_tokens, token_hash
 from amble.live.gateway import create_app
+from amble.live.record import ServedRunFiles
 from amble.runsetup import prepare_run, run_namespace
 from amble.server import keys
 from amble.server.factory import build_server, release_server, wipe_run
@@ -56,6 +59,8 @@ class Served:
     operator_token: str
     """For ``/v1/status`` and ``/metrics``; also in ``operator.token`` beside ``tokens.json``."""
     log_path: Path
+    files: ServedRunFiles
+    """The run's metrics, devices, summary, report and fleet trace."""
     max_concurrent_requests: int = 512
 
 
@@ -92,16 +97,18 @@ def prepare(
     write_atomic(tokens_file, json.dumps({str(d): t for d, t in tokens.items()}, indent=1).encode(), mode=0o600)
     write_atomic(out_dir / "operator.token", operator_token.encode(), mode=0o600)
 
-    def score(params: Params) -> float:
-        accuracy, _ = setup.score(params)  # the simulator's evaluation samples
-        return float(accuracy)
+    def score(params: Params) -> tuple[float, float]:
+        accuracy, loss = setup.score(params)  # the simulator's evaluation samples
+        return float(accuracy), float(loss)
 
     log_path = out_dir / "serve.jsonl"
     log_path.write_text("")
+    files = ServedRunFiles(config, labels[index], out_dir, setup)
 
     def on_round(record: RoundRecord) -> None:
         with log_path.open("a") as file:
             file.write(json.dumps(asdict(record)) + "\n")
+        files.on_round(record)
 
     limits = SampleLimits(
         config.server.device_data, config.server.max_samples, config.server.max_weight_share, config.devices_per_round
@@ -124,6 +131,7 @@ def prepare(
         labels[index],
         operator_token,
         log_path,
+        files,
         config.server.max_concurrent_requests,
     )
 
@@ -204,6 +212,10 @@ def serve(
             if coordinator.error is None:
                 raise
         finally:
+            try:
+                served.files.finish(coordinator.server.runtime.stats(), coordinator.now_s(), coordinator.error)
+            except Exception as exc:  # a crashed store again: the rows written so far stay
+                logging.getLogger("amble.serve").error("could not write summary.json: %s: %s", type(exc).__name__, exc)
             release_server(coordinator.server)
     if coordinator.error is not None:
         raise AmbleError(f"the run failed in {coordinator.error} (see {served.log_path})")

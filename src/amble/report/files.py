@@ -91,6 +91,17 @@ class RunData:
         return str(name) if name not in (None, "") else (self.run_dir.name or "run")
 
     @property
+    def measured(self) -> bool:
+        """True for a served run (``amble serve``): its times are wall-clock seconds measured on a real
+        fleet, from the first round's start, not the simulator's virtual seconds."""
+        return self.summary.get("clock") == "wall"
+
+    @property
+    def clock_text(self) -> str:
+        """How the report names the run's time axis."""
+        return "measured time" if self.measured else "virtual time"
+
+    @property
     def strategies(self) -> list[str]:
         """Strategy names: the summary's order first, then any seen only in the row files."""
         names = list(self.summary.get("strategies", {}))

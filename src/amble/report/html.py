@@ -102,7 +102,7 @@ def _summary_table(run: RunData) -> str:
     for key in _summary_keys(run):
         label, formatter = _ROWS.get(key, (key, _format_any))
         cells = "".join(f"<td>{formatter(run.strategy_summary(s).get(key))}</td>" for s in strategies)
-        rows.append(f"<tr><td>{escape(label)}</td>{cells}</tr>")
+        rows.append(f"<tr><td>{escape(_row_label(run, key, label))}</td>{cells}</tr>")
     note = (
         f'No strategy is named "{REFERENCE_STRATEGY}", so no speed-up is shown.'
         if REFERENCE_STRATEGY not in strategies
@@ -113,14 +113,30 @@ def _summary_table(run: RunData) -> str:
         rows.append(f'<tr class="speedup"><td>Time to target ÷ amble\'s</td>{cells}</tr>')
         note = (
             "The last row divides each strategy's time to target by amble's: 2.00× means it needed "
-            "twice amble's virtual time to reach the target accuracy."
+            f"twice amble's {run.clock_text} to reach the target accuracy."
         )
     return (
         f"<table>\n<thead><tr><th>Result</th>{header}</tr></thead>\n<tbody>\n"
         + "\n".join(rows)
-        + f'\n</tbody>\n</table>\n<p class="note">{escape(note)} Times are simulated (virtual) '
-        "seconds except wall time; function counts come from the serverless parameter server.</p>"
+        + f'\n</tbody>\n</table>\n<p class="note">{escape(note)} {escape(_times_note(run))} '
+        "Function counts come from the serverless parameter server.</p>"
     )
+
+
+def _times_note(run: RunData) -> str:
+    if run.measured:
+        return (
+            "Times are wall-clock seconds measured on a real fleet (amble serve), from the first round's start; "
+            "wall time counts from the server's start."
+        )
+    return "Times are simulated (virtual) seconds except wall time."
+
+
+def _row_label(run: RunData, key: str, label: str) -> str:
+    """The summary row's label; a served run's times are measured, not virtual."""
+    if run.measured and key in ("time_to_target_s", "virtual_time_s"):
+        return {"time_to_target_s": "Time to target (measured)", "virtual_time_s": "Measured time"}[key]
+    return label
 
 
 def _summary_keys(run: RunData) -> list[str]:

@@ -52,8 +52,12 @@ def write_plots(run: RunData, out_dir: Path) -> list[PlotFile]:
     plots = [
         PlotFile(
             plot_accuracy_vs_time(run, out_dir / ACCURACY_VS_TIME_FILE),
-            "Test accuracy against simulated (virtual) time; stars mark where each strategy "
-            "first reaches the target accuracy.",
+            (
+                "Test accuracy against wall-clock time measured on the real fleet (from the first round's start)"
+                if run.measured
+                else "Test accuracy against simulated (virtual) time"
+            )
+            + "; stars mark where each strategy first reaches the target accuracy.",
         ),
         PlotFile(
             plot_accuracy_vs_round(run, out_dir / ACCURACY_VS_ROUND_FILE),
@@ -128,7 +132,7 @@ def plot_timeline(run: RunData, strategy: str, path: Path) -> Path:
         statuses.update(row["status"] for row in rows)
         _draw_round(axes, round_number, rows)
         if index // ncols == nrows - 1 or index + ncols >= len(shown):
-            axes.set_xlabel("Seconds since round start (virtual)")
+            axes.set_xlabel(f"Seconds since round start ({'measured' if run.measured else 'virtual'})")
         if index % ncols == 0:
             axes.set_ylabel("Device (busiest on top)")
     if first_axes is None:
@@ -211,13 +215,13 @@ def _plot_accuracy(run: RunData, path: Path, x_key: str) -> Path:
     if not run.metrics:
         _no_data(axes, "no metrics recorded")
 
-    what = "virtual time" if x_key == "virtual_time_s" else "round"
+    what = run.clock_text if x_key == "virtual_time_s" else "round"
     axes.set_title(f"{_plain(run.name)}: test accuracy vs {what}", fontsize=13, fontweight="bold")
     if x_key == "round":
         axes.set_xlabel("Round")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
-        axes.set_xlabel("Virtual time (s, simulated)")
+        axes.set_xlabel("Time (s, measured on the real fleet)" if run.measured else "Virtual time (s, simulated)")
     axes.set_ylabel("Test accuracy (%)")
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
     axes.grid(True, alpha=0.3)
