@@ -76,7 +76,8 @@ def test_the_pool_follows_the_queue_up_to_max_instances_and_back_to_zero(redis_s
     client = redis.Redis.from_url(redis_server.url)
     waiting = [0]
     command = worker_command(redis_server.url, "--namespace", f"idle-{uuid.uuid4().hex}")
-    policy = ScalingPolicy(autoscale=True, max_instances=3, keep_alive_s=1.0)
+    # Idle from their start (no run to serve): keep_alive_s must outlast the burst's checks below.
+    policy = ScalingPolicy(autoscale=True, max_instances=3, keep_alive_s=3.0)
     pool = WorkerPool(client, HEARTBEATS, lambda options: [*command, *options], lambda: waiting[0], policy)
     pool.start()
     try:
