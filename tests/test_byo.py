@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import amble
+from amble.client.device import check_what_the_server_names
 from amble.config import config_from_dict, load_config
 from amble.data import load_dataset, partition_indices
 from amble.errors import ConfigError, DataError
@@ -421,13 +422,22 @@ def test_real_devices_resolve_the_model_from_their_own_installed_code(tmp_path: 
             return subprocess.Popen([*command, *extra], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
 
         # Execute
-        missing = device(tokens["0"], str(REPO / "src"))  # the tests' module is not installed for it
+        # A device imports only packages its operator allows, and reads a user's file only from --data-root.
+        trusting = ("--allow-import", "tests", "--data-root")
+        refused = device(tokens["0"], with_tests)
+        _, refused_err = refused.communicate(timeout=120)
+        missing = device(tokens["0"], str(REPO / "src"), *trusting, str(tmp_path))  # the module is not installed
         _, missing_err = missing.communicate(timeout=120)
-        devices = [device(tokens["0"], with_tests), device(tokens["1"], with_tests, "--data-root", str(elsewhere))]
+        devices = [
+            device(tokens["0"], with_tests, *trusting, str(tmp_path)),
+            device(tokens["1"], with_tests, *trusting, str(elsewhere)),
+        ]
         errors = [process.communicate(timeout=180)[1].decode() for process in devices]
         serve.wait(timeout=60)
 
         # Assert
+        assert refused.returncode == 2 and "add --allow-import tests" in refused_err.decode()
+        assert "Traceback" not in refused_err.decode()
         assert missing.returncode == 2
         assert "module 'tests.byo_models' is not importable" in missing_err.decode()
         assert "Traceback" not in missing_err.decode()
@@ -442,6 +452,22 @@ def test_real_devices_resolve_the_model_from_their_own_installed_code(tmp_path: 
             if process.poll() is None:
                 process.kill()
         serve_log.close()
+
+
+def test_a_device_loads_what_the_server_names_only_with_its_operators_leave(tmp_path: Path) -> None:
+    # Prepare: a server's config naming a model by import path and a data file by its own path
+    write_split_npz(tmp_path / "vectors.npz")
+    config = config_from_dict(small_config(str(tmp_path / "vectors.npz")))
+    assert config.model == "tests.byo_models:make_net"
+
+    # Execute / Assert: refused with the flag that allows it, then allowed
+    with pytest.raises(ConfigError, match="add --allow-import tests"):
+        check_what_the_server_names(config, (), str(tmp_path))
+    with pytest.raises(ConfigError, match="Pass --data-root"):
+        check_what_the_server_names(config, ("tests",), None)
+    check_what_the_server_names(config, ("tests",), str(tmp_path))
+    built_in = config_from_dict({"data": {"dataset": "synthetic"}, "model": "mlp"})
+    check_what_the_server_names(built_in, (), None)  # built-ins need no leave
 
 
 def test_data_root_says_where_a_users_file_is_on_this_machine(tmp_path: Path) -> None:

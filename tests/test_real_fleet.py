@@ -123,6 +123,26 @@ def test_the_trace_carries_each_devices_measured_step_times_links_and_presence(t
     assert not any(clock.is_available(fleet[2], r, 2) for r in range(50))
 
 
+def test_a_device_that_never_delivered_is_replayed_as_always_dropping(tmp_path: Path) -> None:
+    # Prepare: device 1 was selected twice and sent nothing either time (crashed, or always too slow)
+    config = config_from_dict({**SMALL, "data": {**SMALL["data"], "num_devices": 2}, "devices_per_round": 2})
+    rounds = [
+        record(r, 10.0 * r, 10.0 * r + 1, {"0": plan(16, 10), "1": plan(16, 5)},
+               {"0": arrival(0, 10.0 * r + 0.5, 16, 10, 0.04, 0.01)}, [0, 1])
+        for r in range(2)
+    ]  # fmt: skip
+
+    # Execute: its own trace, loaded for a replay
+    trace = fleet_trace(rounds, REFERENCE, config, "fedavg")
+    path = tmp_path / TRACE_FILE
+    path.write_text(json.dumps(trace))
+    fleet = load_trace(path, FleetConfig(kind="trace", trace=str(path)), 2)
+
+    # Assert: what was measured (it always dropped) replays as it was, instead of being refused
+    assert trace["devices"][1]["p_dropout"] == 1.0
+    assert fleet[1].p_dropout == 1.0 and fleet[0].p_dropout == 0.0
+
+
 def test_what_slows_every_device_at_once_is_recorded_as_shared_jitter_and_replayed_as_one_draw(
     tmp_path: Path,
 ) -> None:

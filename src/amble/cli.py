@@ -91,8 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     device.add_argument(
         "--data-root",
         default=None,
-        help="where the dataset is on this machine (a built-in's folder, or your own file or image folder; "
-        "default: the config's)",
+        help="where the dataset is on this machine (a built-in's folder, or your own file or image folder, "
+        "which a device reads only from here; default for built-ins: the config's)",
+    )
+    device.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="let the server's config name a model or data loader from this installed package (repeatable)",
     )
     device.add_argument("--ca-cert", default=None, help="trust this certificate (PEM) for an https:// server")
     device.add_argument(
@@ -181,7 +188,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from amble.config import load_config
-    from amble.live.localfleet import LocalFleet, check_fleet_size, local_url, parse_slowdowns
+    from amble.live.localfleet import LocalFleet, check_fleet_size, device_trust, local_url, parse_slowdowns
     from amble.live.serve import prepare, serve
 
     config = load_config(args.config, args.overrides)
@@ -190,6 +197,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.local_devices is not None:
         check_fleet_size(config, args.local_devices)
         slowdowns = parse_slowdowns(args.slowdowns, args.local_devices)
+        if args.device_threads < 1:
+            raise ConfigError(f"--device-threads must be at least 1, not {args.device_threads}")
     elif args.slowdowns is not None:
         raise ConfigError("--slowdowns applies to a local fleet: add --local-devices N")
     served = prepare(config, out_dir, args.strategy, args.round_timeout_s)
@@ -202,7 +211,10 @@ def _serve(args: argparse.Namespace) -> int:
     if slowdowns is not None:
         url = local_url(args.host, args.port, tls)
         tokens = served.tokens
-        fleet = LocalFleet.start(url, tokens, slowdowns, out_dir / "devices", args.device_threads, args.ssl_certfile)
+        trusted = device_trust(config)
+        fleet = LocalFleet.start(
+            url, tokens, slowdowns, out_dir / "devices", args.device_threads, args.ssl_certfile, trusted
+        )
         print(f"amble serve: started {len(slowdowns)} local devices (logs in {out_dir / 'devices'})")
     try:
         serve(served, args.host, args.port, out_dir, args.linger_s, args.ssl_certfile, args.ssl_keyfile)
@@ -233,7 +245,15 @@ def _device(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rounds = DeviceAgent(args.server, token, args.slowdown, data_root=args.data_root, ca_cert=args.ca_cert).run()
+    agent = DeviceAgent(
+        args.server,
+        token,
+        args.slowdown,
+        data_root=args.data_root,
+        ca_cert=args.ca_cert,
+        allow_imports=args.allow_import,
+    )
+    rounds = agent.run()
     print(f"amble device: trained in {len(rounds)} rounds", file=sys.stderr)
     return 0
 

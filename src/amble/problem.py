@@ -8,6 +8,8 @@ code installed on the machine at hand (:mod:`amble.imports`), never sent by a se
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from torch import nn
 from amble.config import BUILTIN_MODELS, ExperimentConfig, is_user_data_path
 from amble.data import Dataset, load_dataset, split_for
 from amble.data.partition import IndexArray
+from amble.fleet import StepTime, calibrate
 from amble.models import ModelFactory, build_model
 
 
@@ -62,3 +65,18 @@ def model_key(config: ExperimentConfig, model: nn.Module) -> str:
 def sample_batch(dataset: Dataset, count: int = 512) -> torch.Tensor:
     """Up to ``count`` real training samples: what the clock's calibration times steps on."""
     return dataset.x_train[:count]
+
+
+def reference_step_time(
+    config: ExperimentConfig,
+    dataset: Dataset,
+    build: Callable[[], nn.Module],
+    model: nn.Module,
+    cache_dir: Path | None = None,
+) -> StepTime:
+    """The reference device's seconds per step by batch size: ``fleet.t_ref`` when the config sets it,
+    else this machine's calibration of the config's model on real samples (cached by :func:`model_key`)."""
+    if config.fleet.t_ref is not None:
+        return StepTime.from_mapping(config.fleet.t_ref)
+    key = model_key(config, model)
+    return calibrate(build, key, dataset.input_shape, dataset.num_classes, cache_dir, inputs=sample_batch(dataset))

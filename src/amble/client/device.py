@@ -22,6 +22,7 @@ import json
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +30,9 @@ import httpx
 import torch
 
 from amble.client.trainer import LocalTrainer, derive_seed
-from amble.config import config_from_dict
-from amble.errors import AmbleError
+from amble.config import ExperimentConfig, config_from_dict, is_user_data_path
+from amble.errors import AmbleError, ConfigError
+from amble.imports import is_import_path
 from amble.problem import load_data, make_model, partition
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Params, Plan, Report
@@ -71,6 +73,28 @@ class RoundLog:
     """The upload's final HTTP status; 0 when the device dropped the round at its deadline."""
 
 
+def check_what_the_server_names(config: ExperimentConfig, allow_imports: Sequence[str], data_root: str | None) -> None:
+    """Refuse code and files the server's config names unless this device's operator allowed them.
+
+    A server (or whoever sits between it and a plain-HTTP device) could otherwise make the device import
+    and call any installed function (``os:abort``), or read any file by path. So an import path runs
+    only if its top-level package is in ``--allow-import``, and a user's data file is read only from
+    ``--data-root``, the operator's own copy.
+    """
+    for key, value in (("model", config.model), ("data.dataset", config.data.dataset)):
+        if is_import_path(value) and value.split(":", 1)[0].split(".", 1)[0] not in allow_imports:
+            package = value.split(":", 1)[0].split(".", 1)[0]
+            raise ConfigError(
+                f"the server's config names {key} {value!r}: a device imports code only from packages its "
+                f"operator allows. If you trust it and it is installed here, add --allow-import {package}"
+            )
+    if is_user_data_path(config.data.dataset) and data_root is None:
+        raise ConfigError(
+            f"the server's config names the data file {config.data.dataset!r}: a device reads only its "
+            "operator's copy. Pass --data-root with this device's file (or the folder that holds it)"
+        )
+
+
 class DeviceAgent:
     def __init__(
         self,
@@ -81,6 +105,7 @@ class DeviceAgent:
         data_root: str | None = None,
         ca_cert: str | None = None,
         retry: RetryPolicy | None = None,
+        allow_imports: Sequence[str] = (),
     ) -> None:
         if slowdown < 1.0:
             raise AmbleError(f"--slowdown must be at least 1 (it multiplies the real time), not {slowdown}")
@@ -93,6 +118,8 @@ class DeviceAgent:
         self.slowdown = slowdown
         self.poll_s = poll_s
         self.data_root = data_root
+        self.allow_imports = tuple(allow_imports)
+        """Top-level packages whose code the server's config may name (``--allow-import``)."""
         self.retry = retry or RetryPolicy()
         self.etag: str | None = None
         self.params: Params | None = None
@@ -136,6 +163,7 @@ class DeviceAgent:
         me = self._check(self._get("/v1/whoami"))
         self.device = int(me["device"])
         self.config = config_from_dict(me["config"], "the server's config")
+        check_what_the_server_names(self.config, self.allow_imports, self.data_root)
         dataset = load_data(self.config, self.data_root)
         mine = torch.as_tensor(partition(self.config, dataset)[self.device])
         self.x, self.y = dataset.x_train[mine], dataset.y_train[mine]

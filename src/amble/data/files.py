@@ -226,5 +226,5 @@ def save_arrays(arrays: Mapping[str, Any], path: Path) -> None:
     numeric = {key: _numeric("the arrays given", key, value) for key, value in arrays.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, allow_pickle=False, **numeric)
+    np.savez(tmp, allow_pickle=False, **numeric)  # numpy >= 2.1 takes allow_pickle here (pyproject pins it)
     tmp.replace(path)

@@ -78,7 +78,7 @@ def load_image_folder(folder: Path) -> Dataset:
         with Image.open(first) as image:
             width, height = image.size
             mode: Literal["RGB", "L"] = "L" if image.mode in ("1", "L", "I", "I;16") else "RGB"
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
         raise DataError(f"{first}: cannot decode the image ({err}); it is corrupt, copy it again") from err
     spec = ImageSpec(str(folder), class_names, height, width, mode)
     with ImageDecoder(spec, where="") as decoder:
@@ -186,6 +186,6 @@ def _decode_chunk(items: list[tuple[str, bytes | Path]], where: str, spec: Image
                 converted = image if image.mode == spec.mode else image.convert(spec.mode)
                 # tobytes + frombuffer is ~2x faster than np.asarray(image) for tiny images.
                 out[slot] = np.frombuffer(converted.tobytes(), dtype=np.uint8).reshape(out.shape[1:])
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
             raise DataError(f"{where}{name}: cannot decode the image ({err}); it is corrupt, copy it again") from err
     return out

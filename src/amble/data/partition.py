@@ -171,7 +171,7 @@ def _natural(
             f"data.num_devices to {len(ids)} (one device per owner) or fewer (owners grouped)"
         )
     if num_devices == len(ids):
-        return [np.flatnonzero(inverse == owner) for owner in range(len(ids))]
+        return _groups(inverse.ravel(), len(ids))
     shuffled = rng.permutation(len(ids))
     order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]  # largest first, equal sizes in seeded order
     loads = np.zeros(num_devices, dtype=np.int64)
@@ -180,8 +180,14 @@ def _natural(
         device = int(np.argmin(loads))  # the lightest device, the lowest index among equals
         device_of_owner[owner] = device
         loads[device] += sizes[owner]
-    device_of_sample = device_of_owner[inverse]
-    return [np.flatnonzero(device_of_sample == device) for device in range(num_devices)]
+    return _groups(device_of_owner[inverse.ravel()], num_devices)
+
+
+def _groups(group_of_sample: npt.NDArray[np.int64], count: int) -> list[IndexArray]:
+    """The sample indices of each group ``0 .. count-1``, ascending: one sort, not one scan per group."""
+    order = np.argsort(group_of_sample, kind="stable")
+    bounds = np.cumsum(np.bincount(group_of_sample, minlength=count))[:-1]
+    return [part.astype(np.int64) for part in np.split(order, bounds)]
 
 
 def split_for(

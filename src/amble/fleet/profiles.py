@@ -196,8 +196,8 @@ def _recorded_profile(entry: Any, default: DeviceProfile) -> tuple[int, DevicePr
         values[name] = float(value)
     if values.get("slowdown", 1.0) <= 0:
         raise ValueError("'slowdown' must be positive")
-    if not values.get("p_dropout", 0.0) < 1 or values.get("availability", 1.0) > 1:
-        raise ValueError("'p_dropout' must be below 1 and 'availability' at most 1")
+    if values.get("p_dropout", 0.0) > 1 or values.get("availability", 1.0) > 1:  # 1: it never sent anything
+        raise ValueError("'p_dropout' and 'availability' must be at most 1")
     step_s = entry.get("step_s")
     if step_s is not None:
         if not isinstance(step_s, dict) or not step_s:

@@ -20,8 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from amble.config import ExperimentConfig
+from amble.config import ExperimentConfig, is_user_data_path
 from amble.errors import AmbleError, ConfigError
+from amble.imports import is_import_path
+from amble.server.runtime.pool import stop_processes
 
 STOP_GRACE_S = 5.0
 """How long a device has to exit after it is asked to stop, before it is killed."""
@@ -60,6 +62,18 @@ def check_fleet_size(config: ExperimentConfig, devices: int) -> None:
         )
 
 
+def device_trust(config: ExperimentConfig) -> list[str]:
+    """The ``amble device`` options that let a local fleet load what this machine's own config names:
+    its import paths' packages and its data file (the operator started both sides)."""
+    options = []
+    for value in (config.model, config.data.dataset):
+        if is_import_path(value):
+            options += ["--allow-import", value.split(":", 1)[0].split(".", 1)[0]]
+    if is_user_data_path(config.data.dataset):
+        options += ["--data-root", config.data.dataset]
+    return options
+
+
 def local_url(host: str, port: int, tls: bool) -> str:
     """Where processes on this machine reach a server listening on ``host``."""
     reachable = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -84,8 +98,10 @@ class LocalFleet:
         log_dir: Path,
         threads: int = 1,
         ca_cert: str | None = None,
+        trusted: Sequence[str] = (),
     ) -> LocalFleet:
-        """Start one ``amble device`` per slowdown, device ``k`` with ``tokens[k]``."""
+        """Start one ``amble device`` per slowdown, device ``k`` with ``tokens[k]``; ``trusted`` are the
+        options that let them load what this server's own config names (:func:`device_trust`)."""
         if threads < 1:
             raise ConfigError(f"--device-threads must be at least 1, not {threads}")
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +109,7 @@ class LocalFleet:
         try:
             for device, slowdown in enumerate(slowdowns):
                 command = [sys.executable, "-m", "amble", "device", "--server", url]
-                command += ["--slowdown", f"{slowdown:g}", "--threads", str(threads)]
+                command += ["--slowdown", f"{slowdown:g}", "--threads", str(threads), *trusted]
                 if ca_cert is not None:
                     command += ["--ca-cert", ca_cert]
                 log = log_dir / f"device_{device}.log"
@@ -131,15 +147,7 @@ class LocalFleet:
 
     def stop(self) -> None:
         """Ask every device still running to stop, then kill those that do not within the grace time."""
-        running = [p for p in self.processes.values() if p.poll() is None]
-        for process in running:
-            process.terminate()
-        for process in running:
-            try:
-                process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(list(self.processes.values()), STOP_GRACE_S)
 
 
 def _last_line(log: Path) -> str:

@@ -42,9 +42,10 @@ import torch
 
 from amble.config import ExperimentConfig, config_to_dict
 from amble.durable import write_atomic
-from amble.fleet import StepTime, calibrate
+from amble.fleet import StepTime
 from amble.fleet.profiles import TRACE_FORMAT
 from amble.live.coordinator import RoundRecord
+from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import RunSetup
@@ -208,8 +209,7 @@ class ServedRunFiles:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            dataset, model_name = self.setup.dataset, self.config.model
-            return calibrate(self.setup.build_model, model_name, dataset.input_shape, dataset.num_classes)
+            return reference_step_time(self.config, self.setup.dataset, self.setup.build_model, self.setup.model)
         finally:
             torch.set_num_threads(threads)
 

@@ -28,9 +28,9 @@ from amble.config import ExperimentConfig, config_from_dict, config_to_dict, str
 from amble.data import Dataset
 from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
-from amble.fleet import DeviceProfile, RoundTiming, StepTime, VirtualClock, calibrate, generate_fleet
+from amble.fleet import DeviceProfile, RoundTiming, VirtualClock, generate_fleet
 from amble.models import ModelFactory
-from amble.problem import model_key, sample_batch
+from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
@@ -69,17 +69,7 @@ class Experiment:
         self.initial: Params = self.setup.initial
         update_bytes = sum(v.numel() * v.element_size() for v in self.initial.values() if v.is_floating_point())
 
-        if config.fleet.t_ref is not None:
-            step_time = StepTime.from_mapping(config.fleet.t_ref)
-        else:
-            step_time = calibrate(
-                self.setup.build_model,
-                model_key(config, self.model),
-                self.dataset.input_shape,
-                self.dataset.num_classes,
-                cache_dir,
-                inputs=sample_batch(self.dataset),
-            )
+        step_time = reference_step_time(config, self.dataset, self.setup.build_model, self.model, cache_dir)
         self.step_time = step_time
         self.clock = VirtualClock(step_time, update_bytes, seed)
 

@@ -35,6 +35,7 @@ from typing import cast
 import redis
 
 from amble.server.runtime.base import RealInstances
+from amble.server.store.redis import server_time
 
 CRASH_LOOP = 5
 """Instances in a row that exit with an error at start (before their first heartbeat): the pool
@@ -155,8 +156,9 @@ class WorkerPool:
         for instance in [i for i in self.instances if i.process.poll() is not None]:
             self.instances.remove(instance)
             self.figures.instance_s += time.monotonic() - instance.spawned_at  # exited within a tick
+            self.client.hdel(self.heartbeats, instance.consumer)  # a later process may get its pid
             code = instance.process.returncode
-            if code == 0 and not instance.kept:
+            if code == 0 and (not instance.kept or not self.policy.reuse):
                 self.figures.retired += 1  # idle for keep_alive_s, or its one event done
                 continue
             self.figures.died += 1
@@ -172,7 +174,7 @@ class WorkerPool:
 
     def _kill_wedged(self) -> None:
         beats = cast(dict[bytes, bytes], self.client.hgetall(self.heartbeats))
-        server_now_s = _server_time(self.client)
+        server_now_s = server_time(self.client)
         now = time.monotonic()
         for instance in self.instances:
             beat = beats.get(instance.consumer.encode())
@@ -214,11 +216,6 @@ class WorkerPool:
         if self._to_replace:
             self._to_replace -= 1
             self.figures.replacements += 1
-
-
-def _server_time(client: redis.Redis) -> float:
-    seconds, micros = client.time()
-    return float(seconds) + micros / 1e6
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:

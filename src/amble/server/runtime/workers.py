@@ -53,18 +53,13 @@ from amble.server.runtime.base import (
     invoke,
 )
 from amble.server.runtime.pool import ScalingPolicy, WorkerPool
-from amble.server.store.redis import RedisStore, connect
+from amble.server.store.redis import RedisStore, connect, server_time
 
 NAMESPACES = "amble:namespaces"
 """The runs workers serve: a Redis set of namespaces, added by the driver when a run starts."""
 HEARTBEATS = "amble:workers"
 """Worker liveness: a hash of consumer name -> Redis server time of its last loop."""
 HEARTBEAT_STALE_S = 10.0
-
-
-def server_time(client: redis.Redis) -> float:
-    seconds, micros = client.time()
-    return seconds + micros / 1e6
 
 
 def process_started_at() -> float | None:
@@ -118,6 +113,8 @@ class FunctionWorker:
         self.started_at_s = started_at_s if started_at_s is not None else process_started_at()
         """Wall-clock time this instance's process started: where its real cold start begins."""
         self.served: dict[str, _Served] = {}
+        self.records: dict[str, InstanceRecord] = {}
+        """This instance's figures per run, kept when the runs are reloaded (its cold start happened once)."""
         self.stopping = False
         self.invocations = 0
         self._refreshed_at = 0.0
@@ -142,7 +139,8 @@ class FunctionWorker:
             if pool is None:  # registered but not yet initialised: try again on the next refresh
                 continue
             events = RedisEventLog(self.url, namespace, self.client)
-            settings, record = PoolSettings.from_json(pool), InstanceRecord(self.consumer, self.started_at_s)
+            record = self.records.setdefault(namespace, InstanceRecord(self.consumer, self.started_at_s))
+            settings = PoolSettings.from_json(pool)
             self.served[namespace] = _Served(store, events, self.handlers_for(store), settings, record)
 
     # -- the loop ---------------------------------------------------------------------------------

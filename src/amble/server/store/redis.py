@@ -158,6 +158,12 @@ def escape_glob(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+def server_time(client: redis.Redis) -> float:
+    """Redis' own clock (Unix seconds): one clock for heartbeats written and read on different machines."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
 def prefix_of(namespace: str) -> str:
     return f"amble:{namespace}:"
 
