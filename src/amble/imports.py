@@ -22,6 +22,11 @@ def is_import_path(text: str) -> bool:
     return bool(IMPORT_PATH.match(text))
 
 
+def top_package(path: str) -> str:
+    """The top-level package of an import path: ``mypkg`` for ``mypkg.nets:make_net``."""
+    return path.split(":", 1)[0].split(".", 1)[0]
+
+
 def import_module_of(path: str, what: str, shape: str = "function") -> tuple[ModuleType, str]:
     """The module ``path`` names, imported from this machine's installed code, and the attribute path after
     the colon. ``what`` says which config key named it (``model``, ``strategy``), for the error messages;

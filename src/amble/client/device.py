@@ -32,7 +32,7 @@ import torch
 from amble.client.trainer import LocalTrainer, derive_seed
 from amble.config import ExperimentConfig, config_from_dict, is_user_data_path
 from amble.errors import AmbleError, ConfigError
-from amble.imports import is_import_path
+from amble.imports import is_import_path, top_package
 from amble.problem import load_data, make_model, partition
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Params, Plan, Report
@@ -82,8 +82,7 @@ def check_what_the_server_names(config: ExperimentConfig, allow_imports: Sequenc
     ``--data-root``, the operator's own copy.
     """
     for key, value in (("model", config.model), ("data.dataset", config.data.dataset)):
-        if is_import_path(value) and value.split(":", 1)[0].split(".", 1)[0] not in allow_imports:
-            package = value.split(":", 1)[0].split(".", 1)[0]
+        if is_import_path(value) and (package := top_package(value)) not in allow_imports:
             raise ConfigError(
                 f"the server's config names {key} {value!r}: a device imports code only from packages its "
                 f"operator allows. If you trust it and it is installed here, add --allow-import {package}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from amble.config import ExperimentConfig, is_user_data_path
 from amble.errors import AmbleError, ConfigError
-from amble.imports import is_import_path
+from amble.imports import is_import_path, top_package
 from amble.server.runtime.pool import stop_processes
 
 STOP_GRACE_S = 5.0
@@ -68,7 +68,7 @@ def device_trust(config: ExperimentConfig) -> list[str]:
     options = []
     for value in (config.model, config.data.dataset):
         if is_import_path(value):
-            options += ["--allow-import", value.split(":", 1)[0].split(".", 1)[0]]
+            options += ["--allow-import", top_package(value)]
     if is_user_data_path(config.data.dataset):
         options += ["--data-root", config.data.dataset]
     return options

@@ -12,7 +12,8 @@ is local, and nothing here imports code because a remote party named it.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from amble.errors import ConfigError
 from amble.imports import import_module_of, is_import_path
@@ -68,16 +69,23 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def strategy_class(name: str) -> type[Strategy]:
-    """The strategy ``name`` names: a built-in, or a user's ``package.module:Class``."""
-    if name in STRATEGIES:
-        return STRATEGIES[name]
+def _named_class(name: str, built_in: Mapping[str, type[Any]], kind: type[Any], what: str) -> type[Any]:
+    """The built-in class ``name`` names, or a user's ``package.module:Class`` (a subclass of ``kind``)."""
+    if name in built_in:
+        return built_in[name]
     if not is_import_path(name):
         raise ConfigError(
-            f"unknown strategy '{name}': use one of {', '.join(sorted(STRATEGIES))}, or an import path "
-            f"'package.module:Class' to a Strategy subclass of your own"
+            f"unknown {what} '{name}': use one of {', '.join(sorted(built_in))}, or an import path "
+            f"'package.module:Class' to your own subclass of {kind.__name__}"
         )
-    found = cast(type[Strategy], import_class(name, Strategy, "strategy"))
+    return import_class(name, kind, what)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy ``name`` names: a built-in, or a user's ``package.module:Class``."""
+    found = cast(type[Strategy], _named_class(name, STRATEGIES, Strategy, "strategy"))
+    if name in STRATEGIES:
+        return found
     settings = getattr(found, "settings_model", None)
     if not (inspect.isclass(settings) and issubclass(settings, StrategySettings)):
         raise ConfigError(
@@ -95,14 +103,7 @@ def strategy_class(name: str) -> type[Strategy]:
 
 def aggregator_class(name: str) -> type[Aggregator]:
     """The aggregator ``name`` names: a built-in, or a user's ``package.module:Class``."""
-    if name in AGGREGATORS:
-        return AGGREGATORS[name]
-    if not is_import_path(name):
-        raise ConfigError(
-            f"unknown aggregator '{name}': use one of {', '.join(sorted(AGGREGATORS))}, or an import path "
-            f"'package.module:Class' to an Aggregator subclass of your own"
-        )
-    return cast(type[Aggregator], import_class(name, Aggregator, "aggregator"))
+    return cast(type[Aggregator], _named_class(name, AGGREGATORS, Aggregator, "aggregator"))
 
 
 def base_work(config: ExperimentConfig) -> BaseWork:
