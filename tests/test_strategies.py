@@ -157,7 +157,7 @@ def test_an_unseen_device_is_planned_at_the_median_speed_and_counts_in_the_deadl
 
 
 def test_at_q_1_an_unseen_device_works_to_the_deadline_and_a_straggler_stops_there() -> None:
-    planner = Amble(BASE, AmbleSettings())  # q = 1, prior
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0))  # q = 1, prior
     unseen = DeviceState(5, 320)
     # Only the fast device 0 is selected with it; devices 1 and 2 took part in recent rounds (peers).
     plans = planner.plan(3, [DEVICES[0], unseen], peers=DEVICES[1:])
@@ -170,7 +170,9 @@ def test_at_q_1_an_unseen_device_works_to_the_deadline_and_a_straggler_stops_the
     # (50 steps), and it stops at T_r: a fast newcomer fills the round, a slow one cannot stretch it.
     assert (plans[5].batch_size, plans[5].local_steps, plans[5].lr) == (32, 50, 0.1)
     assert (plans[5].deadline_s, plans[5].at_deadline) == (pytest.approx(3.5), "probe")
-    profile = Amble(BASE, AmbleSettings(unseen_devices="profile")).plan(3, [DEVICES[0], unseen], peers=DEVICES[1:])
+    profile = Amble(BASE, AmbleSettings(deadline_quantile=1.0, unseen_devices="profile")).plan(
+        3, [DEVICES[0], unseen], peers=DEVICES[1:]
+    )
     assert profile[0].deadline_s == pytest.approx(1.4)
     assert (profile[5].local_steps, profile[5].deadline_s) == (10, None)
 
@@ -185,7 +187,7 @@ def test_with_nobody_seen_anywhere_every_device_gets_the_base_plan() -> None:
 
 
 def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
-    planner = Amble(BASE, AmbleSettings(unseen_devices="profile"))
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0, unseen_devices="profile"))
     devices = [DeviceState(5, 100), DEVICES[0], DEVICES[2]]
 
     plans = planner.plan(0, devices)

@@ -55,8 +55,10 @@ LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 class AmbleSettings(SpeedSettings):
     """AMBLE's knobs (SPEC 3); the defaults are the safe ones the prototype evidence points to."""
 
-    deadline_quantile: float = Field(1.0, gt=0, le=1)
-    """q: ``T_r`` is this quantile of the devices' FedAvg times; below 1 the slowest do partial work."""
+    deadline_quantile: float = Field(0.8, gt=0, le=1)
+    """q: ``T_r`` is this quantile of the devices' FedAvg times; below 1 the slowest do partial work.
+    0.8, not SPEC 3's 1.0: on every cell of the three-seed benchmark (BENCHMARKS.md) q = 0.8 reached the
+    target sooner than q = 1, with higher final accuracy (issue 16)."""
     deadline_s: float | None = Field(None, gt=0)
     """An absolute cap on ``T_r`` in seconds (None: none)."""
     batch_min: int = Field(16, ge=1)
