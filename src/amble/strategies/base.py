@@ -161,3 +161,8 @@ class Strategy(ABC):
     @abstractmethod
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
         """Plans for the devices selected this round, keyed by device id."""
+
+    def uses_control_variates(self) -> bool:
+        """Whether devices train with SCAFFOLD's correction ``c - c_k`` and the server keeps the control
+        variates (``amble.server.controlvariates``): a strategy's ``control_variates`` setting, if any."""
+        return bool(getattr(self.settings, "control_variates", False))
