@@ -13,11 +13,14 @@ import torch
 
 from amble.client import LocalTrainer
 from amble.config import config_from_dict
+from amble.data import make_synthetic
 from amble.errors import ConfigError
+from amble.models import build_model
 from amble.server import Invocation, MemoryStore, ParameterServer, ServerFunctions, controlvariates, keys
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
 from amble.server.tensors import encode, template_of
 from amble.sim import run_experiment
+from amble.sim.vectorized import VectorizedTrainer
 from amble.strategies import BaseWork, Plan, Report
 from amble.strategies.base import DeviceState
 from amble.strategies.registry import STRATEGIES
@@ -298,3 +301,33 @@ def test_of_two_racing_uploads_of_a_device_the_counted_one_sets_its_variate() ->
     assert server.model()["w"].tolist() == pytest.approx([1 + 2.25, 2 + 2.25, 3 + 2.25])
     assert variates(server, 1)["c0"] == {"b": [10.0], "w": [-15.0] * 3}
     assert candidates(server) == [keys.device_variate(0, 0, "3"), keys.device_variate(1, 0, "1")]
+
+
+def test_vectorised_training_applies_each_devices_own_correction_as_the_per_device_path_does() -> None:
+    # Prepare: three devices on one plan (momentum and weight decay on), two corrections and one None
+    torch.manual_seed(0)
+    model = build_model("mlp-small", (1, 28, 28), 10)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = make_synthetic(num_train=150, num_test=10, seed=1)
+    shards = [(data.x_train[i * 50 : (i + 1) * 50], data.y_train[i * 50 : (i + 1) * 50]) for i in range(3)]
+    names = [n for n, _ in model.named_parameters()]
+    shifts: list[dict[str, torch.Tensor] | None] = [
+        {n: torch.full_like(start[n], 0.3) for n in names},
+        None,
+        {n: torch.randn_like(start[n]) for n in names},
+    ]
+    plan, seeds = Plan(16, 4, 0.05), [1, 2, 3]
+
+    # Execute
+    vectorized = VectorizedTrainer(model, 0.5, 1e-3).train(start, shards, plan, seeds, shifts)
+    looped = [
+        LocalTrainer(model, 0.5, 1e-3).train(start, x, y, plan, seed, correction=shift)
+        for (x, y), seed, shift in zip(shards, seeds, shifts, strict=True)
+    ]
+
+    # Assert: equal up to float rounding, and the correction really changed the corrected devices
+    plain = LocalTrainer(model, 0.5, 1e-3).train(start, *shards[0], plan, seeds[0])
+    for v, loop in zip(vectorized, looped, strict=True):
+        for name in names:
+            torch.testing.assert_close(v.delta[name], loop.delta[name], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(looped[0].delta[names[0]], plain.delta[names[0]])
