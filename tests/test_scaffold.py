@@ -116,7 +116,7 @@ def test_the_update_rule_on_two_devices_with_different_steps_and_learning_rates(
     assert after["c"]["w"] == pytest.approx([-29 / 9] * 3) and after["c"]["b"] == pytest.approx([2 / 9])
     # only the current c_k are kept, and c of the latest two versions (like the models)
     assert candidates(server) == [keys.device_variate(0, 1, "3"), keys.device_variate(1, 0, "2")]
-    assert server.store.keys("cv/server/") == [keys.server_variate(1), keys.server_variate(2)]
+    assert server.store.keys(keys.SERVER_VARIATE_PREFIX) == [keys.server_variate(1), keys.server_variate(2)]
 
 
 def test_the_sum_of_learning_rates_follows_the_warm_up() -> None:

@@ -406,7 +406,7 @@ class ServerFunctions:
         configured = self._settings(inv).num_devices
         if configured is not None:
             return configured
-        return sum(1 for key in self.store.keys("device/") if key.endswith("/info"))
+        return sum(1 for key in self.store.keys(keys.DEVICE_PREFIX) if key.endswith("/info"))
 
     def _load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:
         settings = self._settings(inv)

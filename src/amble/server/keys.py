@@ -12,8 +12,11 @@ def model(version: int) -> str:
     return f"model/{version:08d}"
 
 
+DEVICE_PREFIX = "device/"
+
+
 def device_info(device: int) -> str:
-    return f"device/{device}/info"
+    return f"{DEVICE_PREFIX}{device}/info"
 
 
 def device_reports(device: int) -> str:
@@ -128,10 +131,13 @@ def instance(consumer: str) -> str:
 # -- SCAFFOLD control variates (server/controlvariates.py) ---------------------------------------
 
 
+SERVER_VARIATE_PREFIX = "cv/server/"
+
+
 def server_variate(version: int) -> str:
     """The server's control variate ``c`` for rounds that train from model ``version`` (safetensors,
     float32 like the model; absent: zeros). Written by the ``finalize`` that publishes the version."""
-    return f"cv/server/{version:08d}"
+    return f"{SERVER_VARIATE_PREFIX}{version:08d}"
 
 
 def device_variate_pointer(device: int) -> str:
