@@ -55,6 +55,10 @@ from amble.server.tensors import (
 from amble.strategies.base import DeviceState, Params, Plan, Report, Strategy
 
 CAS_RETRIES = 100
+PEER_ROUNDS = 8
+"""How many earlier rounds a strategy's prior for unseen devices looks back over (``_peers``)."""
+PEER_LIMIT = 64
+"""At most this many peers are read per round: the prior is a median, and reads cost store round trips."""
 
 
 @dataclass(frozen=True)
@@ -262,14 +266,15 @@ class ServerFunctions:
                 states[device] = self._device_state(device)
             except (LookupError, ValueError, TypeError) as exc:  # not a store outage: that propagates
                 excluded[device] = f"its registration could not be read ({exc}); register it again"
-        plans, _ = self._try_plan(round_index, list(states.values()))
+        peers = self._peers(round_index, set(chosen)) if self.strategy.plans_from_peers else None
+        plans, _ = self._try_plan(round_index, list(states.values()), peers)
         if plans is None:
             for device, device_state in list(states.items()):
-                _, alone = self._try_plan(round_index, [device_state])
+                _, alone = self._try_plan(round_index, [device_state], peers)
                 if alone is not None:
                     excluded[device] = f"planning it raised {alone}; its reports may be corrupt"
                     del states[device]
-            plans = self.strategy.plan(round_index, list(states.values()))  # raises if no one device is to blame
+            plans = self._call_plan(round_index, list(states.values()), peers)  # raises if no one device is to blame
         valid: dict[int, Plan] = {}
         for device, device_state in states.items():
             plan = plans.get(device)
@@ -280,12 +285,45 @@ class ServerFunctions:
                 excluded[device] = f"{problem}; its reports may be corrupt"
         return valid, excluded
 
-    def _try_plan(self, round_index: int, states: list[DeviceState]) -> tuple[dict[int, Plan] | None, str | None]:
+    def _try_plan(
+        self, round_index: int, states: list[DeviceState], peers: list[DeviceState] | None
+    ) -> tuple[dict[int, Plan] | None, str | None]:
         """The strategy's plans, or None and what it raised (a strategy is pure: nothing to undo)."""
         try:
-            return self.strategy.plan(round_index, states), None
+            return self._call_plan(round_index, states, peers), None
         except Exception as exc:  # whatever a device's data made the strategy raise
             return None, f"{type(exc).__name__}: {exc}"
+
+    def _call_plan(
+        self, round_index: int, states: list[DeviceState], peers: list[DeviceState] | None
+    ) -> dict[int, Plan]:
+        if peers is None:
+            return self.strategy.plan(round_index, states)
+        plan: Any = self.strategy.plan  # declared with a ``peers`` keyword (Strategy.plans_from_peers)
+        plans: dict[int, Plan] = plan(round_index, states, peers=peers)
+        return plans
+
+    def _peers(self, round_index: int, chosen: set[int]) -> list[DeviceState]:
+        """Devices counted in the last :data:`PEER_ROUNDS` rounds and not chosen now, newest first, at most
+        :data:`PEER_LIMIT`: what a strategy's prior for devices it has never seen is made of. A peer whose
+        registration or history cannot be read is left out (it is not being planned)."""
+        peers: dict[int, DeviceState] = {}
+        for earlier in range(round_index - 1, max(round_index - 1 - PEER_ROUNDS, -1), -1):
+            try:
+                blob = self.store.get(keys.round_state(earlier))
+                counted = RoundState.from_json(blob).counted if blob is not None else ()
+            except (ValueError, TypeError, KeyError):
+                continue
+            for device in counted:
+                if device in chosen or device in peers:
+                    continue
+                try:
+                    peers[device] = self._device_state(device)
+                except (LookupError, ValueError, TypeError):
+                    continue
+                if len(peers) >= PEER_LIMIT:
+                    return list(peers.values())
+        return list(peers.values())
 
     def _device_state(self, device: int) -> DeviceState:
         return DeviceState(device, num_samples(self.store, device), tuple(self._history(device)))

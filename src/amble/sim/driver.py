@@ -305,7 +305,8 @@ def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
     """A device whose work would run past its plan's deadline stops (partial work) or drops.
 
     The device knows its own speed, so it stops after the last whole step that still lets its
-    upload arrive by the deadline; with no whole step possible it has nothing to send.
+    upload arrive by the deadline; with no whole step possible it has nothing to send (``probe``: it
+    sends its one step, late).
     """
     if plan.deadline_s is None or plan.at_deadline == "continue" or timing.total_s <= plan.deadline_s:
         return plan, timing
@@ -313,6 +314,8 @@ def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
         return plan, replace(timing, dropped_at_s=min(timing.dropped_at_s, plan.deadline_s))
     step_s = timing.compute_s / plan.local_steps
     steps = math.floor((plan.deadline_s - timing.download_s - timing.upload_s) / step_s + 1e-9)
+    if plan.at_deadline == "probe":
+        steps = max(steps, 1)
     if plan.at_deadline == "drop" or steps < 1:
         return plan, replace(timing, dropped_at_s=plan.deadline_s)
     return replace(plan, local_steps=steps), replace(timing, compute_s=steps * step_s)
