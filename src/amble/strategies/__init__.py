@@ -18,7 +18,6 @@ from amble.strategies.fedavg import FedAvg, FedAvgAggregator
 from amble.strategies.fednova import FedNova, FedNovaAggregator, FedNovaSettings
 from amble.strategies.fedprox import FedProx, PartialWorkSettings
 from amble.strategies.registry import AGGREGATORS, STRATEGIES, base_work, build_strategy
-from amble.strategies.scaffold import Scaffold
 from amble.strategies.speed import SpeedModel, fit_speed
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "PartialWorkSettings",
     "Plan",
     "Report",
-    "Scaffold",
     "SpeedModel",
     "Strategy",
     "StrategySettings",
