@@ -331,3 +331,21 @@ def test_vectorised_training_applies_each_devices_own_correction_as_the_per_devi
         for name in names:
             torch.testing.assert_close(v.delta[name], loop.delta[name], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(looped[0].delta[names[0]], plain.delta[names[0]])
+
+
+def test_an_update_whose_control_variate_would_overflow_is_refused_before_its_fold() -> None:
+    # Prepare: device 0 (eta 0.2) sends 3e38, finite in float32 and in the float64 sum, but 3e38 / 0.2 is not
+    server = scaffold_server(per_round=2)
+    server.start_round(0, [0, 1], 0.0)
+
+    # Execute
+    server.upload(report(0), encode({"w": torch.full((3,), 3e38), "b": torch.tensor([0.0])}), 0.0)
+    server.upload(report(1), encode(delta(1)), 1.0)
+    outcome = server.close_round(0, 2.0)
+
+    # Assert: only device 1 counted; c = c_1 / 3 = (-2/3; 1/3), c_0 still zero, nothing of device 0 kept
+    assert (outcome.counted, outcome.rejected) == ([1], {0: "overflow"})
+    after = variates(server, 1)
+    assert after["c0"] == {"b": [0.0], "w": [0.0] * 3}
+    assert after["c"]["w"] == pytest.approx([-2 / 3] * 3) and after["c"]["b"] == pytest.approx([1 / 3])
+    assert candidates(server) == [keys.device_variate(1, 0, "2")]

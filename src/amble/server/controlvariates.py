@@ -37,9 +37,10 @@ from typing import Any
 import torch
 
 from amble.client.trainer import step_lr
+from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.store.base import Store, read_json
-from amble.server.tensors import TensorSpec, decode, encode, template_from_json
+from amble.server.tensors import TensorSpec, all_finite, decode, encode, template_from_json
 from amble.strategies.base import Params, Plan
 
 
@@ -129,10 +130,22 @@ def write_candidate(
     delta: Mapping[str, torch.Tensor],
     eta: float,
 ) -> None:
-    """``aggregate``'s part: the candidate ``c_k+`` for this upload (the same bytes on a rerun)."""
+    """``aggregate``'s part: the candidate ``c_k+`` for this upload (the same bytes on a rerun).
+
+    Refuses the update (reason ``overflow``, before it is folded) if the candidate is not finite in the
+    model's dtype: an update far larger than its learning rates explain would poison ``c``."""
     c_k = device_variate(store, device, template)
     c = server_variate(store, base_version, template)
-    store.put(keys.device_variate(device, round_index, upload), encode(candidate(c_k, c, delta, eta)))
+    new = candidate(c_k, c, delta, eta)
+    broken = sorted(name for name, t in new.items() if not all_finite(t))
+    if broken:
+        raise UpdateRejected(
+            "overflow",
+            f"the update divided by the sum of its steps' learning rates ({eta:g}) is not finite in {broken[:5]}, "
+            "so its control variate cannot be kept: it was not counted; train with the round's plan, or lower "
+            "server.max_update_norm to refuse such updates",
+        )
+    store.put(keys.device_variate(device, round_index, upload), encode(new))
 
 
 def counted_uploads(meta: Mapping[str, Any]) -> dict[int, str]:
