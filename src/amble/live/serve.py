@@ -43,6 +43,7 @@ from amble.server import keys
 from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
 from amble.strategies.base import Params
+from amble.strategies.registry import build_strategy
 
 DEVICE_SECTIONS = ("name", "seed", "data", "model", "model_args", "devices_per_round", "train")
 """What ``/v1/whoami`` tells a device of the config: enough to load its data partition and build its
@@ -80,6 +81,11 @@ def prepare(
     if strategy is not None and strategy not in labels:
         raise ConfigError(f"--strategy {strategy} is not in the config; choose one of {', '.join(labels)}")
     index = 0 if strategy is None else labels.index(strategy)
+    if build_strategy(config.strategies[index], config).uses_control_variates():
+        raise ConfigError(
+            f"strategy '{labels[index]}' uses control variates (scaffold, or control_variates: true), which are not "
+            "supported on real devices yet: serve another strategy, or turn control_variates off"
+        )
     setup = prepare_run(config)
     namespace = f"{run_namespace(config, out_dir)}/{labels[index]}"
     wipe_run(config, namespace)

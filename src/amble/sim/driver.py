@@ -34,7 +34,7 @@ from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
-from amble.server import ParameterServer, RoundOutcome, keys
+from amble.server import ParameterServer, RoundOutcome, controlvariates, keys
 from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
 from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
@@ -256,6 +256,9 @@ class Experiment:
         by_device = {row["device"]: row for row in rows}
         for begin in range(0, len(jobs), UPLOAD_CHUNK):
             chunk = jobs[begin : begin + UPLOAD_CHUNK]
+            shifts = controlvariates.corrections(server.store, [job.device for job in chunk], state.base_version)
+            if shifts is not None:  # SCAFFOLD: each device's c - c_k (None: no control variate yet, all zero)
+                chunk = [replace(job, correction=shifts[job.device]) for job in chunk]
             trained = self.devices().train(start_params, chunk)
             for job in chunk:
                 k = job.device

@@ -74,6 +74,9 @@ class AmbleSettings(SpeedSettings):
     prox_mu: float = Field(0.0, ge=0)
     """FedProx's proximal term ``mu/2 ||w - w_r||^2`` in every device's objective: holds long local runs
     on non-IID data closer to the round's model (0: none)."""
+    control_variates: bool = False
+    """SCAFFOLD's control variates: every step corrects its gradient by ``c - c_k`` (server and device
+    variates, kept by the server per device), so long local runs on non-IID data drift less."""
     unseen_devices: Literal["prior", "profile"] = "prior"
     """How a device without reports is planned: at the prior of the seen devices' speeds, stopping at
     ``T_r`` (``prior``), or with the base plan as a profiling round that ``T_r`` ignores (``profile``)."""
