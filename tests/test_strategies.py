@@ -285,3 +285,22 @@ def test_aggregator_does_not_mutate_inputs() -> None:
     out = FedAvgAggregator().apply(params, summed, {"num_samples": 2.0})
     assert params["w"].item() == 1.0 and summed["w"].item() == 2.0
     assert out["w"].item() == 2.0 and out["count"].item() == 3
+
+
+def test_one_lying_peer_moves_the_prior_no_further_than_the_honest_devices_speeds() -> None:
+    # Four honest peers at 0.1-0.4 s per step (comm 0.4 s); a fifth claims 100 s per step and 50 s of
+    # communication. The prior is a median, so the liar only shifts it by one rank, within the honest range.
+    honest = [DeviceState(10 + i, 320, (report(10 + i, 1.0 * (i + 1), 0.4),)) for i in range(4)]
+    liar = DeviceState(99, 320, (report(99, 1000.0, 50.0),))
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0))
+    newcomer = DeviceState(5, 320)
+
+    lied = planner.plan(3, [newcomer], peers=[*honest, liar])[5]
+    truthful = planner.plan(3, [newcomer], peers=honest)[5]
+
+    # Honest prior: median of 0.1..0.4 = 0.25 s/step -> 0.4 + 10 * 0.25 = 2.9 s; with the liar the median
+    # of five is 0.3 s/step -> 3.4 s: the deadline stays between the honest devices' own FedAvg times.
+    assert truthful.deadline_s == pytest.approx(2.9)
+    assert lied.deadline_s == pytest.approx(3.4)
+    assert 0.4 + 10 * 0.1 <= lied.deadline_s <= 0.4 + 10 * 0.4
+    assert lied.local_steps == truthful.local_steps == 50  # up to the epoch cap, stopping at T_r either way
