@@ -153,6 +153,22 @@ def test_fedadam_over_three_rounds_steps_from_each_aggregate_with_the_stored_sta
     )
 
 
+def test_a_step_that_overflows_the_model_fails_the_round_saying_why() -> None:
+    # Prepare: lr 1e39 turns w's pseudo-gradient (about -2.2) into a float32 overflow
+    server = make_server(strategy=with_optimizer(FedAvg(BASE), kind="momentum", lr=1e39))
+    server.start_round(0, [0, 1, 2], 0.0)
+    upload_all(server, [0, 1, 2])
+
+    # Execute
+    outcome = server.close_round(0, 5.0)
+
+    # Assert: nothing was published, and the failure names the optimizer
+    state = server.round_state(0)
+    assert (outcome.status, outcome.version, server.latest_version()) == ("failed", 0, 0)
+    assert state is not None and "or the server_optimizer's lr (it is momentum(lr=1e+39" in (state.failure or "")
+    assert server.store.keys("serveropt/") == []
+
+
 class CrashBeforeDecisionStore(MemoryStore):
     """Dies once at a round's decisive compare-and-set (after the model and the state were written),
     and records every server-optimizer state written."""

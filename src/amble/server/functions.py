@@ -482,6 +482,9 @@ class ServerFunctions:
                     f"the aggregate of {counted} updates holds NaN or infinite values in {broken[:5]}; it was not "
                     f"published (the model stays at version {base_version}): lower server.max_update_norm"
                 )
+                optimizer = self.strategy.server_optimizer
+                if optimizer.resolved_kind != "none":
+                    failure += f" or the server_optimizer's lr (it is {optimizer.describe()})"
                 outcome = state.decided("failed", meta["counted"], failure=failure)
             else:
                 reference = {"median_norm": statistics.median(sums.norms()), "updates": counted}
