@@ -235,9 +235,7 @@ def test_fedadam_on_redis_with_a_worker_process_publishes_the_embedded_runs_bits
     # Assert
     embedded = (tmp_path / "embedded" / "model_fedadam.safetensors").read_bytes()
     assert (tmp_path / "redis" / "model_fedadam.safetensors").read_bytes() == embedded
-    plain = run_experiment(config_from_dict({**raw, "strategies": ["fedavg"]}), tmp_path / "fedavg", progress=False)
-    assert plain["strategies"]["fedavg"]["updates_aggregated"] == 8
-    assert (tmp_path / "fedavg" / "model_fedavg.safetensors").read_bytes() != embedded  # adam did step
+    # (that the worker steps with adam at lr 0.03, not with none: test_the_worker_rebuilds_the_entry_optimizer...)
 
 
 # -- config ------------------------------------------------------------------------------------------
