@@ -140,11 +140,11 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     """What a config calls a built-in strategy (a strategy of the user's own is named by its import path)."""
-    settings_model: ClassVar[type[StrategySettings]] = StrategySettings
-    """The strategy's settings (none by default)."""
     server_optimizer: ServerOptimizerSettings = NO_SERVER_OPTIMIZER
     """How the parameter server turns the aggregate into the published model (``none``: unchanged).
     A class gives its default; :func:`~amble.strategies.registry.build_strategy` sets a config entry's."""
+    settings_model: ClassVar[type[StrategySettings]] = StrategySettings
+    """The strategy's settings (none by default)."""
 
     def __init__(
         self, base: BaseWork, settings: StrategySettings | None = None, aggregator: Aggregator | None = None
