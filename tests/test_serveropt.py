@@ -258,9 +258,9 @@ def test_the_baselines_carry_their_optimizer_and_an_entry_overrides_it() -> None
     described = [build_strategy(entry, reread).server_optimizer.describe() for entry in reread.strategies]
     assert described == [
         "momentum(lr=1, beta1=0.9)",
-        "adam(lr=0.01, beta1=0.9, beta2=0.99, tau=0.001)",
+        "adam(lr=0.0316228, beta1=0.9, beta2=0.99, tau=0.001)",
         "adam(lr=0.03, beta1=0.9, beta2=0.99, tau=0.001)",
-        "adam(lr=0.01, beta1=0.9, beta2=0.99, tau=0.001)",
+        "adam(lr=0.0316228, beta1=0.9, beta2=0.99, tau=0.001)",
         "momentum(lr=1, beta1=0.8)",
     ]
     assert isinstance(build_strategy(reread.strategies[0], reread), FedAvgM)

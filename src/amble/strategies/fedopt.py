@@ -19,7 +19,7 @@ class FedAvgM(FedAvg):
 
 
 class FedAdam(FedAvg):
-    """FedAvg with Adam on the server (Reddi's variant, no bias correction; lr 0.01, tau 1e-3)."""
+    """FedAvg with Adam on the server (Reddi's variant, no bias correction; lr 10^-1.5, tau 1e-3)."""
 
     name = "fedadam"
     server_optimizer = ServerOptimizerSettings(kind="adam")
