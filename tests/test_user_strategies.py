@@ -63,7 +63,7 @@ def test_a_user_strategy_runs_end_to_end_and_plans_what_it_says(
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["strategies"]["ParityPlans"]["updates_aggregated"] == 12
     assert summary["config"]["strategies"][0] == {
-        "name": PARITY, "label": None, "aggregator": None, "steps": 3, "lr_factor": 0.5
+        "name": PARITY, "label": None, "aggregator": None, "server_optimizer": None, "steps": 3, "lr_factor": 0.5
     }  # fmt: skip
     assert "ParityPlans" in capsys.readouterr().out
 

@@ -29,7 +29,8 @@ from pydantic_core import PydanticCustomError
 from amble.errors import ConfigError
 from amble.imports import is_import_path
 from amble.strategies.base import BaseWork, Strategy, StrategySettings
-from amble.strategies.registry import aggregator_class, strategy_class
+from amble.strategies.registry import aggregator_class, server_optimizer_of, strategy_class
+from amble.strategies.serveropt import ServerOptimizerSettings
 
 
 class _Section(BaseModel):
@@ -176,6 +177,9 @@ class StrategyEntry(_Section):
     label: str | None = None
     aggregator: AggregatorName | None = None
     """Overrides the strategy's own aggregator and the config's ``aggregator``."""
+    server_optimizer: ServerOptimizerSettings | None = None
+    """How the server steps the model from the aggregate (``{kind: adam, lr: 0.01}``); None: the
+    strategy's own (``none``: the aggregate itself; ``fedavgm``: momentum; ``fedadam``: adam)."""
 
     def settings(self) -> StrategySettings:
         """The strategy's settings object, as its constructor takes it."""
@@ -368,6 +372,7 @@ class ExperimentConfig(_Section):
                 strategy.settings().check(base)
             except ValueError as exc:
                 raise ValueError(f"strategy '{strategy_label(strategy)}': {exc}") from None
+            _check_server_optimizer(strategy)
         if trains_on_ray(self) and any(
             strategy_class(s.name)(base, s.settings()).uses_control_variates() for s in self.strategies
         ):
@@ -390,6 +395,19 @@ class ExperimentConfig(_Section):
                 f"devices_per_round ({self.devices_per_round}) exceeds data.num_devices ({self.data.num_devices})"
             )
         return self
+
+
+def _check_server_optimizer(strategy: StrategyEntry) -> None:
+    """Refuse settings that would be ignored: a server optimizer's knobs with kind ``none``."""
+    given = strategy.server_optimizer
+    if given is None or server_optimizer_of(strategy).resolved_kind != "none":
+        return
+    knobs = given.knobs_changed()
+    if knobs:
+        raise ValueError(
+            f"strategy '{strategy_label(strategy)}': server_optimizer sets {', '.join(knobs)} but its kind is none, "
+            "so they would be ignored: set server_optimizer.kind to momentum, adam or yogi, or drop them"
+        )
 
 
 def strategy_label(strategy: StrategyEntry) -> str:

@@ -53,6 +53,7 @@ from amble.server.tensors import (
     validate_update,
 )
 from amble.strategies.base import DeviceState, Params, Plan, Report, Strategy
+from amble.strategies.serveropt import server_step
 
 CAS_RETRIES = 100
 PEER_ROUNDS = 8
@@ -506,8 +507,9 @@ class ServerFunctions:
     def finalize(self, event: Event, inv: Invocation) -> None:
         """Publish the next model once every expected update is in, or at the deadline with a quorum.
 
-        Order of writes: seal the partial (no fold can land after it), write the model blob and its
-        norm reference (their bytes follow from the sealed partial, so a rerun writes the same bytes),
+        Order of writes: seal the partial (no fold can land after it), write the model blob, its norm
+        reference and the server optimizer's state (their bytes follow from the sealed partial and the
+        base version's model and state, so a rerun writes the same bytes),
         move the round state to ``finalized`` (the one decisive compare-and-set), advance ``latest``,
         announce. A rerun after a crash at any point completes the remaining steps.
 
@@ -537,13 +539,18 @@ class ServerFunctions:
             outcome = state.decided("failed", meta["counted"], quorum=quorum, failure=failure)
         else:
             sums = self._merge_shards(meta["shards"], meta["counted"])
-            new_params = self.strategy.aggregator.apply(self._model(inv, base_version), sums.total(), sums.stats())
+            base_params = self._model(inv, base_version)
+            aggregate = self.strategy.aggregator.apply(base_params, sums.total(), sums.stats())
+            new_params, optimizer_state = self._server_step(base_version, base_params, aggregate)
             broken = sorted(n for n, t in new_params.items() if t.is_floating_point() and not all_finite(t))
             if broken:
                 failure = (
                     f"the aggregate of {counted} updates holds NaN or infinite values in {broken[:5]}; it was not "
                     f"published (the model stays at version {base_version}): lower server.max_update_norm"
                 )
+                optimizer = self.strategy.server_optimizer
+                if optimizer.resolved_kind != "none":
+                    failure += f" or the server_optimizer's lr (it is {optimizer.describe()})"
                 outcome = state.decided("failed", meta["counted"], failure=failure)
             else:
                 reference = {"median_norm": statistics.median(sums.norms()), "updates": counted}
@@ -558,10 +565,26 @@ class ServerFunctions:
                     )
                 self.store.put(keys.model(base_version + 1), encode(new_params))
                 self.store.put(keys.norm_reference(base_version + 1), json.dumps(reference).encode())
+                if optimizer_state:
+                    self.store.put(keys.server_optimizer_state(base_version + 1), encode(optimizer_state))
                 inv.cache["model"] = (base_version + 1, new_params)
                 outcome = state.decided("finalized", meta["counted"], version=base_version + 1)
         if self.store.compare_and_set(state_key, outcome.to_json(), current.version):
             self._announce_outcome(inv, round_index, outcome)
+
+    def _server_step(self, base_version: int, base: Params, aggregate: Params) -> tuple[Params, Params]:
+        """The strategy's server optimizer applied to the aggregate: the model to publish and the
+        optimizer's state to store with it (empty for ``none``, which publishes the aggregate itself).
+
+        The state is read from the base version's key, which stays until the round after next is
+        decided, so a rerun of this finalize reads the same state and writes the same bytes.
+        """
+        settings = self.strategy.server_optimizer
+        if settings.resolved_kind == "none":
+            return aggregate, {}
+        blob = self.store.get(keys.server_optimizer_state(base_version))
+        state = None if blob is None else decode(blob)
+        return server_step(settings, base, aggregate, state)
 
     def _seal(self, round_index: int, expected: int, closing: bool) -> dict[str, Any] | None:
         """Close the round to further folds; returns its meta record (None: not yet time)."""
@@ -622,8 +645,8 @@ class ServerFunctions:
         """Once a round is decided, drop what nobody reads again (idempotent, so reruns are fine).
 
         The shards go (the sealed meta record stays: a late or duplicate fold still sees the round
-        closed) and so does the model before this round's base, with its norm reference: the store
-        keeps the latest two.
+        closed) and so does the model before this round's base, with its norm reference and server
+        optimizer state: the store keeps the latest two.
         """
         meta = _meta(self.store.get(keys.round_meta(round_index)))
         for shard in meta["shards"]:
@@ -631,6 +654,7 @@ class ServerFunctions:
         if base_version >= 1:
             self.store.delete(keys.model(base_version - 1))
             self.store.delete(keys.norm_reference(base_version - 1))
+            self.store.delete(keys.server_optimizer_state(base_version - 1))
 
     def _advance_latest(self, version: int) -> None:
         def advance(latest: Any) -> Any:

@@ -33,6 +33,12 @@ def norm_reference(version: int) -> str:
     return f"norms/{version:08d}"
 
 
+def server_optimizer_state(version: int) -> str:
+    """safetensors: the server optimizer's state (``m/<tensor>``, ``v/<tensor>``, float64) after it
+    published model ``version``; read by the finalize that steps from that version. Absent: zeros."""
+    return f"serveropt/{version:08d}"
+
+
 def round_meta(round_index: int) -> str:
     """JSON: devices counted, aggregator stats, shards written, sealed."""
     return f"round/{round_index:06d}/meta"

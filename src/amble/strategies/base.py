@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from amble.strategies.serveropt import NO_SERVER_OPTIMIZER, ServerOptimizerSettings
+
 if TYPE_CHECKING:  # at run time only a name: importing the strategies (and the config) needs no torch
     import torch
 
@@ -139,6 +141,9 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     """What a config calls a built-in strategy (a strategy of the user's own is named by its import path)."""
+    server_optimizer: ServerOptimizerSettings = NO_SERVER_OPTIMIZER
+    """How the parameter server turns the aggregate into the published model (``none``: unchanged).
+    A class gives its default; :func:`~amble.strategies.registry.build_strategy` sets a config entry's."""
     settings_model: ClassVar[type[StrategySettings]] = StrategySettings
     """The strategy's settings (none by default)."""
     plans_from_peers: ClassVar[bool] = False

@@ -23,20 +23,22 @@ from amble.strategies.base import Aggregator, BaseWork, Strategy, StrategySettin
 from amble.strategies.deadline import DeadlineFedAvg
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
 from amble.strategies.fednova import FedNova, FedNovaAggregator
+from amble.strategies.fedopt import FedAdam, FedAvgM
 from amble.strategies.fedprox import FedProx
 from amble.strategies.scaffold import Scaffold
+from amble.strategies.serveropt import ServerOptimizerSettings
 
 if TYPE_CHECKING:
     from amble.config import ExperimentConfig, StrategyEntry
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, Scaffold)
+    s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, Scaffold, FedAvgM, FedAdam)
 }
 """The built-in strategies by name; each declares its settings once, as its ``settings_model``."""
 AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvgAggregator, FedNovaAggregator)}
 """The built-in aggregators by name."""
 
-ENTRY_KEYS = ("name", "label", "aggregator")
+ENTRY_KEYS = ("name", "label", "aggregator", "server_optimizer")
 """The keys every strategy entry takes besides its settings (so no settings model may declare them)."""
 
 
@@ -124,4 +126,12 @@ def build_strategy(strategy: StrategyEntry, config: ExperimentConfig) -> Strateg
             raise ConfigError(
                 f"aggregator '{chosen}' cannot be built without arguments ({exc}); give its __init__ defaults"
             ) from None
-    return strategy_class(strategy.name)(base_work(config), strategy.settings(), aggregator)
+    built = strategy_class(strategy.name)(base_work(config), strategy.settings(), aggregator)
+    built.server_optimizer = server_optimizer_of(strategy)
+    return built
+
+
+def server_optimizer_of(strategy: StrategyEntry) -> ServerOptimizerSettings:
+    """The entry's ``server_optimizer`` over its strategy's own (``none`` but for fedavgm and fedadam)."""
+    own = strategy_class(strategy.name).server_optimizer
+    return own if strategy.server_optimizer is None else strategy.server_optimizer.over(own)
