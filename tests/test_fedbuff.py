@@ -24,7 +24,8 @@ from amble.server.functions import ServerFunctions
 from amble.server.runtime.base import FUNCTIONS_TOPIC
 from amble.server.tensors import encode
 from amble.sim import run_experiment
-from amble.strategies import BaseWork, FedBuff, FedBuffSettings, FedNovaAggregator, Report
+from amble.strategies import BaseWork, FedNovaAggregator, Report
+from amble.strategies.fedbuff import FedBuff, FedBuffSettings
 from tests.conftest import RedisServer
 from tests.test_sim import SMALL
 

@@ -15,7 +15,6 @@ from amble.strategies.base import (
 )
 from amble.strategies.deadline import DeadlineFedAvg, DeadlineSettings
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
-from amble.strategies.fedbuff import FedBuff, FedBuffAggregator, FedBuffSettings
 from amble.strategies.fednova import FedNova, FedNovaAggregator, FedNovaSettings
 from amble.strategies.fedprox import FedProx, PartialWorkSettings
 from amble.strategies.registry import AGGREGATORS, STRATEGIES, base_work, build_strategy
@@ -36,9 +35,6 @@ __all__ = [
     "DeviceState",
     "FedAvg",
     "FedAvgAggregator",
-    "FedBuff",
-    "FedBuffAggregator",
-    "FedBuffSettings",
     "FedNova",
     "FedNovaAggregator",
     "FedNovaSettings",
