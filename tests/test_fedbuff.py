@@ -24,8 +24,8 @@ from amble.server.functions import ServerFunctions
 from amble.server.runtime.base import FUNCTIONS_TOPIC
 from amble.server.tensors import encode
 from amble.sim import run_experiment
-from amble.strategies import BaseWork, FedNovaAggregator, Report
-from amble.strategies.fedbuff import FedBuff, FedBuffSettings
+from amble.strategies import BaseWork, FedAvgAggregator, FedNovaAggregator, Report
+from amble.strategies.fedbuff import FedBuff, FedBuffAggregator, FedBuffSettings
 from tests.conftest import RedisServer
 from tests.test_sim import SMALL
 
@@ -171,13 +171,16 @@ def test_a_too_stale_update_is_rejected_with_its_reason_and_changes_nothing() ->
     assert server.store.keys("task/00000001/update/") == []  # the refused blob is not kept
 
 
-def test_default_buffer_is_half_the_concurrency_and_other_aggregators_are_refused() -> None:
+def test_default_buffer_is_half_the_concurrency_and_only_sample_weighting_is_accepted() -> None:
     assert FedBuffSettings().buffer_size_for(10) == 5
     assert FedBuffSettings().buffer_size_for(5) == 3
     assert FedBuffSettings(concurrency=4).buffer_size_for(10) == 2
     assert FedBuffSettings(buffer_size=7).buffer_size_for(10) == 7
     with pytest.raises(ConfigError, match="own staleness-weighted aggregator"):
         FedBuff(BaseWork(32, 1, 0.1), FedBuffSettings(), FedNovaAggregator())
+    # a config's `aggregator: fedavg` (the quickstart's) means FedBuff's own: it weights by samples too
+    strategy = FedBuff(BaseWork(32, 1, 0.1), FedBuffSettings(server_lr=0.5), FedAvgAggregator())
+    assert isinstance(strategy.aggregator, FedBuffAggregator) and strategy.aggregator.server_lr == 0.5
 
 
 def test_amble_serve_refuses_fedbuff_clearly(tmp_path: Path) -> None:

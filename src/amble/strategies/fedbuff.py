@@ -42,6 +42,7 @@ from amble.strategies.base import (
     Strategy,
     StrategySettings,
 )
+from amble.strategies.fedavg import FedAvgAggregator
 from amble.strategies.rounds import base_plan
 
 
@@ -112,10 +113,13 @@ class FedBuff(Strategy):
     def __init__(
         self, base: BaseWork, settings: StrategySettings | None = None, aggregator: Aggregator | None = None
     ) -> None:
+        if type(aggregator) is FedAvgAggregator:  # FedAvg's sample weights are FedBuff's own (with staleness)
+            aggregator = None
         if aggregator is not None and not isinstance(aggregator, FedBuffAggregator):
             raise ConfigError(
                 f"strategy fedbuff folds updates with its own staleness-weighted aggregator, not "
-                f"'{aggregator.name}': remove 'aggregator' from its entry (and from the config's top level)"
+                f"'{aggregator.name}' (it weights by sample count as fedavg does): remove 'aggregator' from its "
+                "entry, or set it (and the config's top-level one) to fedavg"
             )
         super().__init__(base, settings, aggregator)
 
