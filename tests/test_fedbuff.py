@@ -238,3 +238,9 @@ def test_fedbuff_on_redis_and_a_worker_process_publishes_the_same_bits(
     # (virtual times differ by the runtimes' own accounting of function time; the models may not)
     model = "model_fedbuff.safetensors"
     assert (tmp_path / "b" / model).read_bytes() == (tmp_path / "a" / model).read_bytes()
+
+
+def test_more_concurrency_than_devices_is_a_clear_error(tmp_path: Path) -> None:
+    config = config_from_dict({**SMALL, "strategies": [{"name": "fedbuff", "concurrency": 9}]})  # 8 devices
+    with pytest.raises(ConfigError, match=r"concurrency 9 exceeds data.num_devices \(8\)"):
+        run_experiment(config, tmp_path, progress=False)
