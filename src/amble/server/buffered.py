@@ -38,6 +38,7 @@ from amble.server.functions import (
     record_rejection,
     select_devices,
 )
+from amble.server.paramserver import DRIVER_GROUP, ParameterServer
 from amble.server.partialsum import FoldRecord
 from amble.server.reports import check_report
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
@@ -296,9 +297,11 @@ class Published:
     counted: int
 
 
-def start_task(server: Any, task_id: int, available: list[int], at_s: float) -> tuple[Task, list[Published]]:
+def start_task(
+    server: ParameterServer, task_id: int, available: list[int], at_s: float
+) -> tuple[Task, list[Published]]:
     """Trigger ``plan_task``; the task it wrote (started at the virtual time it was planned) and any
-    publishes announced meanwhile. ``server`` is a :class:`~amble.server.ParameterServer`."""
+    publishes announced meanwhile."""
     server.events.publish(FUNCTIONS_TOPIC, "task_start", {"task": task_id, "available": available}, at_s)
     server.runtime.drain()
     announced, planned_at_s = take_announced(server)
@@ -309,7 +312,7 @@ def start_task(server: Any, task_id: int, available: list[int], at_s: float) -> 
     return Task(task.task, task.device, task.plan, task.base_version, started_at_s, task.buffer), announced
 
 
-def upload_task(server: Any, report: Report, update: bytes, at_s: float) -> list[Published]:
+def upload_task(server: ParameterServer, report: Report, update: bytes, at_s: float) -> list[Published]:
     """Store a task's update (``report.round`` is the task id), trigger ``fold_task`` and run the
     functions; the publishes announced meanwhile, in order."""
     upload = str(int(server.store.incr(keys.UPLOAD_COUNTER)))
@@ -331,10 +334,8 @@ def upload_task(server: Any, report: Report, update: bytes, at_s: float) -> list
     return announced
 
 
-def take_announced(server: Any) -> tuple[list[Published], dict[int, float]]:
+def take_announced(server: ParameterServer) -> tuple[list[Published], dict[int, float]]:
     """Publishes, and tasks planned (task id -> virtual time), announced since the last call."""
-    from amble.server.paramserver import DRIVER_GROUP
-
     published: list[Published] = []
     planned: dict[int, float] = {}
     for event in server.events.read(keys.PUBLISHED_TOPIC, DRIVER_GROUP, "driver", count=1_000_000):
