@@ -65,27 +65,48 @@ CIFAR_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
 STRATEGIES: list[Any] = [
     "fedavg",
+    # AMBLE as shipped: whatever its settings' defaults are at the commit that runs it.
     {"name": "amble"},
-    # The same planner with the baselines' deadline quantile: slow devices get partial work instead of
-    # setting the round length (SPEC 3.2). Added after the first reduced run: see BENCHMARKS.md.
-    {"name": "amble", "label": "amble-q0.8", "deadline_quantile": 0.8},
-    # The two fixes the one-seed run pointed to, each on top of q = 0.8 and the same in every cell:
-    # FedNova's normalised aggregation (a device with 5x a straggler's steps no longer gets 5x its
-    # pull on the model) and a linear warm-up of the scaled lr over each round's first steps.
+    # The shipped planner without the prior for unseen devices (issue 16): their first selection is a
+    # profiling round at the base plan, and T_r is over the devices already seen.
+    {"name": "amble", "label": "amble-profile", "unseen_devices": "profile"},
+    # SPEC 3's q = 1 (the default before issue 16): rounds never shorter than FedAvg's would be.
+    {"name": "amble", "label": "amble-q1", "deadline_quantile": 1.0},
+    # Fixes tried on top of AMBLE q = 0.8 in issue 3 (run only with --variants; BENCHMARKS.md reports each).
     {"name": "amble", "label": "amble-q0.8-nova", "deadline_quantile": 0.8, "aggregator": "fednova"},
     {"name": "amble", "label": "amble-q0.8-warmup", "deadline_quantile": 0.8, "lr_warmup_steps": 5},
-    # The three-seed run showed FedNova aggregation hurting and the warm-up changing little; on non-IID
-    # cells AMBLE's extra local work barely shortened the rounds to target (client drift). The drift
-    # remedies, again on top of q = 0.8: FedProx's proximal term (its baseline's mu) and fewer epochs.
     {"name": "amble", "label": "amble-q0.8-prox", "deadline_quantile": 0.8, "prox_mu": 0.01},
     {"name": "amble", "label": "amble-q0.8-e2", "deadline_quantile": 0.8, "epochs_max": 2},
     {"name": "deadline", "deadline_quantile": 0.8},
     {"name": "fedprox", "deadline_quantile": 0.8, "prox_mu": 0.01},
     {"name": "fednova", "deadline_quantile": 0.8},
     {"name": "adabatch"},
+    # Issue 16's rivals, each with its own defaults: drift control (server optimizers, control variates)
+    # and buffered asynchronous aggregation.
+    "fedavgm",
+    "fedadam",
+    "scaffold",
+    "fedbuff",
+    # AMBLE with each drift control, the rest of its settings as shipped.
+    {"name": "amble", "label": "amble-fedavgm", "server_optimizer": {"kind": "momentum"}},
+    {"name": "amble", "label": "amble-scaffold", "control_variates": True},
 ]
-# The fixes tried on top of AMBLE q = 0.8 (BENCHMARKS.md reports each): run only with --variants.
+# The fixes tried on top of AMBLE q = 0.8 in issue 3 (BENCHMARKS.md reports each): run only with --variants.
 VARIANTS = {"amble-q0.8-nova", "amble-q0.8-warmup", "amble-q0.8-prox", "amble-q0.8-e2"}
+
+
+def entry_label(entry: Any) -> str:
+    """A strategy entry's label: its ``label``, else its name."""
+    return str(entry) if isinstance(entry, str) else str(entry.get("label") or entry["name"])
+
+
+def chosen_strategies(variants: bool, only: list[str] | None = None) -> list[Any]:
+    """The entries a run covers: all but the variants (unless asked), or only the labels in ``only``."""
+    if only:
+        return [s for s in STRATEGIES if entry_label(s) in only]
+    return [s for s in STRATEGIES if variants or entry_label(s) not in VARIANTS]
+
+
 TIERS = {"kind": "tiers"}  # 50% 1x, 30% 3x, 20% 10x
 # sigma 0.92: the slowest of 100 devices (about +2.5 sigma) is ~10x the median.
 LOGNORMAL = {"kind": "lognormal", "sigma": 0.92}
@@ -103,7 +124,7 @@ class Cell:
     rounds: int
     lr: float = 0.05
 
-    def config(self, seed: int, rounds: int | None = None, variants: bool = False) -> dict[str, Any]:
+    def config(self, seed: int, rounds: int | None = None, strategies: list[Any] | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {"dataset": self.dataset, "partition": self.partition, "num_devices": 100}
         if self.dataset == "cifar10" and CIFAR_ARCHIVE.is_file():
             data["root"] = str(CIFAR_ARCHIVE)
@@ -118,9 +139,7 @@ class Cell:
             "rounds": rounds or self.rounds,
             "devices_per_round": 10,
             "train": {"batch_size": 32, "local_epochs": 1, "lr": self.lr},
-            "strategies": [
-                s for s in STRATEGIES if variants or not (isinstance(s, dict) and s.get("label") in VARIANTS)
-            ],
+            "strategies": strategies if strategies is not None else chosen_strategies(False),
             "eval": {"every": 1, "target_accuracy": 0.99, "test_samples": 2000},
         }
 
@@ -133,12 +152,10 @@ class ConfigCell:
     base: dict[str, Any]
     rounds: int
 
-    def config(self, seed: int, rounds: int | None = None, variants: bool = False) -> dict[str, Any]:
+    def config(self, seed: int, rounds: int | None = None, strategies: list[Any] | None = None) -> dict[str, Any]:
         raw = json.loads(json.dumps(self.base))
         raw.update(seed=seed, rounds=rounds or self.rounds)
-        raw["strategies"] = [
-            s for s in STRATEGIES if variants or not (isinstance(s, dict) and s.get("label") in VARIANTS)
-        ]
+        raw["strategies"] = strategies if strategies is not None else chosen_strategies(False)
         raw["fleet"] = {**raw["fleet"], "t_ref": config_step_times(json.dumps(self.base, sort_keys=True))}
         return raw
 
@@ -211,10 +228,10 @@ def code_version() -> str:
     return f"{head}+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else head
 
 
-def reusable(out: Path, config: ExperimentConfig, version: str) -> bool:
-    """A finished run in ``out`` made by code ``version`` from the same config."""
+def reusable(out: Path, config: ExperimentConfig, version: str | None) -> bool:
+    """A finished run in ``out`` made from the same config by code ``version`` (None: by any code)."""
     summary_path, stamp = out / "summary.json", out / "code_version.txt"
-    if not (summary_path.is_file() and stamp.is_file()) or stamp.read_text() != version:
+    if not (summary_path.is_file() and stamp.is_file()) or version not in (None, stamp.read_text()):
         return False
     return bool(json.loads(summary_path.read_text()).get("config") == config_to_dict(config))
 
@@ -235,13 +252,16 @@ def run_in_process(config: ExperimentConfig, out: Path, threads: int, version: s
     (out / "code_version.txt").write_text(version)
 
 
-def run_all(runs: list[tuple[str, ExperimentConfig, Path]], parallel: int) -> None:
+def run_all(runs: list[tuple[str, ExperimentConfig, Path]], parallel: int, any_code: bool = False) -> None:
     """Each (label, config, out) as one ``amble run``, ``parallel`` at a time, each in its own process with
-    ``cpus // parallel`` torch threads; a run finished by the same code with the same config is reused."""
+    ``cpus // parallel`` torch threads; a run finished by the same code with the same config is reused
+    (with ``any_code``, by any code: each run's ``code_version.txt`` says which, and the results list them)."""
     threads = threads_per_run(parallel)
     version = code_version()
     # Longest first, so that the last runs to finish are short ones and no worker idles long at the end.
-    pending = [(label, config, out) for label, config, out in runs if not reusable(out, config, version)]
+    pending = [
+        (label, config, out) for label, config, out in runs if not reusable(out, config, None if any_code else version)
+    ]
     pending.sort(key=lambda run: -expected_cost(run[1]))
 
     def one(label: str, config: ExperimentConfig, out: Path) -> None:
@@ -271,18 +291,39 @@ def threads_per_run(parallel: int) -> int:
 
 
 def run_cells(
-    jobs: list[tuple[AnyCell, int, int | None]], out_root: Path, parallel: int, variants: bool = False
-) -> dict[str, list[Path]]:
-    """Every strategy of each (cell, seed) in one ``amble run``; the run directories by cell."""
-    by_cell: dict[str, list[Path]] = {}
+    jobs: list[tuple[AnyCell, int, int | None]],
+    out_root: Path,
+    parallel: int,
+    strategies: list[Any],
+    any_code: bool = False,
+) -> dict[str, list[list[Path]]]:
+    """One ``amble run`` per (cell, seed, strategy); the run directories by cell, one list per seed.
+
+    A strategy's run does not depend on which others run beside it (same partition, fleet, selection
+    and seed), so each is a run of its own: one can be added or rerun without the others."""
+    by_cell: dict[str, list[list[Path]]] = {}
     runs = []
     for cell, seed, rounds in jobs:
-        out = out_root / cell.name / f"seed{seed}-r{rounds or cell.rounds}"
-        by_cell.setdefault(cell.name, []).append(out)
-        config = config_from_dict(cell.config(seed, rounds, variants), source=f"benchmark cell {cell.name}")
-        runs.append((f"{cell.name} seed {seed}", config, out))
-    run_all(runs, parallel)
+        seed_dir = out_root / cell.name / f"seed{seed}-r{rounds or cell.rounds}"
+        outs = [seed_dir / entry_label(entry) for entry in strategies]
+        by_cell.setdefault(cell.name, []).append(outs)
+        for entry, out in zip(strategies, outs, strict=True):
+            config = config_from_dict(cell.config(seed, rounds, [entry]), source=f"benchmark cell {cell.name}")
+            runs.append((f"{cell.name} seed {seed} {entry_label(entry)}", config, out))
+    run_all(runs, parallel, any_code)
     return by_cell
+
+
+def code_versions(by_cell: dict[str, list[list[Path]]]) -> dict[str, int]:
+    """How many of the runs each code version made (from their ``code_version.txt``)."""
+    versions: dict[str, int] = {}
+    for seeds in by_cell.values():
+        for outs in seeds:
+            for out in outs:
+                stamp = out / "code_version.txt"
+                version = stamp.read_text() if stamp.is_file() else "unknown"
+                versions[version] = versions.get(version, 0) + 1
+    return versions
 
 
 # -- analysis --------------------------------------------------------------------------------------
@@ -301,6 +342,9 @@ class StrategyStats:
     ratio_to_amble: list[float | None] = field(default_factory=list)
     run_s: list[float] = field(default_factory=list)
     """The whole run in virtual seconds: a lower bound on the time to a target the strategy never reached."""
+    idle_share: list[float | None] = field(default_factory=list)
+    """Of the selected devices' time (compute + communication + idle), the share spent idle, waiting for
+    the round to end (from devices.jsonl; None without it)."""
 
 
 @dataclass
@@ -312,6 +356,8 @@ class CellResult:
     strategies: dict[str, StrategyStats]
     curves: dict[str, list[list[tuple[float, float]]]]
     """Per strategy, each seed's (virtual time, accuracy) points: the plot shows their mean."""
+    fraction: float = 0.95
+    """The target is this fraction of FedAvg's best accuracy."""
 
 
 def read_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
@@ -322,6 +368,33 @@ def read_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
     return by_strategy
 
 
+def idle_shares(run: Path) -> dict[str, float]:
+    """Per strategy, idle seconds over all seconds of the selected devices (devices.jsonl rows)."""
+    path = run / "devices.jsonl"
+    if not path.is_file():
+        return {}
+    totals: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        idle, busy = float(row.get("idle_s") or 0.0), float(row["compute_s"]) + float(row["comm_s"])
+        total = totals.setdefault(row["strategy"], [0.0, 0.0])
+        total[0] += idle
+        total[1] += idle + busy
+    return {name: idle / whole for name, (idle, whole) in totals.items() if whole > 0}
+
+
+def read_seed(runs: Path | list[Path]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], dict[str, float]]:
+    """One seed's metrics rows, summaries and idle shares by strategy, from one run or one per strategy."""
+    metrics: dict[str, list[dict[str, Any]]] = {}
+    summaries: dict[str, Any] = {}
+    idle: dict[str, float] = {}
+    for run in [runs] if isinstance(runs, Path) else runs:
+        metrics.update(read_metrics(run))
+        summaries.update(json.loads((run / "summary.json").read_text())["strategies"])
+        idle.update(idle_shares(run))
+    return metrics, summaries, idle
+
+
 def first_reach(rows: list[dict[str, Any]], target: float) -> tuple[float, int] | None:
     for row in rows:
         if row["accuracy"] is not None and row["accuracy"] >= target:
@@ -329,13 +402,16 @@ def first_reach(rows: list[dict[str, Any]], target: float) -> tuple[float, int] 
     return None
 
 
-def analyse(cell: str, runs: list[Path]) -> CellResult:
-    metrics = [read_metrics(run) for run in runs]
-    summaries = [json.loads((run / "summary.json").read_text())["strategies"] for run in runs]
+def analyse(cell: str, runs: list[Path] | list[list[Path]], fraction: float = 0.95) -> CellResult:
+    """Per strategy and seed, the times to a target of ``fraction`` of FedAvg's best accuracy (the mean
+    over seeds, rounded down to a hundredth); ``runs`` holds one run per seed, or one list of runs
+    (one per strategy) per seed."""
+    seeds = [read_seed(run) for run in runs]
+    metrics = [m for m, _, _ in seeds]
     fedavg_best = statistics.mean(max(r["accuracy"] for r in m["fedavg"] if r["accuracy"] is not None) for m in metrics)
-    target = math.floor(0.95 * fedavg_best * 100) / 100
-    result = CellResult(cell, target, [], len(runs), {}, {})
-    for m, summary in zip(metrics, summaries, strict=True):
+    target = math.floor(fraction * fedavg_best * 100 + 1e-9) / 100
+    result = CellResult(cell, target, [], len(runs), {}, {}, fraction)
+    for m, summary, idle in seeds:
         budget = min(rows[-1]["virtual_time_s"] for rows in m.values())
         result.budget_s.append(budget)
         amble = first_reach(m["amble"], target)
@@ -352,6 +428,7 @@ def analyse(cell: str, runs: list[Path]) -> CellResult:
             stats.cold_starts.append(summary[name]["cold_starts"])
             stats.ratio_to_amble.append(reach[0] / amble[0] if reach and amble else None)
             stats.run_s.append(float(rows[-1]["virtual_time_s"]))
+            stats.idle_share.append(idle.get(name))
     for m in metrics:
         for name, rows in m.items():
             curve = [(r["virtual_time_s"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
@@ -377,7 +454,14 @@ def mean_curve(per_seed: list[list[tuple[float, float]]], points: int = 200) -> 
 COLOURS = {
     "fedavg": "#1f77b4",
     "amble": "#ff7f0e",
-    "amble-q0.8": "#d62728",
+    "amble-profile": "#d62728",
+    "amble-q1": "#ffbb78",
+    "fedavgm": "#aec7e8",
+    "fedadam": "#98df8a",
+    "scaffold": "#c5b0d5",
+    "fedbuff": "#c49c94",
+    "amble-fedavgm": "#f7b6d2",
+    "amble-scaffold": "#dbdb8d",
     "deadline": "#7f7f7f",
     "fedprox": "#2ca02c",
     "fednova": "#9467bd",
@@ -462,8 +546,9 @@ def present_mean(values: Iterable[float | None]) -> float:
 
 
 def render_aims(results: list[CellResult]) -> str:
+    level = "95% of FedAvg's best" if results and results[0].fraction < 1 else "FedAvg's best itself"
     lines = [
-        "### The aim: AMBLE at least 2x sooner than FedAvg and 1.3x sooner than the best baseline",
+        f"### The aim at {level}: AMBLE at least 2x sooner than FedAvg and 1.3x sooner than the best baseline",
         "",
         "Per seed, the ratio is the fastest baseline's time to the target over the AMBLE variant's; mean ±",
         "sd over the seeds where the variant reached the target. `≥`: in some seed the strategy compared",
@@ -504,26 +589,31 @@ def mean_spread(values: Iterable[float | int | None], digits: int = 3, unit: str
     return text
 
 
-def render_cell(result: CellResult, plot: str) -> str:
+def render_cell(result: CellResult, plot: str, high_result: CellResult | None = None) -> str:
     seconds_digits = 0 if min(result.budget_s) >= 100 else 2  # a cell of short rounds (tabular) needs decimals
+    high = f"; FedAvg's best {high_result.target:.2f}" if high_result else ""
     lines = [
         f"### {result.cell}",
         "",
-        f"Target accuracy {result.target:.2f} (95% of FedAvg's best); budget "
+        f"Target accuracy {result.target:.2f} (95% of FedAvg's best{high}); budget "
         f"{mean_spread(result.budget_s, seconds_digits, ' s')} "
         f"of virtual time (the shortest strategy's total); {result.seeds} seed(s), mean ± sd.",
         "",
-        "| strategy | time to target (s) | ratio to amble (q=1) | rounds to target | final acc @budget "
-        "| best acc @budget | samples processed | invocations | cold starts |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | time to target (s) | ratio to amble | rounds to target | time to FedAvg's best (s) "
+        "| final acc @budget | best acc @budget | idle share of device time | samples processed | invocations "
+        "| cold starts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    high = {name: s.time_to_target_s for name, s in (high_result.strategies.items() if high_result else ())}
     for name, s in result.strategies.items():
         cells = [
             mean_spread(s.time_to_target_s, seconds_digits),
             mean_spread(s.ratio_to_amble, 2),
             mean_spread(s.rounds_to_target, 1),
+            mean_spread(high.get(name, []), seconds_digits),
             mean_spread(s.final_at_budget),
             mean_spread(s.best_at_budget),
+            mean_spread(s.idle_share, 2),
             mean_spread(s.samples, 0),
             mean_spread(s.invocations, 0),
             mean_spread(s.cold_starts, 0),
@@ -535,11 +625,11 @@ def render_cell(result: CellResult, plot: str) -> str:
 
 def plot_cell(result: CellResult, path: Path) -> None:
     """Accuracy against virtual time, mean over seeds: AMBLE against the baselines, and (when run)
-    AMBLE q = 0.8 against the variants tried as fixes, in a second panel with FedAvg for reference."""
+    AMBLE against the variants tried as fixes, in a second panel with FedAvg for reference."""
     variants = [name for name in result.curves if name in VARIANTS]
     panels = [("AMBLE and the baselines", [name for name in result.curves if name not in VARIANTS])]
     if variants:
-        panels.append(("AMBLE q=0.8 and the fixes tried", ["fedavg", "amble-q0.8", *variants]))
+        panels.append(("AMBLE and the fixes tried", ["fedavg", "amble", *variants]))
     fig = Figure(figsize=(6.2 * len(panels), 4.4), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
@@ -626,6 +716,13 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=1, help="runs at a time, each in its own process with cpus/jobs torch threads"
     )
     parser.add_argument("--rounds", type=int, default=None, help="rounds of every cell (default: the cell's own)")
+    parser.add_argument("--strategies", nargs="+", default=None, help="only these strategy labels (see STRATEGIES)")
+    parser.add_argument(
+        "--reuse-any-code",
+        action="store_true",
+        help="reuse a finished run of the same config whatever code made it (the results list the code versions)",
+    )
+    parser.add_argument("--run-only", action="store_true", help="make the runs, write no results")
     parser.add_argument("--tag", default=None, help="results go to time_to_accuracy_TAG.md (default: by mode)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument(
@@ -659,22 +756,34 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells
         for seed in seeds
     ]
-    runs = run_cells(jobs, args.out.resolve(), args.jobs, args.variants)
+    strategies = chosen_strategies(args.variants, args.strategies)
+    if args.strategies and len(strategies) != len(args.strategies):
+        known = ", ".join(entry_label(s) for s in STRATEGIES)
+        parser.error(f"--strategies: unknown label(s) among {' '.join(args.strategies)}; the labels: {known}")
+    runs = run_cells(jobs, args.out.resolve(), args.jobs, strategies, args.reuse_any_code)
+    if args.run_only:
+        return 0
     calibration_threads = 1 if args.config is not None else None  # config_step_times calibrates with one
-    sections, results = [], []
+    sections, results, highs = [], [], []
     for cell in cells:
         results.append(analyse(cell.name, runs[cell.name]))
+        highs.append(analyse(cell.name, runs[cell.name], fraction=1.0))
         plot = f"{cell.name}{suffix}.png"
         plot_cell(results[-1], RESULTS / plot)
-        sections.append(render_cell(results[-1], plot))
+        sections.append(render_cell(results[-1], plot, highs[-1]))
         print(sections[-1], flush=True)
     sections.append(render_aims(results))
-    print(sections[-1], flush=True)
+    sections.append(render_aims(highs))
+    print(sections[-2] + sections[-1], flush=True)
+    versions = code_versions(runs)
     reuse = reuse_experiment(args.out.resolve(), 20) if args.reuse else ""
     command = "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine(args.jobs, calibration_threads)}, {commit()}.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall, including reused runs).",
+        "Runs by code version (`git rev-parse HEAD:src`, + a digest of uncommitted changes): "
+        + ", ".join(f"{version} ({count})" for version, count in versions.items())
+        + ".",
         "",
     ]
     body = "\n".join(header + sections)

@@ -95,6 +95,13 @@ def test_no_whole_step_before_the_deadline_means_nothing_to_send() -> None:
     assert timing.dropped_at_s == 1.5
 
 
+def test_a_probing_device_sends_one_step_even_past_the_deadline_and_stops_like_stop_otherwise() -> None:
+    plan, timing = apply_deadline(Plan(32, 10, 0.1, deadline_s=1.5, at_deadline="probe"), TIMING)
+    assert (plan.local_steps, timing.compute_s, timing.dropped_at_s) == (1, 1.0, None)  # ends at 2 s, late
+    plan, timing = apply_deadline(Plan(32, 10, 0.1, deadline_s=5.2, at_deadline="probe"), TIMING)
+    assert (plan.local_steps, timing.compute_s) == (4, 4.0)
+
+
 def test_every_strategy_runs_side_by_side_and_deadlines_bite(tmp_path: Path) -> None:
     from tests.test_sim import SMALL, read_jsonl
 

@@ -43,7 +43,7 @@ def test_serve_and_four_device_processes_train_with_amble_plans(tmp_path: Path) 
         "rounds": 3,
         "devices_per_round": 4,
         "train": {"batch_size": 32, "local_epochs": 1, "lr": 0.05},
-        "strategies": [{"name": "amble", "epochs_max": 3}],
+        "strategies": [{"name": "amble", "epochs_max": 3, "deadline_quantile": 1.0}],
         "eval": {"test_samples": 1000},
     }
     (tmp_path / "devices.yaml").write_text(yaml.safe_dump(config))

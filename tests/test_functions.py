@@ -565,3 +565,25 @@ def test_the_configs_norm_bounds_reach_the_functions() -> None:
         ).max_update_norm
         is None
     )
+
+
+def test_a_device_never_seen_is_planned_at_the_prior_of_the_devices_counted_in_recent_rounds() -> None:
+    server = make_server(per_round=2, strategy=Amble(BaseWork(32, 1, 0.1), AmbleSettings()))
+    server.start_round(0, [0, 1], 0.0)  # both selected: nobody is known yet, so both get the base plan
+    for d in (0, 1):  # device 0: 2 steps in 1 s, device 1: 6 steps in 1 s; comm 0.2 s each
+        server.upload(report(d), encode(delta(d)), 2.0)
+    server.close_round(0, 3.0)
+
+    plans, _ = server.start_round(1, [2], 4.0)  # only device 2, never seen, can be selected
+
+    # The prior: the median of devices 0 and 1 (counted in round 0, not selected now): (0.5 + 1/6) / 2
+    # s per step at B0, comm 0.2 s. Device 2's 4 base steps: T_r = 0.2 + 4 * 1/3 = 1.533 s. It works at
+    # B0 (it is its own v_ref) up to the epoch cap, 5 * 128 / 32 = 20 steps, and stops at T_r.
+    assert (plans[2].batch_size, plans[2].local_steps, plans[2].lr, plans[2].at_deadline) == (32, 20, 0.1, "probe")
+    assert plans[2].deadline_s == pytest.approx(0.2 + 4 / 3)
+    profile = make_server(per_round=2, strategy=Amble(BaseWork(32, 1, 0.1), AmbleSettings(unseen_devices="profile")))
+    profile.start_round(0, [0, 1], 0.0)
+    for d in (0, 1):
+        profile.upload(report(d), encode(delta(d)), 2.0)
+    profile.close_round(0, 3.0)
+    assert profile.start_round(1, [2], 4.0)[0][2].deadline_s is None  # the base plan: a profiling round

@@ -67,7 +67,7 @@ class Gateway:
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
     raw = {
         **SMALL,
-        "strategies": [{"name": "amble"}],
+        "strategies": [{"name": "amble", "deadline_quantile": 1.0}],  # q = 1: real timing sets no cut
         "data": {**SMALL["data"], "num_devices": 6},
         "devices_per_round": 3,
         "rounds": 3,

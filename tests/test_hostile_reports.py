@@ -180,7 +180,10 @@ def test_a_zero_time_report_is_rejected_and_the_next_round_is_planned() -> None:
     assert outcome.status == "finalized" and sorted(outcome.counted) == [1, 2]
     assert outcome.rejected == {0: "malformed_report"}
     assert history(server, 0) == []
-    assert plans[0] == Plan(32, 2, 0.1)  # still unseen: its profiling round again
+    # Still unseen: planned at the prior of the others' speeds, exactly as if it had never reported.
+    seen = [DeviceState(d, SAMPLES[d], (honest(d),)) for d in (1, 2)]
+    assert plans[0] == amble().plan(1, [DeviceState(0, SAMPLES[0]), *seen], peers=[])[0]
+    assert plans[0].at_deadline == "probe"
     assert sorted(plans) == [0, 1, 2]
 
 
@@ -339,12 +342,12 @@ def test_bad_histories_from_before_the_checks_do_not_crash_planning() -> None:
 
     state = server.round_state(1)
     assert state is not None and state.excluded == {}
-    # Device 1 is planned from its one good report alone (the only seen device, so it is the deadline
-    # device: B0 and the steps of 0.2 + 6 * 0.2 = 1.4 s); device 2's unreadable history means unseen.
-    alone = amble().plan(1, [DeviceState(1, 192, (honest(1, 0, 1.2),))])
-    assert plans[1] == alone[1]
+    # Device 1 is planned from its one good report alone (0.2 s per step: it is also the prior of the
+    # unseen devices, so all three are planned at its speed); device 2's unreadable history means unseen.
+    alone = amble().plan(1, [DeviceState(0, 64), DeviceState(1, 192, (honest(1, 0, 1.2),)), DeviceState(2, 128)])
+    assert plans == alone
     assert (plans[1].batch_size, plans[1].local_steps) == (32, 6)
-    assert plans[2] == Plan(32, 4, 0.1)
+    assert (plans[2].batch_size, plans[2].at_deadline) == (32, "probe")
 
 
 def test_a_selected_device_without_a_registration_is_left_out() -> None:

@@ -130,19 +130,64 @@ def test_amble_median_deadline_gives_the_straggler_partial_work() -> None:
 
 
 def test_with_q_below_1_every_device_stops_at_the_deadline() -> None:
-    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5))
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5, unseen_devices="profile"))
 
     plans = planner.plan(3, [*DEVICES, DeviceState(5, 100)])
 
     assert {p.at_deadline for p in plans.values()} == {"stop"}
     assert [p.deadline_s for p in plans.values()] == pytest.approx([3.5] * 4)
     assert (plans[5].batch_size, plans[5].local_steps) == (32, 4)  # the unseen device keeps the base plan
-    q1 = Amble(BASE, AmbleSettings(deadline_quantile=1.0)).plan(3, [*DEVICES, DeviceState(5, 100)])
-    assert {p.at_deadline for p in q1.values()} == {"continue"}
+    q1 = Amble(BASE, AmbleSettings(deadline_quantile=1.0, unseen_devices="profile"))
+    assert {p.at_deadline for p in q1.plan(3, [*DEVICES, DeviceState(5, 100)]).values()} == {"continue"}
+
+
+def test_an_unseen_device_is_planned_at_the_median_speed_and_counts_in_the_deadline() -> None:
+    # Prior = the medians over devices 0-2: 0.3/32 s per sample, no intercept, comm 0.5 s. Device 5
+    # (100 samples, ceil(100/32) = 4 base steps) is expected to take 0.5 + 4 * 0.3 = 1.7 s.
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=0.5))
+
+    plans = planner.plan(3, [*DEVICES, DeviceState(5, 100)])
+
+    # q = 0.5 over [1.4, 1.7, 3.5, 11]: the 2nd smallest, 1.7 s (without the prior: 3.5 s over three).
+    assert [p.deadline_s for p in plans.values()] == pytest.approx([1.7] * 4)
+    # Throughputs 320, 106.7, 32 and the prior's 106.7: v_ref (q = 0.5 counted from the fastest) is
+    # 106.7, so B = B0 and lr0, with steps up to the epoch cap floor(5 * 100/32) = 15, stopping at T_r.
+    assert (plans[5].batch_size, plans[5].local_steps, plans[5].at_deadline) == (32, 15, "probe")
+    assert plans[5].lr == pytest.approx(0.1)
+
+
+def test_at_q_1_an_unseen_device_works_to_the_deadline_and_a_straggler_stops_there() -> None:
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0))  # q = 1, prior
+    unseen = DeviceState(5, 320)
+    # Only the fast device 0 is selected with it; devices 1 and 2 took part in recent rounds (peers).
+    plans = planner.plan(3, [DEVICES[0], unseen], peers=DEVICES[1:])
+
+    # Prior = the median of devices 0-2 (device 1: 0.3 s/step, comm 0.5): 0.5 + 10 * 0.3 = 3.5 s, so
+    # T_r = max(1.4, 3.5) = 3.5 s, not device 0's 1.4 s: the round is sized for the newcomer too.
+    assert plans[0].deadline_s == pytest.approx(3.5)
+    assert plans[0].at_deadline == "continue"
+    # The newcomer: v_ref = its own prior throughput (the slowest here), so B0, lr0, up to 5 epochs
+    # (50 steps), and it stops at T_r: a fast newcomer fills the round, a slow one cannot stretch it.
+    assert (plans[5].batch_size, plans[5].local_steps, plans[5].lr) == (32, 50, 0.1)
+    assert (plans[5].deadline_s, plans[5].at_deadline) == (pytest.approx(3.5), "probe")
+    profile = Amble(BASE, AmbleSettings(deadline_quantile=1.0, unseen_devices="profile")).plan(
+        3, [DEVICES[0], unseen], peers=DEVICES[1:]
+    )
+    assert profile[0].deadline_s == pytest.approx(1.4)
+    assert (profile[5].local_steps, profile[5].deadline_s) == (10, None)
+
+
+def test_with_nobody_seen_anywhere_every_device_gets_the_base_plan() -> None:
+    plans = Amble(BASE, AmbleSettings()).plan(0, [DeviceState(5, 100), DeviceState(6, 64)], peers=[])
+
+    assert {k: (p.batch_size, p.local_steps, p.deadline_s) for k, p in plans.items()} == {
+        5: (32, 4, None),
+        6: (32, 2, None),
+    }
 
 
 def test_amble_gives_unseen_devices_the_base_plan_and_plans_the_rest() -> None:
-    planner = Amble(BASE, AmbleSettings())
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0, unseen_devices="profile"))
     devices = [DeviceState(5, 100), DEVICES[0], DEVICES[2]]
 
     plans = planner.plan(0, devices)
@@ -240,3 +285,22 @@ def test_aggregator_does_not_mutate_inputs() -> None:
     out = FedAvgAggregator().apply(params, summed, {"num_samples": 2.0})
     assert params["w"].item() == 1.0 and summed["w"].item() == 2.0
     assert out["w"].item() == 2.0 and out["count"].item() == 3
+
+
+def test_one_lying_peer_moves_the_prior_no_further_than_the_honest_devices_speeds() -> None:
+    # Four honest peers at 0.1-0.4 s per step (comm 0.4 s); a fifth claims 100 s per step and 50 s of
+    # communication. The prior is a median, so the liar only shifts it by one rank, within the honest range.
+    honest = [DeviceState(10 + i, 320, (report(10 + i, 1.0 * (i + 1), 0.4),)) for i in range(4)]
+    liar = DeviceState(99, 320, (report(99, 1000.0, 50.0),))
+    planner = Amble(BASE, AmbleSettings(deadline_quantile=1.0))
+    newcomer = DeviceState(5, 320)
+
+    lied = planner.plan(3, [newcomer], peers=[*honest, liar])[5]
+    truthful = planner.plan(3, [newcomer], peers=honest)[5]
+
+    # Honest prior: median of 0.1..0.4 = 0.25 s/step -> 0.4 + 10 * 0.25 = 2.9 s; with the liar the median
+    # of five is 0.3 s/step -> 3.4 s: the deadline stays between the honest devices' own FedAvg times.
+    assert truthful.deadline_s == pytest.approx(2.9)
+    assert lied.deadline_s == pytest.approx(3.4)
+    assert 0.4 + 10 * 0.1 <= lied.deadline_s <= 0.4 + 10 * 0.4
+    assert lied.local_steps == truthful.local_steps == 50  # up to the epoch cap, stopping at T_r either way

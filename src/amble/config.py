@@ -368,6 +368,13 @@ class ExperimentConfig(_Section):
                 strategy.settings().check(base)
             except ValueError as exc:
                 raise ValueError(f"strategy '{strategy_label(strategy)}': {exc}") from None
+        if trains_on_ray(self) and any(
+            strategy_class(s.name)(base, s.settings()).uses_control_variates() for s in self.strategies
+        ):
+            raise ValueError(
+                "control variates (strategy scaffold, or control_variates: true) do not train on Ray yet: set "
+                "ray.train: false (the parameter server's functions may still run on Ray)"
+            )
         if self.server.runtime == "ray" and self.server.store == "memory":
             raise ValueError(
                 "server.runtime 'ray' runs functions on Ray actors in other processes, which need a shared "

@@ -10,10 +10,10 @@ AMBLE's planner learns from is a measurement, not a number it was told.
 
 A plan's deadline counts from the round's start (the task says how much of it is left). With
 ``at_deadline: stop`` the device stops training in time for its upload to arrive by the deadline and
-sends the steps done; with ``drop`` it sends nothing when it cannot finish every step in time, as the
-simulator's devices do. Requests the server could not answer (no connection, 429/502/503/504) are
-retried with exponential backoff, at least as long as ``Retry-After`` asks; the server counts an
-update once, so a retried upload is safe.
+sends the steps done (``probe``: at least one, however late); with ``drop`` it sends nothing when it
+cannot finish every step in time, as the simulator's devices do. Requests the server could not
+answer (no connection, 429/502/503/504) are retried with exponential backoff, at least as long as
+``Retry-After`` asks; the server counts an update once, so a retried upload is safe.
 """
 
 from __future__ import annotations
@@ -218,14 +218,14 @@ class DeviceAgent:
 
         The upload is expected to take as long as the last one did; ``slowdown`` stretches training.
         """
-        if deadline_at is None or plan.at_deadline not in ("stop", "drop"):
+        if deadline_at is None or plan.at_deadline not in ("stop", "probe", "drop"):
             return None
         return (deadline_at - time.monotonic() - self.upload_s) / self.slowdown
 
     def _train(self, round_index: int, plan: Plan, deadline_at: float | None = None) -> None:
         params, download_s = self._fetch_model()
         budget_s = self._budget_s(plan, deadline_at)
-        if budget_s is not None and budget_s <= 0:
+        if budget_s is not None and budget_s <= 0 and plan.at_deadline != "probe":
             self._drop(round_index, plan, 0, "no time left before the deadline")
             return
         began = time.perf_counter()

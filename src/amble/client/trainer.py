@@ -51,15 +51,27 @@ class LocalTrainer:
         self.loss_fn = nn.CrossEntropyLoss()
 
     def train(
-        self, start: Params, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int, time_budget_s: float | None = None
+        self,
+        start: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        plan: Plan,
+        seed: int,
+        time_budget_s: float | None = None,
+        correction: Params | None = None,
     ) -> LocalResult:
         """Run ``plan`` from ``start``. With ``time_budget_s`` (a real device facing its deadline), stop
         before a step that would end past the budget, judged by the mean step time so far (the first
-        step always runs); without it, exactly ``plan.local_steps`` steps, unaffected by time."""
+        step always runs); without it, exactly ``plan.local_steps`` steps, unaffected by time.
+
+        ``correction`` (SCAFFOLD's ``c - c_k``, by parameter name) is added to every step's gradient
+        before weight decay and momentum: ``w -= lr * (grad + c - c_k)`` in plain SGD."""
         model = self.model
         model.load_state_dict(start)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        shifts = [] if correction is None else [(p, correction[name].to(p.dtype)) for name, p in named]
         anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else []
         optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         batch_size = min(plan.batch_size, len(y))
@@ -82,6 +94,9 @@ class LocalTrainer:
                     ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
                 )
             loss.backward()
+            for p, shift in shifts:
+                if p.grad is not None:
+                    p.grad.add_(shift)
             optimizer.step()
             steps = step + 1
         with torch.no_grad():

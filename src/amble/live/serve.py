@@ -44,7 +44,7 @@ from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
 from amble.strategies.base import Params
 from amble.strategies.fedbuff import is_asynchronous
-from amble.strategies.registry import strategy_class
+from amble.strategies.registry import build_strategy, strategy_class
 
 DEVICE_SECTIONS = ("name", "seed", "data", "model", "model_args", "devices_per_round", "train")
 """What ``/v1/whoami`` tells a device of the config: enough to load its data partition and build its
@@ -86,6 +86,11 @@ def prepare(
         raise ConfigError(
             f"strategy '{labels[index]}' (buffered asynchronous aggregation) is not supported on real devices yet: "
             "run it in simulation (amble run), or serve a synchronous strategy"
+        )
+    if build_strategy(config.strategies[index], config).uses_control_variates():
+        raise ConfigError(
+            f"strategy '{labels[index]}' uses control variates (scaffold, or control_variates: true), which are not "
+            "supported on real devices yet: serve another strategy, or turn control_variates off"
         )
     setup = prepare_run(config)
     namespace = f"{run_namespace(config, out_dir)}/{labels[index]}"

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from amble.errors import UpdateRejected
-from amble.server import keys
+from amble.server import controlvariates, keys
 from amble.server.events.base import Event
 from amble.server.partialsum import FoldRecord, PartialSum
 from amble.server.reports import check_report, num_samples, parse_report
@@ -55,6 +55,10 @@ from amble.server.tensors import (
 from amble.strategies.base import DeviceState, Params, Plan, Report, Strategy
 
 CAS_RETRIES = 100
+PEER_ROUNDS = 8
+"""How many earlier rounds a strategy's prior for unseen devices looks back over (``_peers``)."""
+PEER_LIMIT = 64
+"""At most this many peers are read per round: the prior is a median, and reads cost store round trips."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class RunSettings:
     max_update_norm_ratio: float | None = None
     """Reject an update whose L2 norm is above this many times the median norm of the updates that
     made the model it trained from (the first model has none: only the absolute bound applies)."""
+    num_devices: int | None = None
+    """All devices of the run: SCAFFOLD's ``N`` (None: counted from the registered devices)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -264,14 +270,15 @@ class ServerFunctions:
                 states[device] = self._device_state(device)
             except (LookupError, ValueError, TypeError) as exc:  # not a store outage: that propagates
                 excluded[device] = f"its registration could not be read ({exc}); register it again"
-        plans, _ = self._try_plan(round_index, list(states.values()))
+        peers = self._peers(round_index, set(chosen)) if self.strategy.plans_from_peers else None
+        plans, _ = self._try_plan(round_index, list(states.values()), peers)
         if plans is None:
             for device, device_state in list(states.items()):
-                _, alone = self._try_plan(round_index, [device_state])
+                _, alone = self._try_plan(round_index, [device_state], peers)
                 if alone is not None:
                     excluded[device] = f"planning it raised {alone}; its reports may be corrupt"
                     del states[device]
-            plans = self.strategy.plan(round_index, list(states.values()))  # raises if no one device is to blame
+            plans = self._call_plan(round_index, list(states.values()), peers)  # raises if no one device is to blame
         valid: dict[int, Plan] = {}
         for device, device_state in states.items():
             plan = plans.get(device)
@@ -282,12 +289,45 @@ class ServerFunctions:
                 excluded[device] = f"{problem}; its reports may be corrupt"
         return valid, excluded
 
-    def _try_plan(self, round_index: int, states: list[DeviceState]) -> tuple[dict[int, Plan] | None, str | None]:
+    def _try_plan(
+        self, round_index: int, states: list[DeviceState], peers: list[DeviceState] | None
+    ) -> tuple[dict[int, Plan] | None, str | None]:
         """The strategy's plans, or None and what it raised (a strategy is pure: nothing to undo)."""
         try:
-            return self.strategy.plan(round_index, states), None
+            return self._call_plan(round_index, states, peers), None
         except Exception as exc:  # whatever a device's data made the strategy raise
             return None, f"{type(exc).__name__}: {exc}"
+
+    def _call_plan(
+        self, round_index: int, states: list[DeviceState], peers: list[DeviceState] | None
+    ) -> dict[int, Plan]:
+        if peers is None:
+            return self.strategy.plan(round_index, states)
+        plan: Any = self.strategy.plan  # declared with a ``peers`` keyword (Strategy.plans_from_peers)
+        plans: dict[int, Plan] = plan(round_index, states, peers=peers)
+        return plans
+
+    def _peers(self, round_index: int, chosen: set[int]) -> list[DeviceState]:
+        """Devices counted in the last :data:`PEER_ROUNDS` rounds and not chosen now, newest first, at most
+        :data:`PEER_LIMIT`: what a strategy's prior for devices it has never seen is made of. A peer whose
+        registration or history cannot be read is left out (it is not being planned)."""
+        peers: dict[int, DeviceState] = {}
+        for earlier in range(round_index - 1, max(round_index - 1 - PEER_ROUNDS, -1), -1):
+            try:
+                blob = self.store.get(keys.round_state(earlier))
+                counted = RoundState.from_json(blob).counted if blob is not None else ()
+            except (ValueError, TypeError, KeyError):
+                continue
+            for device in counted:
+                if device in chosen or device in peers:
+                    continue
+                try:
+                    peers[device] = self._device_state(device)
+                except (LookupError, ValueError, TypeError):
+                    continue
+                if len(peers) >= PEER_LIMIT:
+                    return list(peers.values())
+        return list(peers.values())
 
     def _device_state(self, device: int) -> DeviceState:
         return DeviceState(device, num_samples(self.store, device), tuple(self._history(device)))
@@ -353,6 +393,8 @@ class ServerFunctions:
                 delta = self._load_update(inv, device, update_key, payload)
                 norm = l2_norm(delta)
                 self._check_norm(inv, state, norm)
+                if self.strategy.uses_control_variates():
+                    self._write_variate(inv, state, round_index, device, str(payload["upload"]), report, delta)
                 sums, shard_version = self._shard_sums(inv, shard_key)
                 contribution = self.strategy.aggregator.contribution(report)
                 # In place, so the warm copy leaves the cache until the commit puts it back: no path
@@ -367,6 +409,8 @@ class ServerFunctions:
                 folded = _Folded(shard_version, sums, sums.to_blob())
                 continue
             meta["counted"].append(device)
+            if self.strategy.uses_control_variates():  # which upload's control variate candidate counts
+                meta.setdefault("uploads", {})[str(device)] = str(payload["upload"])
             if shard_key not in meta["shards"]:
                 meta["shards"].append(shard_key)
             writes = {
@@ -383,6 +427,28 @@ class ServerFunctions:
             self.store.incr(keys.FOLD_CONFLICTS)  # another instance committed first: re-read, commit again
             state = self._round_state(inv, round_index) or state
         raise RuntimeError(f"could not fold device {device} into round {round_index}: too much contention")
+
+    def _write_variate(
+        self,
+        inv: Invocation,
+        state: RoundState,
+        round_index: int,
+        device: int,
+        upload: str,
+        report: Report,
+        delta: Params,
+    ) -> None:
+        """SCAFFOLD: this upload's candidate ``c_k+``, from the steps it reports (at most its plan's)."""
+        eta = controlvariates.lr_sum(state.plans[device], report.local_steps)
+        controlvariates.write_candidate(
+            self.store, self._template(inv), round_index, device, upload, state.base_version, delta, eta
+        )
+
+    def _num_devices(self, inv: Invocation) -> int:
+        configured = self._settings(inv).num_devices
+        if configured is not None:
+            return configured
+        return sum(1 for key in self.store.keys(keys.DEVICE_PREFIX) if key.endswith("/info"))
 
     def _load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:
         settings = self._settings(inv)
@@ -485,6 +551,15 @@ class ServerFunctions:
                 outcome = state.decided("failed", meta["counted"], failure=failure)
             else:
                 reference = {"median_norm": statistics.median(sums.norms()), "updates": counted}
+                if self.strategy.uses_control_variates():  # c for the next version, before the round's CAS
+                    controlvariates.publish_server_variate(
+                        self.store,
+                        self._template(inv),
+                        round_index,
+                        base_version,
+                        controlvariates.counted_uploads(meta),
+                        self._num_devices(inv),
+                    )
                 self.store.put(keys.model(base_version + 1), encode(new_params))
                 self.store.put(keys.norm_reference(base_version + 1), json.dumps(reference).encode())
                 inv.cache["model"] = (base_version + 1, new_params)
@@ -523,6 +598,8 @@ class ServerFunctions:
         return total
 
     def _announce_outcome(self, inv: Invocation, round_index: int, state: RoundState) -> None:
+        if self.strategy.uses_control_variates():  # before the next round can be planned
+            self._settle_variates(round_index, state)
         if state.status == "finalized" and state.version is not None:
             self._advance_latest(state.version)
             self._compact(round_index, state.base_version)
@@ -535,6 +612,15 @@ class ServerFunctions:
                 "failure": state.failure,
             }
             inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state.base_version})
+
+    def _settle_variates(self, round_index: int, state: RoundState) -> None:
+        """SCAFFOLD, once the round is decided: counted devices' ``c_k`` move on, the rest is dropped."""
+        meta = _meta(self.store.get(keys.round_meta(round_index)))
+        finalized = state.status == "finalized"
+        uploads = controlvariates.counted_uploads(meta) if finalized else {}
+        controlvariates.settle_round(self.store, round_index, uploads, state.expected)
+        if finalized and state.base_version >= 1:
+            controlvariates.drop_server_variate(self.store, state.base_version - 1)
 
     def _compact(self, round_index: int, base_version: int) -> None:
         """Once a round is decided, drop what nobody reads again (idempotent, so reruns are fine).

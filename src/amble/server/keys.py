@@ -12,8 +12,11 @@ def model(version: int) -> str:
     return f"model/{version:08d}"
 
 
+DEVICE_PREFIX = "device/"
+
+
 def device_info(device: int) -> str:
-    return f"device/{device}/info"
+    return f"{DEVICE_PREFIX}{device}/info"
 
 
 def device_reports(device: int) -> str:
@@ -134,3 +137,31 @@ def instance(consumer: str) -> str:
     """JSON: one real function instance's figures for this run (started at, first event done at, events
     run), written by the instance after each event; see :class:`~amble.server.runtime.base.InstanceRecord`."""
     return f"{INSTANCE_PREFIX}{consumer}"
+
+
+# -- SCAFFOLD control variates (server/controlvariates.py) ---------------------------------------
+
+
+SERVER_VARIATE_PREFIX = "cv/server/"
+
+
+def server_variate(version: int) -> str:
+    """The server's control variate ``c`` for rounds that train from model ``version`` (safetensors,
+    float32 like the model; absent: zeros). Written by the ``finalize`` that publishes the version."""
+    return f"{SERVER_VARIATE_PREFIX}{version:08d}"
+
+
+def device_variate_pointer(device: int) -> str:
+    """JSON ``{"round", "upload"}``: which candidate is the device's control variate ``c_k`` now (absent:
+    zeros). Moved forward only by the ``finalize`` of a round that counted the device's upload."""
+    return f"cv/device/{device}"
+
+
+def device_variate_prefix(device: int) -> str:
+    return f"cv/device/{device}/round/"
+
+
+def device_variate(device: int, round_index: int, upload: str) -> str:
+    """A candidate ``c_k+`` (safetensors) computed by ``aggregate`` from one upload; it becomes the
+    device's ``c_k`` only if the round counts that upload and is published."""
+    return f"{device_variate_prefix(device)}{round_index:06d}/{upload}"

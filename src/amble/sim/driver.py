@@ -34,7 +34,7 @@ from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
-from amble.server import ParameterServer, RoundOutcome, keys
+from amble.server import ParameterServer, RoundOutcome, controlvariates, keys
 from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
 from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
@@ -260,6 +260,9 @@ class Experiment:
         by_device = {row["device"]: row for row in rows}
         for begin in range(0, len(jobs), UPLOAD_CHUNK):
             chunk = jobs[begin : begin + UPLOAD_CHUNK]
+            shifts = controlvariates.corrections(server.store, [job.device for job in chunk], state.base_version)
+            if shifts is not None:  # SCAFFOLD: each device's c - c_k (None: no control variate yet, all zero)
+                chunk = [replace(job, correction=shifts[job.device]) for job in chunk]
             trained = self.devices().train(start_params, chunk)
             for job in chunk:
                 k = job.device
@@ -306,7 +309,8 @@ def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
     """A device whose work would run past its plan's deadline stops (partial work) or drops.
 
     The device knows its own speed, so it stops after the last whole step that still lets its
-    upload arrive by the deadline; with no whole step possible it has nothing to send.
+    upload arrive by the deadline; with no whole step possible it has nothing to send (``probe``: it
+    sends its one step, late).
     """
     if plan.deadline_s is None or plan.at_deadline == "continue" or timing.total_s <= plan.deadline_s:
         return plan, timing
@@ -314,6 +318,8 @@ def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
         return plan, replace(timing, dropped_at_s=min(timing.dropped_at_s, plan.deadline_s))
     step_s = timing.compute_s / plan.local_steps
     steps = math.floor((plan.deadline_s - timing.download_s - timing.upload_s) / step_s + 1e-9)
+    if plan.at_deadline == "probe":
+        steps = max(steps, 1)
     if plan.at_deadline == "drop" or steps < 1:
         return plan, replace(timing, dropped_at_s=plan.deadline_s)
     return replace(plan, local_steps=steps), replace(timing, compute_s=steps * step_s)

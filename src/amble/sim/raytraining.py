@@ -24,6 +24,11 @@ from amble.server.tensors import decode, encode
 from amble.sim.training import DeviceTrainers, Trained, TrainJob, local_devices
 from amble.strategies import Params, Plan
 
+SCAFFOLD_ON_RAY = (
+    "control variates (strategy scaffold, or control_variates: true) do not train on Ray yet: set ray.train: false "
+    "(the parameter server's functions may still run on Ray)"
+)
+
 
 class TrainingActor:
     def __init__(self, config: str, threads: int) -> None:
@@ -88,6 +93,8 @@ class RayDevices(DeviceTrainers):
             raise AmbleError(f"a Ray training actor could not start: {exc}") from None
 
     def train(self, start: Params, jobs: list[TrainJob]) -> dict[int, Trained]:
+        if any(job.correction is not None for job in jobs):  # the config refuses this; never train without it
+            raise ConfigError(SCAFFOLD_ON_RAY)
         ray = self.ray
         model = ray.put(encode(start))  # once per round, whatever the number of devices
         calls = []

@@ -33,6 +33,8 @@ class TrainJob:
     device: int
     plan: Plan
     seed: int
+    correction: Params | None = None
+    """SCAFFOLD's ``c - c_k`` for this device (None: none), added to every gradient."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def train_jobs(trainer: LocalTrainer, shards: DeviceData, start: Params, jobs: l
     for job in jobs:
         x, y = shards[job.device]
         tic = time.perf_counter()
-        result = trainer.train(start, x, y, job.plan, job.seed)
+        result = trainer.train(start, x, y, job.plan, job.seed, correction=job.correction)
         compute_s = time.perf_counter() - tic
         trained[job.device] = Trained(result.steps, result.samples, encode(result.delta), compute_s)
     return trained
@@ -97,7 +99,8 @@ class LocalDevices(DeviceTrainers):
                 chunk = group[begin : begin + VECTOR_GROUP]
                 tic = time.perf_counter()
                 data = [self.shards[job.device] for job in chunk]
-                results = self.vectorized.train(start, data, chunk[0].plan, [job.seed for job in chunk])
+                corrections = [job.correction for job in chunk]
+                results = self.vectorized.train(start, data, chunk[0].plan, [job.seed for job in chunk], corrections)
                 updates = [encode(result.delta) for result in results]
                 share_s = (time.perf_counter() - tic) / len(chunk)  # the group's time, split evenly
                 for job, result, update in zip(chunk, results, updates, strict=True):

@@ -67,9 +67,15 @@ class VectorizedTrainer:
         self._grads = vmap(grad(loss))
 
     def train(
-        self, start: Params, data: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan, seeds: list[int]
+        self,
+        start: Params,
+        data: list[tuple[torch.Tensor, torch.Tensor]],
+        plan: Plan,
+        seeds: list[int],
+        corrections: list[Params | None] | None = None,
     ) -> list[GroupResult]:
-        """Train ``len(data)`` devices from ``start`` on one plan; the i-th uses ``data[i]`` and ``seeds[i]``."""
+        """Train ``len(data)`` devices from ``start`` on one plan; the i-th uses ``data[i]`` and ``seeds[i]``,
+        and adds ``corrections[i]`` (SCAFFOLD's ``c - c_k``; None: zero) to its every gradient."""
         count = len(data)
         batch = min(plan.batch_size, *(len(y) for _, y in data))
         steps = plan.local_steps
@@ -86,6 +92,14 @@ class VectorizedTrainer:
         base = {name: start[name] for name in self.names}
         params = {name: value.unsqueeze(0).repeat(count, *[1] * value.dim()) for name, value in base.items()}
         velocity: dict[str, torch.Tensor] = {}
+        shift: dict[str, torch.Tensor] = {}
+        if corrections is not None and any(c is not None for c in corrections):
+            shift = {
+                name: torch.stack(
+                    [torch.zeros_like(base[name]) if c is None else c[name].to(base[name].dtype) for c in corrections]
+                )
+                for name in self.names
+            }
         with torch.no_grad():
             for step in range(steps):
                 taken = index[:, step]  # (n, B)
@@ -93,6 +107,8 @@ class VectorizedTrainer:
                 lr = step_lr(plan, step)
                 for name in self.names:
                     d = grads[name]
+                    if shift:  # SCAFFOLD: grad + c - c_k, per device
+                        d = d + shift[name]
                     if plan.prox_mu > 0:  # FedProx: the gradient of mu/2 ||w - w_start||^2
                         d = d + plan.prox_mu * (params[name] - base[name])
                     if self.weight_decay:

@@ -44,8 +44,9 @@ class Plan:
     """Learning rate at the first step of the warm-up (linear ramp up to ``lr``)."""
     at_deadline: str = "continue"
     """What the device does if its work would run past ``deadline_s`` (seconds from the round's start):
-    ``continue`` (the round waits), ``stop`` (send the steps done so far: partial work) or ``drop``
-    (send nothing)."""
+    ``continue`` (the round waits), ``stop`` (send the steps done so far: partial work), ``probe``
+    (as ``stop``, but at least one step whatever the time: a device the planner has not measured yet,
+    whose report is what it learns from) or ``drop`` (send nothing)."""
 
     def to_dict(self) -> dict[str, Any]:
         # Flat fields only: a shallow copy, not asdict's recursive deep copy (called once per upload).
@@ -140,6 +141,9 @@ class Strategy(ABC):
     """What a config calls a built-in strategy (a strategy of the user's own is named by its import path)."""
     settings_model: ClassVar[type[StrategySettings]] = StrategySettings
     """The strategy's settings (none by default)."""
+    plans_from_peers: ClassVar[bool] = False
+    """True: :meth:`plan` takes a keyword ``peers``, the states (with reports) of devices that took part
+    in recent rounds but are not selected now, for a prior on the devices it has never seen."""
 
     def __init__(
         self, base: BaseWork, settings: StrategySettings | None = None, aggregator: Aggregator | None = None
@@ -160,4 +164,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
-        """Plans for the devices selected this round, keyed by device id."""
+        """Plans for the devices selected this round, keyed by device id (with
+        :attr:`plans_from_peers`, also given ``peers=``)."""
+
+    def uses_control_variates(self) -> bool:
+        """Whether devices train with SCAFFOLD's correction ``c - c_k`` and the server keeps the control
+        variates (``amble.server.controlvariates``): a strategy's ``control_variates`` setting, if any (a
+        strategy of a user's own may not have called ``Strategy.__init__``: then none)."""
+        return bool(getattr(getattr(self, "settings", None), "control_variates", False))

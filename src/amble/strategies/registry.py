@@ -25,12 +25,13 @@ from amble.strategies.fedavg import FedAvg, FedAvgAggregator
 from amble.strategies.fedbuff import FedBuff
 from amble.strategies.fednova import FedNova, FedNovaAggregator
 from amble.strategies.fedprox import FedProx
+from amble.strategies.scaffold import Scaffold
 
 if TYPE_CHECKING:
     from amble.config import ExperimentConfig, StrategyEntry
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, FedBuff)
+    s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, Scaffold, FedBuff)
 }
 """The built-in strategies by name; each declares its settings once, as its ``settings_model``."""
 AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvgAggregator, FedNovaAggregator)}

@@ -20,6 +20,7 @@ planned as a straggler of a round of 32x the median: at q = 1 it does fewer step
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,13 +109,28 @@ class SeenDevice:
 @dataclass(frozen=True)
 class RoundEstimate:
     seen: tuple[SeenDevice, ...]
-    """The selected devices that have reports (unseen ones are in their profiling round)."""
+    """The selected devices that have reports."""
     deadline_s: float
     """``T_r``: the q-quantile of the seen devices' FedAvg times (each clipped to within
     :data:`FEDAVG_TIME_SPREAD` of the others' median), capped by ``deadline_s`` if given."""
     ref_throughput: float
     """The q-quantile compute throughput at ``B0`` (each clipped to within :data:`THROUGHPUT_SPREAD` of
     the others' median), counted from the fastest (the slowest when q = 1)."""
+    unseen: tuple[SeenDevice, ...] = ()
+    """With a prior (:func:`estimate_round`'s ``peers``): the selected devices without reports, each at
+    the prior speed, counted in ``T_r`` and ``v_ref`` like the seen ones. Empty without a prior (they
+    are in their profiling round and ``T_r`` is over the seen devices only)."""
+
+
+def prior_speed(population: Sequence[SpeedModel]) -> SpeedModel:
+    """What a device not yet seen is assumed to be: the median intercept, per-sample time and
+    communication time of the devices that have been seen (each median on its own, so one device's
+    reports move it no further than the middle of the others')."""
+    return SpeedModel(
+        statistics.median(m.step_intercept_s for m in population),
+        statistics.median(m.step_per_sample_s for m in population),
+        statistics.median(m.comm_s for m in population),
+    )
 
 
 def estimate_round(
@@ -125,14 +141,30 @@ def estimate_round(
     decay: float = 0.7,
     window: int = 8,
     cap_s: float | None = None,
+    peers: Sequence[DeviceState] | None = None,
 ) -> RoundEstimate | None:
-    """Speeds, ``T_r`` and ``v_ref`` over the devices with reports; None when none has any."""
+    """Speeds, ``T_r`` and ``v_ref`` for the selected ``devices``; None when nothing is known.
+
+    Without ``peers`` (None) only the devices with reports count: None when none has any. With
+    ``peers`` (devices seen in recent rounds but not selected now, possibly empty), a device without
+    reports gets :func:`prior_speed` of every seen device here (selected and peers) and counts in
+    ``T_r`` and ``v_ref`` at that speed: an unseen straggler is no longer left out of the round's
+    estimate. None only when no device here has reports.
+    """
     seen = [d for d in devices if d.reports]
-    if not seen:
-        return None
     speeds = [fit_speed(d.reports, decay, window) for d in seen]
+    prior: SpeedModel | None = None
+    if peers is not None and len(seen) < len(devices):
+        population = speeds + [fit_speed(p.reports, decay, window) for p in peers if p.reports]
+        prior = prior_speed(population) if population else None
+    unseen = [d for d in devices if not d.reports] if prior is not None else []
+    if not seen and not unseen:
+        return None
+    planned = seen + unseen
+    models = speeds + ([prior] * len(unseen) if prior is not None else [])
     fedavg_s = [
-        m.comm_s + base.steps_for(d.num_samples) * m.step_s(base.batch_size) for d, m in zip(seen, speeds, strict=True)
+        m.comm_s + base.steps_for(d.num_samples) * m.step_s(base.batch_size)
+        for d, m in zip(planned, models, strict=True)
     ]
     bounded_s = clip_to_others(fedavg_s, FEDAVG_TIME_SPREAD)
     deadline_s = bounded_s[quantile_index(bounded_s, quantile)]
@@ -140,8 +172,7 @@ def estimate_round(
         deadline_s = min(deadline_s, cap_s)
     # Not the deadline device's own throughput: a straggler slowed by its link must not shrink
     # everyone's batch below B0.
-    slowness = [-v for v in clip_to_others([m.throughput(base.batch_size) for m in speeds], THROUGHPUT_SPREAD)]
+    slowness = [-v for v in clip_to_others([m.throughput(base.batch_size) for m in models], THROUGHPUT_SPREAD)]
     ref_throughput = -slowness[quantile_index(slowness, quantile)]
-    return RoundEstimate(
-        tuple(SeenDevice(d, m, t) for d, m, t in zip(seen, speeds, fedavg_s, strict=True)), deadline_s, ref_throughput
-    )
+    entries = [SeenDevice(d, m, t) for d, m, t in zip(planned, models, fedavg_s, strict=True)]
+    return RoundEstimate(tuple(entries[: len(seen)]), deadline_s, ref_throughput, tuple(entries[len(seen) :]))
