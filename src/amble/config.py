@@ -398,8 +398,14 @@ class ExperimentConfig(_Section):
 
 
 def _check_server_optimizer(strategy: StrategyEntry) -> None:
-    """Refuse settings that would be ignored: a server optimizer's knobs with kind ``none``."""
+    """Refuse settings that would be ignored: a server optimizer's knobs with kind ``none``, or any on an
+    asynchronous strategy (FedBuff's publishes do not go through ``finalize``)."""
     given = strategy.server_optimizer
+    if given is not None and getattr(strategy_class(strategy.name), "asynchronous", False):
+        raise ValueError(
+            f"strategy '{strategy_label(strategy)}': server_optimizer is applied by the synchronous rounds' finalize, "
+            "not by an asynchronous strategy's publishes: drop it (FedBuff steps with its own server_lr)"
+        )
     if given is None or server_optimizer_of(strategy).resolved_kind != "none":
         return
     knobs = given.knobs_changed()

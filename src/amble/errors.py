@@ -41,6 +41,9 @@ REJECTION_REASONS: dict[str, str] = {
     "non_finite": "a tensor with NaN or infinite values",
     "norm": "an update whose L2 norm is over a bound (server.max_update_norm or server.max_update_norm_ratio)",
     "overflow": "an update that would make the round's running sum (or its SCAFFOLD control variate) non-finite",
+    # buffered asynchronous aggregation (fedbuff)
+    "unknown_task": "an asynchronous upload for a task that was never started",
+    "too_stale": "an asynchronous update trained from a model more than max_staleness versions old",
 }
 """Every reason an upload or a request can be refused for, with what it means: the functions, the
 gateway and the gateway's metrics all use this one list."""

@@ -43,7 +43,8 @@ from amble.server import keys
 from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
 from amble.strategies.base import Params
-from amble.strategies.registry import build_strategy
+from amble.strategies.fedbuff import is_asynchronous
+from amble.strategies.registry import build_strategy, strategy_class
 
 DEVICE_SECTIONS = ("name", "seed", "data", "model", "model_args", "devices_per_round", "train")
 """What ``/v1/whoami`` tells a device of the config: enough to load its data partition and build its
@@ -81,6 +82,11 @@ def prepare(
     if strategy is not None and strategy not in labels:
         raise ConfigError(f"--strategy {strategy} is not in the config; choose one of {', '.join(labels)}")
     index = 0 if strategy is None else labels.index(strategy)
+    if is_asynchronous(strategy_class(config.strategies[index].name)):
+        raise ConfigError(
+            f"strategy '{labels[index]}' (buffered asynchronous aggregation) is not supported on real devices yet: "
+            "run it in simulation (amble run), or serve a synchronous strategy"
+        )
     if build_strategy(config.strategies[index], config).uses_control_variates():
         raise ConfigError(
             f"strategy '{labels[index]}' uses control variates (scaffold, or control_variates: true), which are not "

@@ -174,6 +174,10 @@ class ServerFunctions:
         self.strategy = strategy
 
     def handlers(self) -> dict[str, Handler]:
+        if getattr(self.strategy, "asynchronous", False):  # FedBuff: buffered aggregation, no rounds
+            from amble.server.buffered import BufferedFunctions  # it builds on this module
+
+            return BufferedFunctions(self.store, self.strategy).handlers()
         return {
             "round_start": self.plan_round,
             "update_uploaded": self.aggregate,

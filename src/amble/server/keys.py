@@ -62,6 +62,17 @@ def round_rejection(round_index: int, device: int, upload: str) -> str:
     return f"round/{round_index:06d}/rejection/{device}/{upload}"
 
 
+def task(task_id: int) -> str:
+    """JSON: one asynchronous task (buffered aggregation): its device, plan, the model version it trains
+    from, when it started, and once its update is counted, the buffer it was folded into."""
+    return f"task/{task_id:08d}"
+
+
+def task_update(task_id: int, upload: str) -> str:
+    """One asynchronous task's uploaded update (safetensors), until it is folded or rejected."""
+    return f"task/{task_id:08d}/update/{upload}"
+
+
 UPLOAD_COUNTER = "uploads"
 """Counter: uploads stored so far (each gets the next number as its upload id)."""
 

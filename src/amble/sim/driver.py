@@ -38,6 +38,7 @@ from amble.server import ParameterServer, RoundOutcome, controlvariates, keys
 from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
 from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
+from amble.sim.asyncdriver import asynchronous_entry, run_buffered
 from amble.sim.raytraining import RayDevices
 from amble.sim.training import DeviceTrainers, TrainJob, local_devices
 from amble.strategies import Params, Plan, Report
@@ -156,6 +157,9 @@ class Experiment:
         snapshot: Path | None,
     ) -> StrategyRun:
         config = self.config
+        asynchronous = asynchronous_entry(config, label)
+        if asynchronous is not None:  # no rounds: the asynchronous clock (not checkpointed)
+            return run_buffered(self, server, asynchronous, writer, progress)
         server.initialize(self.initial, self.setup.num_samples, self.setup.settings)
         eval_model = copy.deepcopy(self.model)
         tally = _Tally.from_json(checkpoint["tally"]) if checkpoint else _Tally()

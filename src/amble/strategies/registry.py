@@ -22,6 +22,7 @@ from amble.strategies.amble import Amble
 from amble.strategies.base import Aggregator, BaseWork, Strategy, StrategySettings
 from amble.strategies.deadline import DeadlineFedAvg
 from amble.strategies.fedavg import FedAvg, FedAvgAggregator
+from amble.strategies.fedbuff import FedBuff
 from amble.strategies.fednova import FedNova, FedNovaAggregator
 from amble.strategies.fedopt import FedAdam, FedAvgM
 from amble.strategies.fedprox import FedProx
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from amble.config import ExperimentConfig, StrategyEntry
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, Scaffold, FedAvgM, FedAdam)
+    s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, Scaffold, FedAvgM, FedAdam, FedBuff)
 }
 """The built-in strategies by name; each declares its settings once, as its ``settings_model``."""
 AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (FedAvgAggregator, FedNovaAggregator)}
