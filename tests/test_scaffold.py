@@ -77,7 +77,7 @@ def one_round_of_0_and_1(server: ParameterServer) -> None:
 
 
 def test_the_update_rule_on_two_devices_with_different_steps_and_learning_rates() -> None:
-    # Prepare: 3 registered devices (N = 3); round 0 counts devices 0 and 1
+    # Prepare: 3 registered devices with 64, 192 and 128 samples (shares 1/6, 1/2, 1/3); round 0 counts 0 and 1
     server = scaffold_server(per_round=2)
 
     # Execute
@@ -85,35 +85,35 @@ def test_the_update_rule_on_two_devices_with_different_steps_and_learning_rates(
 
     # Assert: c_k+ = c_k - c - delta_k / eta_k with eta_0 = 2 * 0.1, eta_1 = 4 * 0.25 (steps reported)
     # c_0 = -(1, 1, 1; 0) / 0.2 = (-5; 0); c_1 = -(2, 2, 2; -1) / 1 = (-2; 1); c_2 untouched
-    # c+ = (c_0 + c_1) / 3 = (-7/3; 1/3)
+    # c+ = c_0 / 6 + c_1 / 2 = (-5/6 - 1; 1/2) = (-11/6; 1/2)
     after = variates(server, 1)
     assert after["c0"] == {"b": [0.0], "w": [-5.0] * 3}
     assert after["c1"] == {"b": [1.0], "w": [-2.0] * 3}
     assert after["c2"] == {"b": [0.0], "w": [0.0] * 3}
-    assert after["c"]["w"] == pytest.approx([-7 / 3] * 3) and after["c"]["b"] == pytest.approx([1 / 3])
+    assert after["c"]["w"] == pytest.approx([-11 / 6] * 3) and after["c"]["b"] == pytest.approx([1 / 2])
     # the model is FedAvg's: w + (64 * 1 + 192 * 2) / 256, b + (64 * 0 - 192 * 1) / 256
     assert server.model()["w"].tolist() == pytest.approx([2.75, 3.75, 4.75])
     assert server.model()["b"].tolist() == pytest.approx([-0.25])
     # what each device's trainer adds to its gradients in round 1: c - c_k
     shifts = controlvariates.corrections(server.store, [0, 1, 2], 1)
     assert shifts is not None
-    assert shifts[0]["w"].tolist() == pytest.approx([-7 / 3 + 5] * 3) and shifts[0]["b"].tolist() == pytest.approx(
-        [1 / 3]
+    assert shifts[0]["w"].tolist() == pytest.approx([-11 / 6 + 5] * 3) and shifts[0]["b"].tolist() == pytest.approx(
+        [1 / 2]
     )
-    assert shifts[2]["w"].tolist() == pytest.approx([-7 / 3] * 3)
+    assert shifts[2]["w"].tolist() == pytest.approx([-11 / 6] * 3)
 
     # Execute: round 1 counts device 0 only (device 1 misses it; quorum 1 of 2)
     server.start_round(1, [0, 1], 3.0)
     server.upload(report(0, 1), encode(delta(0)), 3.5)
     outcome = server.close_round(1, 4.0)
 
-    # Assert: c_0 = -5 + 7/3 - 5 = -23/3 (w), 0 - 1/3 - 0 = -1/3 (b); c_1 unchanged;
-    # c = -7/3 + (-23/3 + 5) / 3 = -29/9 (w), 1/3 + (-1/3) / 3 = 2/9 (b)
+    # Assert: c_0 = -5 + 11/6 - 5 = -49/6 (w), 0 - 1/2 - 0 = -1/2 (b); c_1 unchanged;
+    # c = -11/6 + (-49/6 + 5) / 6 = -85/36 (w), 1/2 + (-1/2) / 6 = 5/12 (b)
     assert (outcome.status, outcome.counted) == ("finalized", [0])
     after = variates(server, 2)
-    assert after["c0"]["w"] == pytest.approx([-23 / 3] * 3) and after["c0"]["b"] == pytest.approx([-1 / 3])
+    assert after["c0"]["w"] == pytest.approx([-49 / 6] * 3) and after["c0"]["b"] == pytest.approx([-1 / 2])
     assert after["c1"] == {"b": [1.0], "w": [-2.0] * 3}
-    assert after["c"]["w"] == pytest.approx([-29 / 9] * 3) and after["c"]["b"] == pytest.approx([2 / 9])
+    assert after["c"]["w"] == pytest.approx([-85 / 36] * 3) and after["c"]["b"] == pytest.approx([5 / 12])
     # only the current c_k are kept, and c of the latest two versions (like the models)
     assert candidates(server) == [keys.device_variate(0, 1, "3"), keys.device_variate(1, 0, "2")]
     assert server.store.keys(keys.SERVER_VARIATE_PREFIX) == [keys.server_variate(1), keys.server_variate(2)]
@@ -181,11 +181,11 @@ def test_a_rejected_update_and_a_failed_round_leave_the_variates_unchanged() -> 
     # Execute
     outcome = server.close_round(0, 3.0)
 
-    # Assert: c_1 stays zero, and c+ is (c_0 + c_2) / 3 with c_0 = (-5; 0), c_2 = -(3; -2) / 0.4 = (-7.5; 5)
+    # Assert: c_1 stays zero, and c+ is c_0 / 6 + c_2 / 3 with c_0 = (-5; 0), c_2 = -(3; -2) / 0.4 = (-7.5; 5)
     assert (outcome.counted, outcome.rejected) == ([0, 2], {1: "overflow"})
     after = variates(server, 1)
     assert after["c1"] == {"b": [0.0], "w": [0.0] * 3}
-    assert after["c"]["w"] == pytest.approx([-12.5 / 3] * 3) and after["c"]["b"] == pytest.approx([5 / 3])
+    assert after["c"]["w"] == pytest.approx([-10 / 3] * 3) and after["c"]["b"] == pytest.approx([5 / 3])
     assert candidates(server) == [keys.device_variate(0, 0, "1"), keys.device_variate(2, 0, "3")]
 
     # Execute: round 1 fails below quorum (1 of 3 counted, quorum 2)
@@ -343,9 +343,33 @@ def test_an_update_whose_control_variate_would_overflow_is_refused_before_its_fo
     server.upload(report(1), encode(delta(1)), 1.0)
     outcome = server.close_round(0, 2.0)
 
-    # Assert: only device 1 counted; c = c_1 / 3 = (-2/3; 1/3), c_0 still zero, nothing of device 0 kept
+    # Assert: only device 1 counted; c = c_1 / 2 = (-1; 1/2), c_0 still zero, nothing of device 0 kept
     assert (outcome.counted, outcome.rejected) == ([1], {0: "overflow"})
     after = variates(server, 1)
     assert after["c0"] == {"b": [0.0], "w": [0.0] * 3}
-    assert after["c"]["w"] == pytest.approx([-2 / 3] * 3) and after["c"]["b"] == pytest.approx([1 / 3])
+    assert after["c"]["w"] == pytest.approx([-1.0] * 3) and after["c"]["b"] == pytest.approx([1 / 2])
     assert candidates(server) == [keys.device_variate(1, 0, "2")]
+
+
+def test_a_late_duplicate_finalize_cannot_overwrite_the_published_server_variate() -> None:
+    # Prepare: round 0 decided and settled: the device pointers already name their new c_k
+    server = scaffold_server(per_round=2)
+    one_round_of_0_and_1(server)
+    published = variates(server, 1)["c"]
+    meta = json.loads(server.store.get(keys.round_meta(0)) or b"{}")
+
+    # Execute: a second finalize of round 0 that lost the race computes c+ from the moved pointers
+    uploads = controlvariates.counted_uploads(meta)
+    shares = {0: 1 / 6, 1: 1 / 2}
+    controlvariates.publish_server_variate(server.store, TEMPLATE, 0, 0, uploads, shares)
+
+    # Assert: what it computed (c_k+ - c_k = 0 for both, so c+ = c = 0) did not replace the winner's c+
+    assert variates(server, 1)["c"] == published
+    assert published["w"] == pytest.approx([-11 / 6] * 3)
+
+
+def test_control_variates_with_client_momentum_are_refused() -> None:
+    for strategy in ("scaffold", {"name": "amble", "control_variates": True}):
+        raw = {**SMALL, "strategies": [strategy], "train": {**SMALL["train"], "momentum": 0.9}}
+        with pytest.raises(ConfigError, match=r"set train\.momentum to 0"):
+            config_from_dict(raw)

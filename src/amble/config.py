@@ -373,9 +373,14 @@ class ExperimentConfig(_Section):
             except ValueError as exc:
                 raise ValueError(f"strategy '{strategy_label(strategy)}': {exc}") from None
             _check_server_optimizer(strategy)
-        if trains_on_ray(self) and any(
-            strategy_class(s.name)(base, s.settings()).uses_control_variates() for s in self.strategies
-        ):
+        uses_variates = any(strategy_class(s.name)(base, s.settings()).uses_control_variates() for s in self.strategies)
+        if uses_variates and self.train.momentum > 0:
+            raise ValueError(
+                f"control variates (strategy scaffold, or control_variates: true) with train.momentum "
+                f"{self.train.momentum:g} diverge: the correction passes through the momentum buffer and option II's "
+                "estimate (x - y) / (K lr) then overshoots by 1 / (1 - momentum); set train.momentum to 0"
+            )
+        if trains_on_ray(self) and uses_variates:
             raise ValueError(
                 "control variates (strategy scaffold, or control_variates: true) do not train on Ray yet: set "
                 "ray.train: false (the parameter server's functions may still run on Ray)"

@@ -65,7 +65,6 @@ def run_settings(config: ExperimentConfig) -> RunSettings:
         max_update_bytes=int(config.server.max_update_mb * 2**20),
         max_update_norm=config.server.max_update_norm,
         max_update_norm_ratio=config.server.max_update_norm_ratio,
-        num_devices=config.data.num_devices,
     )
 
 

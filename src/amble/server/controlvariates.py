@@ -160,11 +160,15 @@ def publish_server_variate(
     round_index: int,
     base_version: int,
     uploads: Mapping[int, str],
-    num_devices: int,
+    weights: Mapping[int, float],
 ) -> None:
-    """``finalize``'s part, before the round's CAS: ``c+ = c + (1/N) sum_k (c_k+ - c_k)`` for the next
-    version. Reads each counted device's candidate and current ``c_k`` (whose pointers have not moved
-    yet), in sorted device order, so a rerun writes the same bytes."""
+    """``finalize``'s part, before the round's CAS: ``c+ = c + sum_k p_k (c_k+ - c_k)`` for the next
+    version, ``p_k = n_k / n`` the device's share of all the run's samples (the paper's ``1/N`` when
+    shares are equal; with unequal shares ``1/N`` would steer the model to the unweighted optimum, not
+    the sample-weighted one FedAvg's aggregate aims at). Reads each counted device's candidate and
+    current ``c_k`` (whose pointers have not moved yet), in sorted device order, and writes ``c+`` only
+    if it is not there yet: a rerun computes the same bytes, and a late duplicate ``finalize`` that runs
+    after the winner moved the pointers (and so would compute a wrong ``c+``) cannot overwrite it."""
     c = server_variate(store, base_version, template)
     total = {name: torch.zeros(spec.shape, dtype=torch.float64) for name, spec in template.items()}
     for device in sorted(uploads):
@@ -174,10 +178,9 @@ def publish_server_variate(
             raise LookupError(f"device {device}'s control variate candidate {key} of a counted upload is missing")
         old = device_variate(store, device, template)
         for name in template:
-            total[name] += new[name].double() - old[name].double()
-    scale = 1.0 / num_devices
-    c_next = {name: (c[name].double() + total[name] * scale).to(c[name].dtype) for name in template}
-    store.put(keys.server_variate(base_version + 1), encode(c_next))
+            total[name] += (new[name].double() - old[name].double()) * weights[device]
+    c_next = {name: (c[name].double() + total[name]).to(c[name].dtype) for name in template}
+    store.compare_and_set(keys.server_variate(base_version + 1), encode(c_next), 0)
 
 
 def settle_round(store: Store, round_index: int, uploads: Mapping[int, str], devices: Iterable[int]) -> None:

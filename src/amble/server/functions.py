@@ -86,8 +86,6 @@ class RunSettings:
     max_update_norm_ratio: float | None = None
     """Reject an update whose L2 norm is above this many times the median norm of the updates that
     made the model it trained from (the first model has none: only the absolute bound applies)."""
-    num_devices: int | None = None
-    """All devices of the run: SCAFFOLD's ``N`` (None: counted from the registered devices)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -445,11 +443,16 @@ class ServerFunctions:
             self.store, self._template(inv), round_index, device, upload, state.base_version, delta, eta
         )
 
-    def _num_devices(self, inv: Invocation) -> int:
-        configured = self._settings(inv).num_devices
-        if configured is not None:
-            return configured
-        return sum(1 for key in self.store.keys(keys.DEVICE_PREFIX) if key.endswith("/info"))
+    def _sample_shares(self, inv: Invocation, devices: list[int]) -> dict[int, float]:
+        """Each device's share ``n_k / n`` of the samples of every registered device (the total is read
+        once per warm instance: registrations do not change during a simulated run)."""
+        if "total_samples" not in inv.cache:
+            registered = [key for key in self.store.keys(keys.DEVICE_PREFIX) if key.endswith("/info")]
+            inv.cache["total_samples"] = sum(
+                int(json.loads(self.store.get(key) or b"{}")["num_samples"]) for key in registered
+            )
+        total = int(inv.cache["total_samples"])
+        return {device: num_samples(self.store, device) / total for device in devices}
 
     def _load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:
         settings = self._settings(inv)
@@ -565,7 +568,7 @@ class ServerFunctions:
                         round_index,
                         base_version,
                         controlvariates.counted_uploads(meta),
-                        self._num_devices(inv),
+                        self._sample_shares(inv, meta["counted"]),
                     )
                 self.store.put(keys.model(base_version + 1), encode(new_params))
                 self.store.put(keys.norm_reference(base_version + 1), json.dumps(reference).encode())
