@@ -251,3 +251,31 @@ def test_a_server_optimizer_on_fedbuff_is_refused_not_ignored() -> None:
 
     with pytest.raises(ConfigError, match="server_optimizer is applied by the synchronous rounds' finalize"):
         config_from_dict(raw)
+
+
+class DiesAfterSealing(MemoryStore):
+    """Raises once when device 1's report is written: the instance died right after the commit that
+    counted device 1's task and sealed the buffer, before it announced the buffer was ready."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = True
+
+    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+        if key == keys.device_reports(1) and self.armed:
+            self.armed = False
+            raise ConnectionError("instance killed after its commit")
+        return super().compare_and_set(key, value, expected_version)
+
+
+def test_an_instance_dying_after_the_sealing_commit_still_gets_the_buffer_published() -> None:
+    server = make_server(DiesAfterSealing(), buffer_size=2)
+    start(server, 0, 0)
+    start(server, 1, 1)
+    upload(server, 0, 0)
+
+    upload(server, 1, 1)  # its fold seals the buffer, then the instance dies; the event is redelivered
+
+    assert server.runtime.stats().failures == 1
+    assert_model(server, 1 + (64 * 1 + 192 * 2) / 256, 0.5 - 192 / 256, version=1)
+    assert json.loads(server.store.get(keys.device_reports(1)) or b"[]")[0]["device"] == 1  # the report too

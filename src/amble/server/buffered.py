@@ -22,6 +22,7 @@ last ``max_staleness + 1`` versions (what a task may still train from), nothing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ class BufferedFunctions(ServerFunctions):
             if task.buffer is not None:  # a duplicate or a redelivery: counted already
                 if update_key:
                     self.store.delete(update_key)
+                self._finish_counted(inv, task, device, payload, arrived_at_s)
                 return
             buffer = self._open_buffer()
             staleness = buffer - task.base_version
@@ -220,6 +222,23 @@ class BufferedFunctions(ServerFunctions):
                 return
             self.store.incr(keys.FOLD_CONFLICTS)
         raise RuntimeError(f"could not fold task {task_id}: too much contention")
+
+    def _finish_counted(self, inv: Invocation, task: Task, device: int, payload: Any, arrived_at_s: float) -> None:
+        """What a crash after a task's counting commit may have cut: its report in the device's history,
+        and, when its fold sealed a buffer that is not published yet, the ``buffer_ready`` announcement
+        (without it no later buffer could be published: each builds on the model before it)."""
+        if task.buffer is None:
+            return
+        as_round = RoundState("open", task.base_version, (device,), {device: task.plan}, task.started_at_s)
+        with contextlib.suppress(UpdateRejected):  # what the planner learns is checked and bounded too
+            self._record_report(
+                inv, check_report(self.store, task.task, device, payload.get("report"), as_round, arrived_at_s)
+            )
+        if (
+            _meta(self.store.get(keys.round_meta(task.buffer)))["sealed"]
+            and self.store.get(keys.round_state(task.buffer)) is None
+        ):
+            inv.emit(FUNCTIONS_TOPIC, "buffer_ready", {"buffer": task.buffer})
 
     # -- publish_buffer -------------------------------------------------------------------------
 
