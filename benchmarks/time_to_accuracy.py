@@ -1,15 +1,16 @@
 """Time-to-accuracy benchmark: AMBLE against the baselines, side by side.
 
 Every cell of the matrix (dataset x partition x fleet x model) runs all strategies on the identical
-partition, fleet, device selection and seed (one ``amble run`` per seed), then reports per strategy:
-virtual time to a target accuracy, final and best accuracy within a common virtual-time budget,
-rounds to target, samples processed, function invocations and cold starts, and the ratio
-``time_to_target(strategy) / time_to_target(amble)``.
+partition, fleet, device selection and seed (one ``amble run`` per cell, seed and strategy), then
+reports per strategy: virtual time to a target accuracy, final and best accuracy within a common
+virtual-time budget, rounds to target, the idle share of device time, samples processed, function
+invocations and cold starts, and the ratio ``time_to_target(strategy) / time_to_target(amble)``.
 
 The target of a cell is 95% of FedAvg's best accuracy in that cell (mean over seeds), rounded down
 to a hundredth: the level FedAvg itself reaches, so each ratio says how much sooner (or later) a
-strategy gets to where FedAvg gets. It is computed after the runs from ``metrics.jsonl``, the same
-number for every strategy of the cell; nothing is tuned per cell.
+strategy gets to where FedAvg gets; a second, higher target is FedAvg's best itself. Both are
+computed after the runs from ``metrics.jsonl``, the same numbers for every strategy of the cell;
+nothing is tuned per cell. FedBuff's "rounds" are its published models (see PUBLISHES_PER_ROUND).
 
     python benchmarks/time_to_accuracy.py --reduced --reuse --jobs 2  # one seed, four cells (the README's)
     python benchmarks/time_to_accuracy.py --reduced --variants --seeds 0 1 2 --jobs 2  # with the fixes tried
@@ -25,8 +26,9 @@ on the config's own model and data, unless the config gives ``fleet.t_ref``).
 ``--jobs N`` runs N ``amble run`` processes at a time with cpus/N torch threads each. Virtual times do
 not depend on it (the clock's step times are pinned in every config); torch may round differently
 on another number of threads, so compare runs made with the same ``--jobs``. Runs land in
-``runs/bench/<cell>/seed<k>-r<rounds>/`` (a finished run is reused when its config and the code
-match); tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
+``runs/bench/<cell>/seed<k>-r<rounds>/<strategy label>/`` (a finished run is reused when its config
+and the code match, or with ``--reuse-any-code`` whatever code made it: the results then list the
+code versions); tables and plots go to ``benchmarks/results/`` and are what BENCHMARKS.md quotes.
 """
 
 from __future__ import annotations
