@@ -163,8 +163,33 @@ def test_every_cell_config_is_valid_and_pins_the_reference_step_times(
     labels = [s.label or s.name for s in config.strategies]
     assert len(labels) == len(set(labels)) and "fedavg" in labels and "amble" in labels
     assert not tta.VARIANTS & set(labels), "the variants run only when asked for"
-    with_variants = config_from_dict(tta.FULL_MATRIX[0].config(seed=1, variants=True))
+    with_variants = config_from_dict(tta.FULL_MATRIX[0].config(seed=1, strategies=tta.chosen_strategies(True)))
     assert [s.label or s.name for s in with_variants.strategies if s.label not in tta.VARIANTS] == labels
     assert {s.label for s in with_variants.strategies} >= tta.VARIANTS
+    assert [tta.entry_label(e) for e in tta.chosen_strategies(False, ["fedbuff", "fedavg"])] == ["fedavg", "fedbuff"]
     names = [cell.name for cell in tta.FULL_MATRIX]
     assert len(names) == len(set(names)) and set(tta.REDUCED) <= set(names)
+
+
+def test_one_run_per_strategy_merges_into_one_seed_with_idle_shares_and_a_second_target(
+    tta: ModuleType, tmp_path: Path
+) -> None:
+    seed = tmp_path / "seed0"
+    fedavg = write_run(seed / "fedavg", {"fedavg": [(2.0, 0.30), (4.0, 0.50), (6.0, 0.62)]})
+    amble = write_run(seed / "amble", {"amble": [(1.0, 0.40), (2.0, 0.61), (3.0, 0.63)]})
+    rows = [  # FedAvg's devices: 3 s busy, 1 s idle; AMBLE's: 3 s busy, no idle
+        {"strategy": "fedavg", "compute_s": 2.0, "comm_s": 1.0, "idle_s": 1.0},
+        {"strategy": "fedavg", "compute_s": 2.5, "comm_s": 0.5, "idle_s": 1.0},
+    ]
+    (fedavg / "devices.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (amble / "devices.jsonl").write_text(json.dumps({"strategy": "amble", "compute_s": 3, "comm_s": 0, "idle_s": 0}))
+
+    first = tta.analyse("cell", [[fedavg, amble]])
+    high = tta.analyse("cell", [[fedavg, amble]], fraction=1.0)
+
+    # 95% of 0.62 is 0.589 -> 0.58; FedAvg's best itself is 0.62
+    assert (first.target, high.target) == (0.58, 0.62)
+    assert first.strategies["fedavg"].time_to_target_s == [6.0] and first.strategies["amble"].time_to_target_s == [2.0]
+    assert high.strategies["amble"].time_to_target_s == [3.0]
+    assert first.strategies["fedavg"].idle_share == [pytest.approx(2 / 8)]
+    assert first.strategies["amble"].idle_share == [0.0]
