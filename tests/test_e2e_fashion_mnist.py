@@ -43,10 +43,21 @@ def test_quickstart_shortened_learns_on_real_data(tmp_path: Path) -> None:
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["data"]["dataset"] == "fashion-mnist"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for name in ("fedavg", "amble"):
         result = summary["strategies"][name]
         assert result["final_accuracy"] > 0.5, (name, result)  # chance is 0.1; 6 IID rounds give ~0.6
-        assert result["updates_aggregated"] == 60
+        assert result["rounds_failed"] == 0
+        # Every selected device's update is counted, cut at AMBLE's q = 0.8 deadline before one whole step
+        # (by design), or refused by the relative norm bound: a newcomer planned at the prior that is much
+        # faster than the median works up to 5 epochs, and its update can exceed 20x the median norm of a
+        # round of partial work (a known interaction, issue 16's note). How many depends on the step
+        # times calibrated on the machine running it.
+        rows = [r for r in metrics if r["strategy"] == name]
+        assert result["updates_aggregated"] + result["updates_rejected"] + sum(r["dropped"] for r in rows) == 60
+        assert result["updates_aggregated"] >= 50 and result["updates_rejected"] <= 5
+    fedavg = summary["strategies"]["fedavg"]
+    assert (fedavg["updates_aggregated"], fedavg["updates_rejected"]) == (60, 0)  # FedAvg waits for everyone
     rows = [json.loads(line) for line in (out / "devices.jsonl").read_text().splitlines()]
     amble_late = [r for r in rows if r["strategy"] == "amble" and r["round"] >= 3]
     assert max(r["batch_size"] for r in amble_late) > 32  # fast devices got bigger batches
