@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,8 @@ from amble.sim import run_experiment
 from amble.strategies import BaseWork, FedAvgAggregator, FedNovaAggregator, Report
 from amble.strategies.fedbuff import FedBuff, FedBuffAggregator, FedBuffSettings
 from tests.conftest import RedisServer
+from tests.test_functions import INITIAL, SAMPLES, CrashingStore
 from tests.test_sim import SMALL
-
-INITIAL = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5]), "steps": torch.tensor(7)}
-SAMPLES = {0: 64, 1: 192, 2: 128}  # base plans at B0 = 32: 2, 6 and 4 steps
-
-
-class CrashingStore(MemoryStore):
-    """Raises inside the fold's commit the first ``crashes`` times: an instance dying mid-fold."""
-
-    def __init__(self, crashes: int) -> None:
-        super().__init__()
-        self.crashes = crashes
-
-    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
-        if any("/shard/" in key for key in writes) and self.crashes > 0:
-            self.crashes -= 1
-            raise ConnectionError("instance killed while folding")
-        return super().commit(writes)
 
 
 def make_server(store: MemoryStore | None = None, **settings: Any) -> ParameterServer:
