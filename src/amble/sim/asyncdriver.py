@@ -144,23 +144,11 @@ class _BufferedRun:
         experiment = self.experiment
         k, plan = task.device, task.plan
         timing = experiment.clock.timing(experiment.fleet[k], task.task, k, plan.batch_size, plan.local_steps)
-        from amble.sim.driver import apply_deadline
+        from amble.sim.driver import apply_deadline, device_row
 
         plan, timing = apply_deadline(plan, timing)
         task = Task(task.task, k, plan, task.base_version, task.started_at_s)
-        _, y = experiment.device_data[k]
-        row: dict[str, Any] = {
-            "strategy": self.label,
-            "round": None,
-            "device": k,
-            "batch_size": plan.batch_size,
-            "local_steps": plan.local_steps,
-            "epochs": plan.local_steps * plan.batch_size / len(y),
-            "lr": plan.lr,
-            "compute_s": timing.compute_s,
-            "comm_s": timing.download_s + timing.upload_s,
-            "idle_s": 0.0,
-        }
+        row = device_row(self.label, None, k, plan, timing, len(experiment.device_data[k][1]))
         if timing.dropped_at_s is not None:
             finish_s = task.started_at_s + timing.dropped_at_s
         else:

@@ -231,19 +231,7 @@ class Experiment:
         for k, plan in sorted(plans.items()):
             timing = self.clock.timing(self.fleet[k], r, k, plan.batch_size, plan.local_steps)
             plan, timing = apply_deadline(plan, timing)
-            _, y = self.device_data[k]
-            row: dict[str, Any] = {  # the plan as the device ran it (cut at its deadline if it had to)
-                "strategy": label,
-                "round": r,
-                "device": k,
-                "batch_size": plan.batch_size,
-                "local_steps": plan.local_steps,
-                "epochs": plan.local_steps * plan.batch_size / len(y),
-                "lr": plan.lr,
-                "compute_s": timing.compute_s,
-                "comm_s": timing.download_s + timing.upload_s,
-                "idle_s": 0.0,
-            }
+            row = device_row(label, r, k, plan, timing, len(self.device_data[k][1]))
             rows.append(row)
             if timing.dropped_at_s is not None:
                 # It vanished part-way (or gave up at the deadline): charge what it spent, upload nothing.
@@ -303,6 +291,25 @@ class Experiment:
         tally.train_compute_s += train_compute_s
         tally.now_s = end_s
         return _RoundRecord(outcome, rows, samples, train_compute_s)
+
+
+def device_row(
+    label: str, round_index: int | None, device: int, plan: Plan, timing: RoundTiming, num_samples: int
+) -> dict[str, Any]:
+    """A ``devices.jsonl`` row: the plan as the device ran it (cut at its deadline if it had to), its
+    compute and communication; idle and status are filled in when its round (or task) ends."""
+    return {
+        "strategy": label,
+        "round": round_index,
+        "device": device,
+        "batch_size": plan.batch_size,
+        "local_steps": plan.local_steps,
+        "epochs": plan.local_steps * plan.batch_size / num_samples,
+        "lr": plan.lr,
+        "compute_s": timing.compute_s,
+        "comm_s": timing.download_s + timing.upload_s,
+        "idle_s": 0.0,
+    }
 
 
 def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
