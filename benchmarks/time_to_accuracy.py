@@ -60,6 +60,7 @@ from provenance import commit, cpu_name
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict, load_config
 from amble.fleet import StepTime, calibrate
 from amble.models import build_model
+from amble.report.progress import STALLED_EXIT_STATUS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -264,7 +265,7 @@ def run_in_process(config: ExperimentConfig, out: Path, threads: int, version: s
     command = [sys.executable, "-m", "amble", "run", str(config_path), "--out", str(out), "--no-progress"]
     with (out / "run.log").open("w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
-    if done.returncode != 0:
+    if done.returncode not in (0, STALLED_EXIT_STATUS):  # a stalled strategy is a result: its files are written
         raise RuntimeError(f"{out}: amble run exited with {done.returncode}; see {out / 'run.log'}")
     (out / "code_version.txt").write_text(version)
 

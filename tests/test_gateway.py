@@ -7,6 +7,7 @@ per round) with uvicorn in a thread; the rounds run in another thread, as under 
 from __future__ import annotations
 
 import json
+import math
 import string
 import subprocess
 import sys
@@ -63,17 +64,28 @@ class Gateway:
         raise AssertionError(f"round {r} was never planned")
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    raw = {
+def small_run(strategy: str | dict[str, Any]) -> dict[str, Any]:
+    return {
         **SMALL,
-        "strategies": [{"name": "amble", "deadline_quantile": 1.0}],  # q = 1: real timing sets no cut
+        "strategies": [strategy],
         "data": {**SMALL["data"], "num_devices": 6},
         "devices_per_round": 3,
         "rounds": 3,
         "server": {"max_update_mb": 2.0},
     }
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    raw = small_run({"name": "amble", "deadline_quantile": 1.0})  # q = 1: real timing sets no cut
     served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=30)
+    yield from running(served)
+
+
+@pytest.fixture
+def shipped_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """AMBLE as shipped (q = 0.8: every plan after the first round has a deadline)."""
+    served = prepare(config_from_dict(small_run("amble")), tmp_path, round_timeout_s=30)
     yield from running(served)
 
 
@@ -294,6 +306,34 @@ def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gatew
     assert all(log.status == 202 for a in agents for log in a.rounds)
     accuracies = [r["accuracy"] for r in status["history"]]
     assert accuracies[-1] > 0.2  # 10 classes: chance is 0.1
+
+
+def test_devices_over_http_with_amble_as_shipped_make_progress_every_round(shipped_gateway: Gateway) -> None:
+    agents = [DeviceAgent(shipped_gateway.url, shipped_gateway.served.tokens[d]) for d in range(6)]
+    threads = [threading.Thread(target=agent.run) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    history = shipped_gateway.operator().get("/v1/status").json()["history"]
+    assert [r["status"] for r in history] == ["finalized"] * 3
+    assert all(r["counted"] >= math.ceil(0.5 * r["expected"]) for r in history)  # the default quorum
+    assert all(p["deadline_s"] is not None for r in history[1:] for p in r["plans"].values())  # bounded rounds
+    assert sum(len(a.rounds) for a in agents) == 3 * 3  # every selected device trained...
+    assert all(log.status != 0 and log.local_steps >= 1 for a in agents for log in a.rounds)  # ...and sent
+
+
+def test_a_device_whose_task_reaches_it_after_the_deadline_still_sends_one_step(gateway: Gateway) -> None:
+    state = register_all(gateway)
+    device = state["expected"][0]
+    plan = Plan.from_dict({**state["plans"][str(device)], "deadline_s": 0.01, "at_deadline": "stop"})
+    agent = DeviceAgent(gateway.url, gateway.served.tokens[device])
+    agent.setup()
+
+    agent._train(0, plan, deadline_at=time.monotonic() - 1.0)  # its deadline passed before it had the task
+
+    assert [(log.local_steps, log.status) for log in agent.rounds] == [(1, 202)]  # 202: counted in round 0
 
 
 def test_200_concurrent_uploads_are_each_accepted_exactly_once(tmp_path: Path) -> None:

@@ -306,18 +306,22 @@ def test_the_trainer_stops_within_a_time_budget_and_is_unchanged_without_one() -
     assert tight.steps == 1 and tight.samples == 8  # the first step always runs, the second cannot fit
 
 
-def test_devices_honour_the_plans_deadline_stop_sends_partial_work_and_none_left_drops(tmp_path: Path) -> None:
+def test_a_deadline_no_step_can_meet_still_gets_one_step_from_every_device_and_the_round_counts(
+    tmp_path: Path,
+) -> None:
     """A deadline of 1 ms (``deadline_s`` caps amble's round time): from round 1 on no device can make
-    it; with ``at_deadline: stop`` and no step possible, a device sends nothing, as in the simulator."""
+    it; with ``at_deadline: stop`` each device still sends one step (issue 21: before, each sent
+    nothing and the round failed), so the round is finalized."""
     raw = small(rounds=2, strategies=[{"name": "amble", "deadline_s": 0.001}])
-    served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=2)
+    served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=30)
     with serving(served) as gw:
         agents = [DeviceAgent(gw.url, served.tokens[d]) for d in range(4)]
         run_all(agents)
         history = gw.operator().get("/v1/status").json()["history"]
-        assert [(r["status"], r["counted"]) for r in history] == [("finalized", 4), ("failed", 0)]
+        assert [r["status"] for r in history] == ["finalized", "finalized"] and history[1]["counted"] >= 2
         assert all(p["at_deadline"] == "stop" for p in history[1]["plans"].values())
-        assert sorted((log.round, log.status) for a in agents for log in a.rounds) == [(0, 202)] * 4 + [(1, 0)] * 4
+        late = sorted((log.round, log.local_steps) for a in agents for log in a.rounds if log.round == 1)
+        assert late == [(1, 1)] * 4 and all(log.status != 0 for a in agents for log in a.rounds)
 
 
 def test_a_device_with_time_for_one_step_uploads_one_step_and_it_is_counted(hostile_run: Gateway) -> None:

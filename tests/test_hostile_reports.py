@@ -28,7 +28,7 @@ from amble.server import (
     ServerFunctions,
     keys,
 )
-from amble.server.reports import bound_by_elapsed, check_report
+from amble.server.reports import as_observed, bound_by_elapsed, check_report
 from amble.server.state import RoundState
 from amble.server.tensors import encode
 from amble.strategies import (
@@ -216,6 +216,37 @@ def test_the_planner_learns_at_most_the_observed_elapsed_time() -> None:
     assert sorted(outcome.counted) == [0, 1, 2]  # the work counts: only the claim is bounded
     assert history(server, 0)[0]["compute_s"] == pytest.approx(2.0 * (1 + 1e-6) + 1e-3)
     assert history(server, 1)[0] == honest(1).to_dict()
+
+
+def test_time_the_server_saw_elapse_beyond_the_report_counts_as_communication() -> None:
+    # A device that waited 0.3 s for its next poll: 0.5 s elapsed, 0.05 + 0.1 + 0.05 reported.
+    reported = Report(0, 2, 128, 4, 32, 0.1, 0.05, 0.05)
+
+    observed = as_observed(reported, 0.5)
+
+    assert (observed.compute_s, observed.upload_s) == (0.1, 0.05)  # compute is the device's own figure
+    assert observed.download_s == pytest.approx(0.05 + 0.3)  # the unseen 0.3 s joins its link time
+    assert as_observed(reported, 0.2) == reported  # exactly the elapsed time: untouched, as in simulation
+    assert as_observed(reported, 0.2 + 1e-3) == reported  # within the stated tolerance: untouched
+    assert as_observed(reported, 0.1) == bound_by_elapsed(reported, 0.1)  # more than elapsed: scaled down
+
+
+def test_the_deadline_includes_the_time_a_device_needs_to_get_its_task() -> None:
+    # Issue 21: compute of milliseconds, but each device's upload arrived 0.4 s after the round began
+    # (polling, HTTP): T_r must cover the 0.4 s, or no device can start a step before it.
+    server = make_server(amble(), quorum=1.0)
+    server.start_round(0, [0, 1, 2], 10.0)
+    for device in (0, 1, 2):
+        steps = SAMPLES[device] // 32
+        server.upload(Report(0, device, SAMPLES[device], steps, 32, 0.002 * steps, 0.001, 0.0), update(), 10.4)
+    server.close_round(0, 10.5)
+
+    plans, _ = server.start_round(1, [0, 1, 2], 10.5)
+
+    # Each device's FedAvg time is now 0.4 s: 0.002 s per step plus 0.4 - compute of communication.
+    assert all(plan.deadline_s is not None and plan.deadline_s >= 0.4 for plan in plans.values())
+    assert all(plan.at_deadline == "stop" for plan in plans.values())  # q = 0.8 as shipped: bounded
+    assert history(server, 0)[0]["download_s"] == pytest.approx(0.4 - 0.002 * (SAMPLES[0] // 32))
 
 
 # -- one report, one device: bounded influence --------------------------------------------------------------

@@ -136,7 +136,16 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_experiment(config, out_dir, progress=not args.no_progress, resume=args.resume is not None)
     print(f"\nwrote {out_dir}/ (metrics.jsonl, devices.jsonl, summary.json, report.html, plots)")
     _print_summary(summary["strategies"])
-    return 0
+    return _progress_status(summary["strategies"], "metrics.jsonl")
+
+
+def _progress_status(strategies: dict[str, dict[str, object]], rows_file: str) -> int:
+    """Warn on stderr about failed rounds; the exit status: non-zero when a strategy stalled."""
+    from amble.report.progress import STALLED_EXIT_STATUS, failed_rounds_warnings, stalled
+
+    for line in failed_rounds_warnings(strategies, rows_file):
+        print(f"amble: warning: {line}", file=sys.stderr)
+    return STALLED_EXIT_STATUS if any(stalled(result) for result in strategies.values()) else 0
 
 
 def _print_summary(results: dict[str, dict[str, object]]) -> None:
@@ -190,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
     from amble.config import load_config
     from amble.live.localfleet import LocalFleet, check_fleet_size, device_trust, local_url, parse_slowdowns
     from amble.live.serve import prepare, serve
+    from amble.report.files import read_run
 
     config = load_config(args.config, args.overrides)
     out_dir = args.out or Path("runs") / f"{config.name}-serve"
@@ -228,7 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"amble serve: done; wrote {out_dir}/ (metrics.jsonl, devices.jsonl, summary.json, report.html, "
         "fleet_trace.json, serve.jsonl)"
     )
-    return 0
+    return _progress_status(read_run(out_dir).summary["strategies"], "serve.jsonl")
 
 
 def _device(args: argparse.Namespace) -> int:

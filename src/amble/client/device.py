@@ -9,11 +9,13 @@ link. ``slowdown`` makes it really take that many times longer (for demos and te
 AMBLE's planner learns from is a measurement, not a number it was told.
 
 A plan's deadline counts from the round's start (the task says how much of it is left). With
-``at_deadline: stop`` the device stops training in time for its upload to arrive by the deadline and
-sends the steps done (``probe``: at least one, however late); with ``drop`` it sends nothing when it
-cannot finish every step in time, as the simulator's devices do. Requests the server could not
-answer (no connection, 429/502/503/504) are retried with exponential backoff, at least as long as
-``Retry-After`` asks; the server counts an update once, so a retried upload is safe.
+``at_deadline: stop`` or ``probe`` the device stops training in time for its upload to arrive by the
+deadline and sends the steps done: at least one, however late its task reached it, because the round
+is open while it hands out tasks and a deadline must not turn devices that are alive and willing into
+a failed round (issue 21). With ``drop`` it sends nothing when it cannot finish every step in time.
+Requests the server could not answer (no connection, 429/502/503/504) are retried with exponential
+backoff, at least as long as ``Retry-After`` asks; the server counts an update once, so a retried
+upload is safe.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ class DeviceAgent:
     def _train(self, round_index: int, plan: Plan, deadline_at: float | None = None) -> None:
         params, download_s = self._fetch_model()
         budget_s = self._budget_s(plan, deadline_at)
-        if budget_s is not None and budget_s <= 0 and plan.at_deadline != "probe":
+        if budget_s is not None and budget_s <= 0 and plan.at_deadline == "drop":
             self._drop(round_index, plan, 0, "no time left before the deadline")
             return
         began = time.perf_counter()

@@ -54,6 +54,7 @@ STRATEGY_SUMMARY_FIELDS = (
     "virtual_time_s",
     "wall_time_s",
     "rounds",
+    "rounds_failed",
     "updates_aggregated",
     "updates_rejected",
     "function_invocations",

@@ -16,6 +16,7 @@ import yaml
 from amble.durable import write_atomic
 from amble.report.files import STRATEGY_SUMMARY_FIELDS, RunData, read_run
 from amble.report.plots import PlotFile, target_accuracy, write_plots
+from amble.report.progress import failed_rounds_warnings
 
 REPORT_FILE = "report.html"
 REFERENCE_STRATEGY = "amble"
@@ -33,6 +34,8 @@ th:first-child, td:first-child { text-align: left; }
 thead th { background: #f2f4f7; } tbody tr:nth-child(even) { background: #fafafa; }
 tr.speedup td { font-weight: 600; background: #eef5ee; }
 .note { color: #555; font-size: .92rem; max-width: 60rem; }
+.warning { color: #8a1c1c; background: #fdf0f0; border-left: 4px solid #c0392b; padding: .5rem .8rem;
+           max-width: 60rem; }
 figure { margin: 1.5rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .92rem; }
 pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; border: 1px solid #e1e4e8; }
@@ -71,7 +74,7 @@ def render_html(run: RunData, plots: list[PlotFile], generated: datetime) -> str
 <code>{escape(run.run_dir.name or str(run.run_dir))}</code>.
 Strategies: {escape(", ".join(run.strategies)) or MISSING}. Target accuracy: {escape(target_text)}.</p>
 <h2>Summary</h2>
-{_summary_table(run)}
+{_failed_rounds_note(run)}{_summary_table(run)}
 <h2>Plots</h2>
 {figures}
 <h2>Resolved configuration</h2>
@@ -91,6 +94,14 @@ def speedup_vs_reference(run: RunData, strategy: str) -> float | None:
     if own is None or reference is None or reference <= 0:
         return None
     return own / reference
+
+
+def _failed_rounds_note(run: RunData) -> str:
+    """A warning above the table when any strategy had rounds that failed (empty when none did)."""
+    results = {s: run.strategy_summary(s) for s in run.strategies}
+    rows_file = "serve.jsonl" if run.measured else "metrics.jsonl"
+    lines = failed_rounds_warnings(results, rows_file)
+    return "".join(f'<p class="warning">Warning: {escape(line)}.</p>\n' for line in lines)
 
 
 def _summary_table(run: RunData) -> str:
@@ -234,6 +245,7 @@ _ROWS: dict[str, tuple[str, _Formatter]] = {
     "virtual_time_s": ("Virtual time", _numeric(_seconds)),
     "wall_time_s": ("Wall time", _numeric(_seconds)),
     "rounds": ("Rounds", _numeric(_count)),
+    "rounds_failed": ("Rounds failed", _numeric(_count)),
     "updates_aggregated": ("Updates aggregated", _numeric(_count)),
     "updates_rejected": ("Updates rejected", _numeric(_count)),
     "function_invocations": ("Function invocations", _numeric(_count)),
