@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from amble.errors import UpdateRejected
+from amble.live.coordinator import Coordinator
 from amble.server import (
     LocalRuntime,
     MemoryEventLog,
@@ -231,22 +232,25 @@ def test_time_the_server_saw_elapse_beyond_the_report_counts_as_communication() 
     assert as_observed(reported, 0.1) == bound_by_elapsed(reported, 0.1)  # more than elapsed: scaled down
 
 
-def test_the_deadline_includes_the_time_a_device_needs_to_get_its_task() -> None:
-    # Issue 21: compute of milliseconds, but each device's upload arrived 0.4 s after the round began
-    # (polling, HTTP): T_r must cover the 0.4 s, or no device can start a step before it.
+def test_a_served_rounds_deadline_includes_the_time_a_device_needs_to_get_its_task() -> None:
+    # Issue 21: compute of milliseconds, but each upload arrived 0.4 s after the round began (polling,
+    # HTTP): T_r must cover those 0.4 s, or no device can start a step before it.
     server = make_server(amble(), quorum=1.0)
-    server.start_round(0, [0, 1, 2], 10.0)
+    coordinator = Coordinator(server, rounds=2, min_devices=3, round_timeout_s=30)
+    server.start_round(0, [0, 1, 2], coordinator.now_s() - 0.4)  # the round began 0.4 s ago
     for device in (0, 1, 2):
         steps = SAMPLES[device] // 32
-        server.upload(Report(0, device, SAMPLES[device], steps, 32, 0.002 * steps, 0.001, 0.0), update(), 10.4)
-    server.close_round(0, 10.5)
+        coordinator.accept(Report(0, device, SAMPLES[device], steps, 32, 0.002 * steps, 0.001, 0.0), update())
+    server.close_round(0, coordinator.now_s())
 
-    plans, _ = server.start_round(1, [0, 1, 2], 10.5)
+    plans, _ = server.start_round(1, [0, 1, 2], coordinator.now_s())
 
-    # Each device's FedAvg time is now 0.4 s: 0.002 s per step plus 0.4 - compute of communication.
+    # Each device's FedAvg time is now at least 0.4 s: its compute plus all it did not report as compute.
     assert all(plan.deadline_s is not None and plan.deadline_s >= 0.4 for plan in plans.values())
     assert all(plan.at_deadline == "stop" for plan in plans.values())  # q = 0.8 as shipped: bounded
-    assert history(server, 0)[0]["download_s"] == pytest.approx(0.4 - 0.002 * (SAMPLES[0] // 32))
+    learned = history(server, 0)[0]
+    assert learned["compute_s"] == 0.002 * (SAMPLES[0] // 32) and learned["download_s"] >= 0.4 - learned["compute_s"]
+    assert coordinator.arrivals[0][0].report.download_s == 0.001  # the round's record keeps what the device said
 
 
 # -- one report, one device: bounded influence --------------------------------------------------------------

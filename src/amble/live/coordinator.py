@@ -26,7 +26,7 @@ from typing import Any
 from amble.errors import AmbleError
 from amble.server import keys
 from amble.server.paramserver import ParameterServer, RoundOutcome
-from amble.server.reports import bound_by_elapsed
+from amble.server.reports import as_observed, bound_by_elapsed
 from amble.server.store.base import Store, read_json
 from amble.strategies.base import Params, Report
 
@@ -196,27 +196,30 @@ class Coordinator:
                     f"over server.max_weight_share ({self.limits.max_weight_share:.0%})"
                 )
 
-    def accept(
-        self, upload: Callable[[float], str], round_index: int, device: int, report: Report | None = None
-    ) -> UploadFate:
+    def accept(self, report: Report, update: bytes) -> UploadFate:
         """Store an already validated update, run the functions it triggers, and say what became of it.
 
+        The report the functions (and so the planner) get is :func:`as_observed`: its link time is
+        everything between the round's start and this arrival that the device did not report as
+        compute (its wait for the task, HTTP, TLS), so ``T_r`` covers what a device cannot avoid.
         With the embedded runtime the update's ``aggregate`` has run when ``drain`` returns; with
         workers, ``drain`` waits for them. Counted means it is in the round's sums (it will be in the
         published model if the round is finalised); otherwise it was rejected by the functions, or
         its event failed (dead-lettered) or is still pending: then nothing was counted yet and the
-        device may send it again (a repeat is counted once). With ``report``, the arrival is kept
-        for the round's record.
+        device may send it again (a repeat is counted once). The arrival is kept for the round's
+        record, with the device's own report.
         """
+        round_index, device = report.round, report.device
         with self.lock:
             at_s = self.now_s()
-            upload_id = upload(at_s)
+            state = self.server.round_state(round_index)
+            observed = report if state is None else as_observed(report, at_s - state.started_at_s)
+            upload_id = self.server.upload(observed, update, at_s)
             self.server.runtime.drain()
             self.changed.notify_all()
             meta = read_json(self.store, keys.round_meta(round_index)) or {}
             counted = device in meta.get("counted", ())
-            if report is not None:
-                self._arrived(round_index, device, report, at_s, counted)
+            self._arrived(round_index, device, report, at_s, counted)
             if counted:
                 return UploadFate(upload_id, True)
             rejection = read_json(self.store, keys.round_rejection(round_index, device, upload_id))

@@ -289,9 +289,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
                 if str(device) in store.set_members(keys.uploaded(round_index)):  # a racing replay lost
                     message = f"device {device} already uploaded its update for round {round_index}"
                     raise reject(409, "replayed", message, device)
-                fate = coordinator.accept(
-                    lambda at_s: coordinator.server.upload(report, body, at_s), round_index, device, report
-                )
+                fate = coordinator.accept(report, body)
                 if fate.counted:  # only now: a device whose update was not counted may send it again
                     store.add_to_set(keys.uploaded(round_index), str(device))
         except ApiError:

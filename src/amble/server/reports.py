@@ -95,7 +95,7 @@ def check_report(
     Aggregation weights come from the report, so a device may not claim more samples than it
     registered, a different batch size, or more steps than it was planned. ``arrived_at_s`` is when
     the upload arrived, on the clock of ``state.started_at_s`` (None when the caller cannot know);
-    given it, the times are what the server observed (:func:`as_observed`).
+    given it, the times are bounded by what the server observed (:func:`bound_by_elapsed`).
     """
     report = parse_report(raw)
     if (report.round, report.device) != (round_index, device):
@@ -117,7 +117,7 @@ def check_report(
         )
     if arrived_at_s is None:
         return report
-    return as_observed(report, arrived_at_s - state.started_at_s)
+    return bound_by_elapsed(report, arrived_at_s - state.started_at_s)
 
 
 def as_observed(report: Report, elapsed_s: float) -> Report:
@@ -130,8 +130,9 @@ def as_observed(report: Report, elapsed_s: float) -> Report:
     the round takes: with compute of milliseconds, a device polling every 0.1 s got a 33 ms deadline
     and dropped out before its first step (issue 21). So the link time the planner fits is everything
     between the round's start and the upload's arrival that the device did not report as compute:
-    a figure the server measured itself, which a device can raise only by being slow. Beyond the
-    tolerance only: in simulation arrival = start + download + compute + upload exactly, untouched.
+    a figure the server measured itself, which a device can raise only by being slow. The live path
+    applies it (:meth:`amble.live.coordinator.Coordinator.accept`); the simulator's devices report
+    their virtual times exactly and start when their plans are published, so it has nothing to add.
     """
     bounded = bound_by_elapsed(report, elapsed_s)
     unseen_s = elapsed_s - (bounded.compute_s + bounded.download_s + bounded.upload_s)
