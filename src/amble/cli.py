@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--namespace", action="append", default=None, help="serve only this run (repeatable; default: every run)"
     )
+    worker.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="let a run spec name a strategy, aggregator or model from this installed package (repeatable)",
+    )
     worker.add_argument("--max-events", type=int, default=None, help="exit after running this many events")
     worker.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     worker.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the driver) is gone")
@@ -164,6 +171,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     import torch
 
+    from amble.imports import ImportPolicy
     from amble.server.factory import handlers_from_store
     from amble.server.runtime.workers import FunctionWorker, store_factory_from_env
     from amble.server.store.redis import check_access
@@ -177,6 +185,7 @@ def _worker(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         parent_pid=args.parent_pid,
         started_at_s=args.spawned_at,
+        imports=ImportPolicy(frozenset(args.allow_import), "the run spec in Redis", "a worker"),
     )
     worker.store_factory = store_factory_from_env(worker.consumer)
     signal.signal(signal.SIGTERM, worker.stop)

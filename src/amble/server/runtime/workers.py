@@ -37,6 +37,7 @@ from typing import Any, cast
 import redis
 
 from amble.errors import AmbleError
+from amble.imports import ImportPolicy, only_imports_from
 from amble.server import keys
 from amble.server.events.base import Event
 from amble.server.events.redis import RedisEventLog
@@ -53,13 +54,18 @@ from amble.server.runtime.base import (
     invoke,
 )
 from amble.server.runtime.pool import ScalingPolicy, WorkerPool
-from amble.server.store.redis import RedisStore, connect, server_time
+from amble.server.store.redis import RedisStore, connect, prefix_of, server_time
 
 NAMESPACES = "amble:namespaces"
 """The runs workers serve: a Redis set of namespaces, added by the driver when a run starts."""
 HEARTBEATS = "amble:workers"
 """Worker liveness: a hash of consumer name -> Redis server time of its last loop."""
 HEARTBEAT_STALE_S = 10.0
+
+
+def refusals_key(namespace: str) -> str:
+    """A hash of consumer -> why that worker could not load the run's spec (wiped with the run)."""
+    return prefix_of(namespace) + "refusals"
 
 
 def process_started_at() -> float | None:
@@ -101,6 +107,7 @@ class FunctionWorker:
         store_factory: Callable[[str, str, redis.Redis], RedisStore] = RedisStore,
         parent_pid: int | None = None,
         started_at_s: float | None = None,
+        imports: ImportPolicy | None = None,
     ) -> None:
         self.url = url
         self.client = connect(url)
@@ -112,7 +119,11 @@ class FunctionWorker:
         """Exit when this process is orphaned (the driver that started it died)."""
         self.started_at_s = started_at_s if started_at_s is not None else process_started_at()
         """Wall-clock time this instance's process started: where its real cold start begins."""
+        self.imports = imports
+        """What a run spec may make this process import (``--allow-import``); None: anything installed."""
         self.served: dict[str, _Served] = {}
+        self.refused: dict[str, str] = {}
+        """Runs whose spec this worker could not load, with why: skipped (not retried) while registered."""
         self.records: dict[str, InstanceRecord] = {}
         """This instance's figures per run, kept when the runs are reloaded (its cold start happened once)."""
         self.stopping = False
@@ -133,15 +144,38 @@ class FunctionWorker:
             wanted = {m.decode() for m in cast(set[bytes], self.client.smembers(NAMESPACES))}
         for gone in set(self.served) - wanted:
             del self.served[gone]
-        for namespace in sorted(wanted - set(self.served)):
-            store = self.store_factory(self.url, namespace, self.client)
-            pool = store.get(keys.POOL)
-            if pool is None:  # registered but not yet initialised: try again on the next refresh
+        for gone in set(self.refused) - wanted:  # a new run under the same name is tried afresh
+            del self.refused[gone]
+        for namespace in sorted(wanted - set(self.served) - set(self.refused)):
+            try:
+                served = self._load(namespace)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one bad run spec: skip that run, keep serving the others
+                self._refuse(namespace, exc)
                 continue
-            events = RedisEventLog(self.url, namespace, self.client)
-            record = self.records.setdefault(namespace, InstanceRecord(self.consumer, self.started_at_s))
-            settings = PoolSettings.from_json(pool)
-            self.served[namespace] = _Served(store, events, self.handlers_for(store), settings, record)
+            if served is not None:
+                self.served[namespace] = served
+
+    def _load(self, namespace: str) -> _Served | None:
+        """A run's functions and settings, rebuilt from its spec (None: not yet initialised)."""
+        store = self.store_factory(self.url, namespace, self.client)
+        pool = store.get(keys.POOL)
+        if pool is None:  # registered but not yet initialised: try again on the next refresh
+            return None
+        events = RedisEventLog(self.url, namespace, self.client)
+        settings = PoolSettings.from_json(pool)
+        with only_imports_from(self.imports):
+            handlers = self.handlers_for(store)
+        record = self.records.setdefault(namespace, InstanceRecord(self.consumer, self.started_at_s))
+        return _Served(store, events, handlers, settings, record)
+
+    def _refuse(self, namespace: str, exc: Exception) -> None:
+        """Say once, on stderr and in the run's :data:`REFUSALS`, why this worker does not serve a run."""
+        why = str(exc) if isinstance(exc, AmbleError) else f"{type(exc).__name__}: {exc}"
+        self.refused[namespace] = why
+        print(f"amble worker {self.consumer}: not serving run {namespace!r}: {why}", file=sys.stderr)
+        self.client.hset(refusals_key(namespace), self.consumer, why)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -179,7 +213,8 @@ class FunctionWorker:
         if cold:
             run.cache.clear()
         invocation = Invocation(os.getpid(), cold, run.cache, shard=os.getpid())
-        end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
+        with only_imports_from(self.imports):
+            end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
         self.invocations += 1
         run.record.ran_one(run.store)
         if end_s is None:  # a failed instance loses its warm state

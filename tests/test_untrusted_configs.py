@@ -1,0 +1,145 @@
+"""Configs written by someone else: what ``amble device`` gets from a server and what ``amble worker``
+reads from Redis may make it import only the packages its own ``--allow-import`` allows, whichever key
+names the code; and a worker serving several runs skips one whose spec it cannot load and serves the rest.
+
+The code named is ``tests/import_marker.py``, which writes a marker file when imported: a refusal must
+leave no marker (the module never ran), and the message must name the key and the flag that allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amble.cli import main
+from amble.server import keys
+from amble.server.runtime.workers import worker_command
+from amble.server.store.redis import RedisStore, wipe
+from tests.conftest import RedisServer
+from tests.test_sim import SMALL
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER_MODULE = "tests.import_marker"
+
+
+class FakeServer:
+    """A hostile ``amble serve`` on loopback: ``/v1/whoami`` answers with the config it is given."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        body = json.dumps({"device": 0, "config": config}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                found = self.path == "/v1/whoami"
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body if found else b'{"error": "not_found", "message": ""}')
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = tmp_path / "imported"
+    monkeypatch.setenv("AMBLE_TEST_IMPORT_MARKER", str(path))
+    sys.modules.pop(MARKER_MODULE, None)
+    yield path
+    sys.modules.pop(MARKER_MODULE, None)
+
+
+HOSTILE = [
+    ("strategies.0", {"strategies": [{"name": f"{MARKER_MODULE}:Anything"}]}),
+    ("aggregator", {"aggregator": f"{MARKER_MODULE}:Anything"}),
+    ("strategies.0.aggregator", {"strategies": [{"name": "fedavg", "aggregator": f"{MARKER_MODULE}:Anything"}]}),
+]
+
+
+@pytest.mark.parametrize(("key", "named"), HOSTILE, ids=[key for key, _ in HOSTILE])
+def test_a_device_imports_nothing_a_server_names_without_its_operators_leave(
+    key: str, named: dict[str, Any], marker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a server whose config names the marker module by a key devices never needed before
+    server = FakeServer({**SMALL, **named})
+
+    # Execute
+    try:
+        code = main(["device", "--server", server.url, "--token", "t", "--threads", "1"])
+    finally:
+        server.close()
+
+    # Assert: refused, saying which key and how to allow it; the module never ran
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"key '{key}'" in err and f"{MARKER_MODULE}:Anything" in err, err
+    assert "add --allow-import tests" in err, err
+    assert not marker.exists() and MARKER_MODULE not in sys.modules
+
+
+def test_with_its_operators_leave_a_device_does_import_the_servers_package(
+    marker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The control for the test above: the marker does record an import, and the allow-list lets it happen."""
+    server = FakeServer({**SMALL, "strategies": [{"name": f"{MARKER_MODULE}:Anything"}]})
+    try:
+        code = main(["device", "--server", server.url, "--token", "t", "--threads", "1", "--allow-import", "tests"])
+    finally:
+        server.close()
+
+    err = capsys.readouterr().err
+    assert code == 2  # imported, then refused for what it is: the module has no such strategy
+    assert "has no attribute 'Anything'" in err, err
+    assert marker.read_text() == "imported"
+
+
+def _put_spec(store: RedisStore, config: dict[str, Any]) -> None:
+    store.put(keys.RUN_SPEC, json.dumps({"config": config, "strategy": 0}).encode())
+    store.put(keys.POOL, json.dumps({}).encode())
+
+
+def _worker(url: str, namespace: str, marker: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AMBLE_TEST_IMPORT_MARKER": str(marker), "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    command = worker_command(url, "--namespace", namespace, "--idle-exit-s", "2", *options)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(("key", "named"), HOSTILE, ids=[key for key, _ in HOSTILE])
+def test_a_worker_imports_nothing_a_run_spec_names_without_its_operators_leave(
+    key: str, named: dict[str, Any], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Prepare: a run spec in Redis (anyone who can write there can write one) naming the marker module
+    namespace = f"untrusted-{key}"
+    store = RedisStore(redis_server.url, namespace)
+    _put_spec(store, {**SMALL, **named})
+    marker = tmp_path / "imported"
+
+    # Execute
+    try:
+        done = _worker(redis_server.url, namespace, marker)
+    finally:
+        wipe(store.client, namespace)
+        store.close()
+
+    # Assert: the spec is refused with the key and the flag; the module never ran
+    assert f"key '{key}'" in done.stderr and "add --allow-import tests" in done.stderr, done.stderr
+    assert "the run spec in Redis names" in done.stderr
+    assert not marker.exists()
+    assert "Traceback" not in done.stderr
