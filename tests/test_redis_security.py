@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from amble.errors import ConfigError
-from amble.server.store.redis import PASSWORD_ENV, RedisStore, connect, redacted
+from amble.redaction import redact
+from amble.server.store.redis import PASSWORD_ENV, RedisStore, connect
 from tests.conftest import RedisServer
 
 PASSWORD = "s3cret-for-tests"
@@ -52,8 +53,8 @@ def test_the_password_comes_from_the_url_or_the_environment_and_never_shows_in_m
     assert from_env.incr("c", 2.0) == 2.0
     from_env.close()
 
-    assert PASSWORD not in redacted(with_password) and "***" in redacted(with_password)
-    assert redacted(locked_redis.url) == locked_redis.url
+    assert PASSWORD not in redact(with_password) and "***" in redact(with_password)
+    assert redact(locked_redis.url) == locked_redis.url
 
 
 def test_every_command_has_a_socket_timeout(redis_server: RedisServer) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 
 from amble.cli import main
+from amble.config import config_from_dict
 from amble.server import keys
-from amble.server.runtime.workers import worker_command
+from amble.server.runtime.workers import NAMESPACES, refusals_key, worker_command
+from amble.sim import run_experiment
 from amble.server.store.redis import RedisStore, wipe
 from tests.conftest import RedisServer
 from tests.test_sim import SMALL
@@ -38,7 +40,7 @@ class FakeServer:
         body = json.dumps({"device": 0, "config": config}).encode()
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 found = self.path == "/v1/whoami"
                 self.send_response(200 if found else 404)
                 self.send_header("Content-Type", "application/json")
@@ -143,3 +145,44 @@ def test_a_worker_imports_nothing_a_run_spec_names_without_its_operators_leave(
     assert "the run spec in Redis names" in done.stderr
     assert not marker.exists()
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        json.dumps({"config": {**SMALL, "rounds": 0}, "strategy": 0}).encode(),  # a ConfigError
+        b"not json",
+    ],
+    ids=["invalid-config", "not-json"],
+)
+def test_a_worker_skips_a_run_whose_spec_it_cannot_load_and_serves_the_others(
+    spec: bytes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Prepare: a database of its own holding a broken run, and one `amble worker` serving every run in it
+    url = redis_server.url.replace("/0", "/2")
+    broken = RedisStore(url, "broken-run")
+    wipe(broken.client, "broken-run")
+    broken.put(keys.RUN_SPEC, spec)
+    broken.put(keys.POOL, json.dumps({}).encode())
+    broken.client.sadd(NAMESPACES, "broken-run")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    worker = subprocess.Popen(worker_command(url, "--idle-exit-s", "60"), env=env, stderr=subprocess.PIPE, text=True)
+
+    # Execute: a good run served by that worker alone (the run starts none of its own)
+    try:
+        config = config_from_dict({**SMALL, "strategies": ["fedavg"], "server": {"store": url, "workers": 0}})
+        summary = run_experiment(config, tmp_path / "good", progress=False)
+        refusals = broken.client.hgetall(refusals_key("broken-run"))
+    finally:
+        worker.terminate()
+        _, err = worker.communicate(timeout=60)
+        broken.client.srem(NAMESPACES, "broken-run")
+        wipe(broken.client, "broken-run")
+        broken.close()
+
+    # Assert: every update of the good run (4 rounds x 4 devices) was folded by the worker, which said
+    # once why it skipped the broken run, on stderr and in that run's store
+    assert summary["strategies"]["fedavg"]["updates_aggregated"] == 16
+    assert err.count("not serving run 'broken-run'") == 1, err
+    assert "Traceback" not in err
+    assert len(refusals) == 1

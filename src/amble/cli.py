@@ -126,13 +126,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         out_dir = args.resume
-        config = load_run_config(out_dir)
-        if args.config is not None and config_to_dict(load_config(args.config, args.overrides)) != config_to_dict(
-            config
-        ):
-            raise ConfigError(
-                f"{args.config} (with --set) is not the config of the run in {out_dir}; drop it to resume"
-            )
+        config = load_run_config(out_dir)  # a password in its store URL reads *** (AMBLE_REDIS_PASSWORD gives it)
+        if args.config is not None:
+            given = load_config(args.config, args.overrides)
+            if config_to_dict(given) != config_to_dict(config):
+                raise ConfigError(
+                    f"{args.config} (with --set) is not the config of the run in {out_dir}; drop it to resume"
+                )
+            config = given  # the same run, with the store's password if the config (or --set) gives it
         if args.config is None and args.overrides:
             raise ConfigError("--set cannot change a run being resumed; resume it as it was started")
     elif args.config is None:
