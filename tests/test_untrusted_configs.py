@@ -24,8 +24,8 @@ from amble.cli import main
 from amble.config import config_from_dict
 from amble.server import keys
 from amble.server.runtime.workers import NAMESPACES, refusals_key, worker_command
-from amble.sim import run_experiment
 from amble.server.store.redis import RedisStore, wipe
+from amble.sim import run_experiment
 from tests.conftest import RedisServer
 from tests.test_sim import SMALL
 
