@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from amble.config import ExperimentConfig, config_from_dict
+from amble.cli import main
+from amble.config import ExperimentConfig, config_from_dict, config_to_dict
 from amble.errors import ConfigError
 from amble.live.serve import prepare
 from amble.redaction import redact
@@ -271,3 +272,28 @@ def test_a_redacted_url_connects_with_the_password_from_the_environment_and_says
 )
 def test_redact_hides_every_password_of_a_url_or_a_message_quoting_one(text: str, shown: str) -> None:
     assert redact(text) == shown
+
+
+def test_resuming_a_run_takes_the_password_from_the_environment_or_the_same_config(
+    locked_redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a run whose run.json shows its store's password as ***
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    out = tmp_path / "out"
+    config = _locked_config(locked_redis, rounds=1, server={"workers": 1})
+    run_experiment(config, out, progress=False)
+    given = tmp_path / "config.yaml"
+    given.write_text(json.dumps(config_to_dict(config, with_secrets=True)))
+
+    # Execute: resume with no password anywhere, then with it in the environment, then with the config
+    without = main(["run", "--resume", str(out), "--no-progress"])
+    refused = capsys.readouterr().err
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    from_env = main(["run", "--resume", str(out), "--no-progress"])
+    monkeypatch.delenv(PASSWORD_ENV)
+    from_config = main(["run", str(given), "--resume", str(out), "--no-progress"])
+
+    # Assert
+    assert without == 2 and f"give the password in {PASSWORD_ENV}" in refused and PASSWORD not in refused
+    assert from_env == 0 and from_config == 0
+    assert all(PASSWORD.encode() not in path.read_bytes() for path in out.rglob("*") if path.is_file())
