@@ -297,3 +297,11 @@ def test_resuming_a_run_takes_the_password_from_the_environment_or_the_same_conf
     assert without == 2 and f"give the password in {PASSWORD_ENV}" in refused and PASSWORD not in refused
     assert from_env == 0 and from_config == 0
     assert all(PASSWORD.encode() not in path.read_bytes() for path in out.rglob("*") if path.is_file())
+
+
+def test_a_config_error_quoting_a_store_url_shows_no_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict({"server": {"store": f"http://:{PASSWORD}@127.0.0.1:6379/0"}})  # not a Redis URL
+
+    assert "key 'server.store'" in str(refused.value) and "http://:***@127.0.0.1:6379/0" in str(refused.value)
+    assert PASSWORD not in str(refused.value)

@@ -23,7 +23,8 @@ import pytest
 from amble.cli import main
 from amble.config import config_from_dict
 from amble.server import keys
-from amble.server.runtime.workers import NAMESPACES, refusals_key, worker_command
+from amble.server.factory import handlers_from_store
+from amble.server.runtime.workers import NAMESPACES, FunctionWorker, refusals_key, worker_command
 from amble.server.store.redis import RedisStore, wipe
 from amble.sim import run_experiment
 from tests.conftest import RedisServer
@@ -186,3 +187,28 @@ def test_a_worker_skips_a_run_whose_spec_it_cannot_load_and_serves_the_others(
     assert err.count("not serving run 'broken-run'") == 1, err
     assert "Traceback" not in err
     assert len(refusals) == 1
+
+
+def test_a_refused_run_started_again_with_a_good_spec_is_served(redis_server: RedisServer) -> None:
+    # Prepare: a worker (in this process) that refused a run's broken spec
+    url = redis_server.url.replace("/0", "/3")
+    store = RedisStore(url, "restarted-run")
+    wipe(store.client, "restarted-run")
+    _put_spec(store, {**SMALL, "rounds": 0})
+    worker = FunctionWorker(url, handlers_from_store, namespaces=["restarted-run"])
+    worker.step(block_s=0.01)
+    refused_first = set(worker.refused)
+
+    # Execute: the run is wiped and started again (as `amble run` does) with a valid spec
+    wipe(store.client, "restarted-run")
+    _put_spec(store, SMALL)
+    worker._refreshed_at = 0.0  # refresh on the next step rather than half a second later
+    worker.step(block_s=0.01)
+
+    # Assert
+    try:
+        assert refused_first == {"restarted-run"}
+        assert set(worker.served) == {"restarted-run"} and not worker.refused
+    finally:
+        wipe(store.client, "restarted-run")
+        store.close()

@@ -124,7 +124,7 @@ class FunctionWorker:
         """What a run spec may make this process import (``--allow-import``); None: anything installed."""
         self.served: dict[str, _Served] = {}
         self.refused: dict[str, str] = {}
-        """Runs whose spec this worker could not load, with why: skipped (not retried) while registered."""
+        """Runs whose spec this worker could not load, with why: skipped until the run is started again."""
         self.records: dict[str, InstanceRecord] = {}
         """This instance's figures per run, kept when the runs are reloaded (its cold start happened once)."""
         self.stopping = False
@@ -145,8 +145,8 @@ class FunctionWorker:
             wanted = {m.decode() for m in cast(set[bytes], self.client.smembers(NAMESPACES))}
         for gone in set(self.served) - wanted:
             del self.served[gone]
-        for gone in set(self.refused) - wanted:  # a new run under the same name is tried afresh
-            del self.refused[gone]
+        for gone in [n for n in self.refused if n not in wanted or not self._still_refused(n)]:
+            del self.refused[gone]  # the run left, or was wiped to start again: try it afresh
         for namespace in sorted(wanted - set(self.served) - set(self.refused)):
             try:
                 served = self._load(namespace)
@@ -170,6 +170,10 @@ class FunctionWorker:
             handlers = self.handlers_for(store)
         record = self.records.setdefault(namespace, InstanceRecord(self.consumer, self.started_at_s))
         return _Served(store, events, handlers, settings, record)
+
+    def _still_refused(self, namespace: str) -> bool:
+        """Whether the run holds this worker's refusal still (a run started afresh was wiped first)."""
+        return bool(self.client.hexists(refusals_key(namespace), self.consumer))
 
     def _refuse(self, namespace: str, exc: Exception) -> None:
         """Say once, on stderr and in the run's :data:`REFUSALS`, why this worker does not serve a run."""
