@@ -22,6 +22,7 @@ import pytest
 
 from amble.cli import main
 from amble.config import config_from_dict
+from amble.errors import AmbleError
 from amble.server import keys
 from amble.server.factory import handlers_from_store
 from amble.server.runtime.workers import NAMESPACES, FunctionWorker, refusals_key, worker_command
@@ -212,3 +213,24 @@ def test_a_refused_run_started_again_with_a_good_spec_is_served(redis_server: Re
     finally:
         wipe(store.client, "restarted-run")
         store.close()
+
+
+def test_a_run_whose_own_workers_cannot_load_its_spec_fails_at_once_saying_why(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a config naming an aggregator of tests/, which the run's worker processes cannot import
+    # (started from another folder, with only src/ on their path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))
+    url = redis_server.url.replace("/0", "/4")
+    raw = {**SMALL, "strategies": ["fedavg"], "aggregator": "tests.user_strategies:HalfStep"}
+    config = config_from_dict({**raw, "server": {"store": url, "workers": 1}})
+
+    # Execute
+    with pytest.raises(AmbleError) as failed:
+        run_experiment(config, tmp_path / "out", progress=False)
+
+    # Assert: the driver says what its workers said (rather than waiting out server.drain_timeout_s)
+    message = str(failed.value)
+    assert "the run's `amble worker` processes cannot load its spec" in message
+    assert "module 'tests.user_strategies' is not importable" in message
