@@ -104,9 +104,9 @@ def run(
 
 def _raw_config(config: ExperimentConfig | Mapping[str, Any] | str | Path, overrides: list[str]) -> dict[str, Any]:
     if isinstance(config, str | Path):
-        return config_to_dict(load_config(config, overrides))
+        return config_to_dict(load_config(config, overrides), with_secrets=True)
     if isinstance(config, ExperimentConfig):
-        raw = config_to_dict(config)
+        raw = config_to_dict(config, with_secrets=True)
     elif isinstance(config, Mapping):
         raw = copy.deepcopy(dict(config))
     else:

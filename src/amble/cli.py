@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--namespace", action="append", default=None, help="serve only this run (repeatable; default: every run)"
     )
+    worker.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="let a run spec name a strategy, aggregator or model from this installed package (repeatable)",
+    )
     worker.add_argument("--max-events", type=int, default=None, help="exit after running this many events")
     worker.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     worker.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the driver) is gone")
@@ -119,13 +126,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         out_dir = args.resume
-        config = load_run_config(out_dir)
-        if args.config is not None and config_to_dict(load_config(args.config, args.overrides)) != config_to_dict(
-            config
-        ):
-            raise ConfigError(
-                f"{args.config} (with --set) is not the config of the run in {out_dir}; drop it to resume"
-            )
+        config = load_run_config(out_dir)  # a password in its store URL reads *** (AMBLE_REDIS_PASSWORD gives it)
+        if args.config is not None:
+            given = load_config(args.config, args.overrides)
+            if config_to_dict(given) != config_to_dict(config):
+                raise ConfigError(
+                    f"{args.config} (with --set) is not the config of the run in {out_dir}; drop it to resume"
+                )
+            config = given  # the same run, with the store's password if the config (or --set) gives it
         if args.config is None and args.overrides:
             raise ConfigError("--set cannot change a run being resumed; resume it as it was started")
     elif args.config is None:
@@ -173,6 +181,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     import torch
 
+    from amble.imports import ImportPolicy
     from amble.server.factory import handlers_from_store
     from amble.server.runtime.workers import FunctionWorker, store_factory_from_env
     from amble.server.store.redis import check_access
@@ -186,6 +195,7 @@ def _worker(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         parent_pid=args.parent_pid,
         started_at_s=args.spawned_at,
+        imports=ImportPolicy(frozenset(args.allow_import), "the run spec in Redis", "a worker"),
     )
     worker.store_factory = store_factory_from_env(worker.consumer)
     signal.signal(signal.SIGTERM, worker.stop)

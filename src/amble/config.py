@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from amble.errors import ConfigError
 from amble.imports import is_import_path
+from amble.redaction import redact, redact_values
 from amble.strategies.base import BaseWork, Strategy, StrategySettings
 from amble.strategies.registry import aggregator_class, server_optimizer_of, strategy_class
 from amble.strategies.serveropt import ServerOptimizerSettings
@@ -435,7 +436,7 @@ def _format_error(error: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
         where = f"key '{key}'" if key else "config"
         got = item.get("input")
-        shown = f" (got {got!r})" if item["type"] != "missing" and not isinstance(got, dict) else ""
+        shown = f" (got {redact(repr(got))})" if item["type"] != "missing" and not isinstance(got, dict) else ""
         lines.append(f"{where}: {item['msg']}{shown}")
     more = f"\n  ... and {len(error.errors()) - 5} more" if len(error.errors()) > 5 else ""
     joined = "\n  ".join(lines)
@@ -536,9 +537,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "(dict)") -> ExperimentC
     return config
 
 
-def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config as plain JSON-able data (what summary.json records)."""
-    return config.model_dump(mode="json")
+def config_to_dict(config: ExperimentConfig, with_secrets: bool = False) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (what summary.json records): every password in it
+    (a store URL's) shown as ``***``, as everything written or shown must. ``with_secrets``: as it is,
+    for a copy that stays in this process's memory."""
+    dumped = config.model_dump(mode="json")
+    return dumped if with_secrets else cast(dict[str, Any], redact_values(dumped))
 
 
 def trains_on_ray(config: ExperimentConfig) -> bool:

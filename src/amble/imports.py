@@ -2,12 +2,22 @@
 
 Code is imported only from what is installed on the machine that runs it (its ``sys.path``): a device
 never fetches code because a server named it, so each error says what to install or where to put it.
+
+Every import path of a config is resolved here, in :func:`import_module_of`, and nowhere else. A
+process that reads a config written by someone else (``amble device`` the server's, ``amble worker``
+a run spec from Redis) resolves it under :func:`only_imports_from`: then a path whose top-level
+package its operator did not allow (``--allow-import``) is refused before anything is imported,
+whichever key of the config, present or future, names it. Built-in names are never imported.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -27,6 +37,61 @@ def top_package(path: str) -> str:
     return path.split(":", 1)[0].split(".", 1)[0]
 
 
+@dataclass(frozen=True)
+class ImportPolicy:
+    """What a config written by someone else may make this process import: its operator's allow-list."""
+
+    allowed: frozenset[str]
+    """Top-level packages whose code the config may name (``--allow-import``)."""
+    source: str
+    """Whose config it is, for the messages: ``the server's config``, ``the run spec in Redis``."""
+    reader: str
+    """Who reads it: ``a device``, ``a worker``."""
+
+    def check(self, path: str, what: str) -> None:
+        """Refuse ``path`` (named by the config's key ``what``) unless its package is allowed."""
+        package = top_package(path)
+        if package not in self.allowed:
+            raise ConfigError(
+                f"{self.source} names {what} {path!r}: {self.reader} imports code only from packages its operator "
+                f"allows. If you trust it and it is installed here, add --allow-import {package}"
+            )
+
+
+_POLICY: ContextVar[ImportPolicy | None] = ContextVar("amble_import_policy", default=None)
+"""The policy in force; None: the operator's own config, which may import what is installed."""
+
+
+@contextmanager
+def only_imports_from(policy: ImportPolicy | None) -> Iterator[None]:
+    """Resolve import paths under ``policy`` inside the block (None: no restriction)."""
+    token = _POLICY.set(policy) if policy is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _POLICY.reset(token)
+
+
+def packages_named(data: Any) -> list[str]:
+    """The top-level packages of every import path in ``data`` (a config as plain data), sorted: what the
+    workers a run starts itself must be allowed to import to rebuild it."""
+    found: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, str) and is_import_path(value):
+            found.add(top_package(value))
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
+            for item in value:
+                visit(item)
+
+    visit(data)
+    return sorted(found)
+
+
 def import_module_of(path: str, what: str, shape: str = "function") -> tuple[ModuleType, str]:
     """The module ``path`` names, imported from this machine's installed code, and the attribute path after
     the colon. ``what`` says which config key named it (``model``, ``strategy``), for the error messages;
@@ -36,6 +101,9 @@ def import_module_of(path: str, what: str, shape: str = "function") -> tuple[Mod
             f"{what} {path!r} is not an import path: write it as 'package.module:{shape}' (a colon before the "
             f"{shape.lower()}'s name)"
         )
+    policy = _POLICY.get()
+    if policy is not None:
+        policy.check(path, what)  # before anything is imported
     module_name, _, attribute = path.partition(":")
     try:
         return importlib.import_module(module_name), attribute

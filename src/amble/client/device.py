@@ -34,7 +34,7 @@ import torch
 from amble.client.trainer import LocalTrainer, derive_seed
 from amble.config import ExperimentConfig, config_from_dict, is_user_data_path
 from amble.errors import AmbleError, ConfigError
-from amble.imports import is_import_path, top_package
+from amble.imports import ImportPolicy, is_import_path, only_imports_from
 from amble.problem import load_data, make_model, partition
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Params, Plan, Report
@@ -75,20 +75,25 @@ class RoundLog:
     """The upload's final HTTP status; 0 when the device dropped the round at its deadline."""
 
 
+def server_import_policy(allow_imports: Sequence[str]) -> ImportPolicy:
+    """What the server's config may make this device import: the packages of ``--allow-import`` only."""
+    return ImportPolicy(frozenset(allow_imports), "the server's config", "a device")
+
+
 def check_what_the_server_names(config: ExperimentConfig, allow_imports: Sequence[str], data_root: str | None) -> None:
     """Refuse code and files the server's config names unless this device's operator allowed them.
 
     A server (or whoever sits between it and a plain-HTTP device) could otherwise make the device import
     and call any installed function (``os:abort``), or read any file by path. So an import path runs
-    only if its top-level package is in ``--allow-import``, and a user's data file is read only from
-    ``--data-root``, the operator's own copy.
+    only if its top-level package is in ``--allow-import`` (the device resolves the whole config under
+    :func:`server_import_policy`, which checks every import path before it is imported; the model and
+    the data loader are checked here too, before the data is loaded), and a user's data file is read
+    only from ``--data-root``, the operator's own copy.
     """
+    policy = server_import_policy(allow_imports)
     for key, value in (("model", config.model), ("data.dataset", config.data.dataset)):
-        if is_import_path(value) and (package := top_package(value)) not in allow_imports:
-            raise ConfigError(
-                f"the server's config names {key} {value!r}: a device imports code only from packages its "
-                f"operator allows. If you trust it and it is installed here, add --allow-import {package}"
-            )
+        if is_import_path(value):
+            policy.check(value, key)
     if is_user_data_path(config.data.dataset) and data_root is None:
         raise ConfigError(
             f"the server's config names the data file {config.data.dataset!r}: a device reads only its "
@@ -163,12 +168,14 @@ class DeviceAgent:
     def setup(self) -> None:
         me = self._check(self._get("/v1/whoami"))
         self.device = int(me["device"])
-        self.config = config_from_dict(me["config"], "the server's config")
-        check_what_the_server_names(self.config, self.allow_imports, self.data_root)
-        dataset = load_data(self.config, self.data_root)
-        mine = torch.as_tensor(partition(self.config, dataset)[self.device])
-        self.x, self.y = dataset.x_train[mine], dataset.y_train[mine]
-        model = make_model(self.config, dataset)
+        # Everything the server's config names is resolved under the device's own allow-list.
+        with only_imports_from(server_import_policy(self.allow_imports)):
+            self.config = config_from_dict(me["config"], "the server's config")
+            check_what_the_server_names(self.config, self.allow_imports, self.data_root)
+            dataset = load_data(self.config, self.data_root)
+            mine = torch.as_tensor(partition(self.config, dataset)[self.device])
+            self.x, self.y = dataset.x_train[mine], dataset.y_train[mine]
+            model = make_model(self.config, dataset)
         self.trainer = LocalTrainer(model, self.config.train.momentum, self.config.train.weight_decay)
         self._warm_up()
         self._register()

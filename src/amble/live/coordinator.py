@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amble.errors import AmbleError
+from amble.redaction import redact
 from amble.server import keys
 from amble.server.paramserver import ParameterServer, RoundOutcome
 from amble.server.reports import as_observed, bound_by_elapsed
@@ -265,7 +266,7 @@ class Coordinator:
             self._play()
         except Exception as exc:  # whatever stopped the rounds is reported, not lost
             with self.lock:
-                self.error = f"round {self.current}: {type(exc).__name__}: {exc}"
+                self.error = redact(f"round {self.current}: {type(exc).__name__}: {exc}")  # told to every device
                 self.changed.notify_all()
             log.error(json.dumps({"event": "crashed", "round": self.current, "error": self.error}))
 

@@ -12,6 +12,7 @@ from typing import Any
 from amble import raycluster
 from amble.config import ExperimentConfig, ServerConfig, config_from_dict, config_to_dict
 from amble.errors import AmbleError
+from amble.imports import packages_named
 from amble.server import LocalRuntime, MemoryEventLog, MemoryStore, ParameterServer, PoolSettings, ServerFunctions, keys
 from amble.server.events.redis import RedisEventLog
 from amble.server.runtime.base import Handler
@@ -73,7 +74,7 @@ def build_server(
         return build_embedded_server(strategy, config.server, snapshot)
     store = RedisStore(config.server.store, namespace)
     events = RedisEventLog(config.server.store, namespace, store.client)
-    # What a function instance needs to rebuild this run's functions.
+    # What a function instance needs to rebuild this run's functions (its password shown as ***).
     store.put(keys.RUN_SPEC, json.dumps({"config": config_to_dict(config), "strategy": strategy_index}).encode())
     store.put(keys.POOL, pool_settings(config.server).to_json())
     if config.server.runtime == "ray":
@@ -84,7 +85,7 @@ def build_server(
         return ParameterServer(store, events, on_ray)
     runtime = WorkerRuntime(store, events, pool_settings(config.server), config.server.drain_timeout_s)
     store.client.sadd(NAMESPACES, namespace)  # the run joins the list `amble worker` processes serve
-    runtime.start_pool(scaling_policy(config.server))
+    runtime.start_pool(scaling_policy(config.server), packages_named(config_to_dict(config)))
     return ParameterServer(store, events, runtime)
 
 

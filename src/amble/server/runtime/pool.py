@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -92,8 +92,11 @@ class WorkerPool:
         waiting: Callable[[], int],
         policy: ScalingPolicy,
         tick_s: float = 0.2,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        self.env = env
+        """The instances' environment (None: this process's): how a secret reaches them, never argv."""
         self.heartbeats = heartbeats
         self.command = command
         self.waiting = waiting
@@ -210,7 +213,7 @@ class WorkerPool:
             options += ["--max-events", "1"]
         elif not kept:
             options += ["--idle-exit-s", repr(self.policy.keep_alive_s)]
-        process = subprocess.Popen(self.command(options), stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(self.command(options), stdin=subprocess.DEVNULL, env=self.env)
         self.instances.append(_Instance(process, f"{socket.gethostname()}-{process.pid}", time.monotonic(), kept))
         self.figures.started += 1
         if self._to_replace:

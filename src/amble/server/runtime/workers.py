@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,6 +37,8 @@ from typing import Any, cast
 import redis
 
 from amble.errors import AmbleError
+from amble.imports import ImportPolicy, only_imports_from
+from amble.redaction import REDACTED, redact, split_password
 from amble.server import keys
 from amble.server.events.base import Event
 from amble.server.events.redis import RedisEventLog
@@ -53,13 +55,18 @@ from amble.server.runtime.base import (
     invoke,
 )
 from amble.server.runtime.pool import ScalingPolicy, WorkerPool
-from amble.server.store.redis import RedisStore, connect, server_time
+from amble.server.store.redis import PASSWORD_ENV, RedisStore, connect, prefix_of, server_time
 
 NAMESPACES = "amble:namespaces"
 """The runs workers serve: a Redis set of namespaces, added by the driver when a run starts."""
 HEARTBEATS = "amble:workers"
 """Worker liveness: a hash of consumer name -> Redis server time of its last loop."""
 HEARTBEAT_STALE_S = 10.0
+
+
+def refusals_key(namespace: str) -> str:
+    """A hash of consumer -> why that worker could not load the run's spec (wiped with the run)."""
+    return prefix_of(namespace) + "refusals"
 
 
 def process_started_at() -> float | None:
@@ -101,6 +108,7 @@ class FunctionWorker:
         store_factory: Callable[[str, str, redis.Redis], RedisStore] = RedisStore,
         parent_pid: int | None = None,
         started_at_s: float | None = None,
+        imports: ImportPolicy | None = None,
     ) -> None:
         self.url = url
         self.client = connect(url)
@@ -112,7 +120,11 @@ class FunctionWorker:
         """Exit when this process is orphaned (the driver that started it died)."""
         self.started_at_s = started_at_s if started_at_s is not None else process_started_at()
         """Wall-clock time this instance's process started: where its real cold start begins."""
+        self.imports = imports
+        """What a run spec may make this process import (``--allow-import``); None: anything installed."""
         self.served: dict[str, _Served] = {}
+        self.refused: dict[str, str] = {}
+        """Runs whose spec this worker could not load, with why: skipped until the run is started again."""
         self.records: dict[str, InstanceRecord] = {}
         """This instance's figures per run, kept when the runs are reloaded (its cold start happened once)."""
         self.stopping = False
@@ -133,15 +145,42 @@ class FunctionWorker:
             wanted = {m.decode() for m in cast(set[bytes], self.client.smembers(NAMESPACES))}
         for gone in set(self.served) - wanted:
             del self.served[gone]
-        for namespace in sorted(wanted - set(self.served)):
-            store = self.store_factory(self.url, namespace, self.client)
-            pool = store.get(keys.POOL)
-            if pool is None:  # registered but not yet initialised: try again on the next refresh
+        for gone in [n for n in self.refused if n not in wanted or not self._still_refused(n)]:
+            del self.refused[gone]  # the run left, or was wiped to start again: try it afresh
+        for namespace in sorted(wanted - set(self.served) - set(self.refused)):
+            try:
+                served = self._load(namespace)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one bad run spec: skip that run, keep serving the others
+                self._refuse(namespace, exc)
                 continue
-            events = RedisEventLog(self.url, namespace, self.client)
-            record = self.records.setdefault(namespace, InstanceRecord(self.consumer, self.started_at_s))
-            settings = PoolSettings.from_json(pool)
-            self.served[namespace] = _Served(store, events, self.handlers_for(store), settings, record)
+            if served is not None:
+                self.served[namespace] = served
+
+    def _load(self, namespace: str) -> _Served | None:
+        """A run's functions and settings, rebuilt from its spec (None: not yet initialised)."""
+        store = self.store_factory(self.url, namespace, self.client)
+        pool = store.get(keys.POOL)
+        if pool is None:  # registered but not yet initialised: try again on the next refresh
+            return None
+        events = RedisEventLog(self.url, namespace, self.client)
+        settings = PoolSettings.from_json(pool)
+        with only_imports_from(self.imports):
+            handlers = self.handlers_for(store)
+        record = self.records.setdefault(namespace, InstanceRecord(self.consumer, self.started_at_s))
+        return _Served(store, events, handlers, settings, record)
+
+    def _still_refused(self, namespace: str) -> bool:
+        """Whether the run holds this worker's refusal still (a run started afresh was wiped first)."""
+        return bool(self.client.hexists(refusals_key(namespace), self.consumer))
+
+    def _refuse(self, namespace: str, exc: Exception) -> None:
+        """Say once, on stderr and in the run's :data:`REFUSALS`, why this worker does not serve a run."""
+        why = redact(str(exc) if isinstance(exc, AmbleError) else f"{type(exc).__name__}: {exc}")
+        self.refused[namespace] = why
+        print(f"amble worker {self.consumer}: not serving run {namespace!r}: {why}", file=sys.stderr)
+        self.client.hset(refusals_key(namespace), self.consumer, why)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -179,7 +218,8 @@ class FunctionWorker:
         if cold:
             run.cache.clear()
         invocation = Invocation(os.getpid(), cold, run.cache, shard=os.getpid())
-        end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
+        with only_imports_from(self.imports):
+            end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
         self.invocations += 1
         run.record.ran_one(run.store)
         if end_s is None:  # a failed instance loses its warm state
@@ -298,11 +338,13 @@ class WorkerRuntime(Runtime):
             elif now - moved_at > self.drain_timeout_s:
                 raise AmbleError(
                     f"the function workers made no progress for {self.drain_timeout_s:g} s "
-                    f"({progress[0]} events unread, {progress[1]} pending) on {self.redis.url}: "
-                    f"check the `amble worker` logs, or raise server.drain_timeout_s"
+                    f"({progress[0]} events unread, {progress[1]} pending) on {redact(self.redis.url)}: "
+                    f"check the `amble worker` logs, or raise server.drain_timeout_s{self._refusals()}"
                 )
             if self.pool is not None and self.pool.failure is not None:
                 raise AmbleError(self.pool.failure)
+            if now - moved_at > 1.0:  # stalled: did the run's own workers refuse its spec?
+                self._check_own_workers_serve()
             if now - started > HEARTBEAT_STALE_S:  # workers started along with the run get time to come up
                 self._check_alive()
             time.sleep(delay)
@@ -315,17 +357,42 @@ class WorkerRuntime(Runtime):
         now = server_time(self.redis.client)
         if any(now - float(t) < HEARTBEAT_STALE_S for t in beats.values()):
             return
+        url = redact(self.redis.url)
         raise AmbleError(
-            f"no amble worker is serving {self.redis.url}: start some with "
-            f"`amble worker --store {self.redis.url}`, or set server.workers: N to start N local ones"
+            f"no amble worker is serving {url}: start some with "
+            f"`amble worker --store {url}`, or set server.workers: N to start N local ones{self._refusals()}"
         )
 
-    def start_pool(self, policy: ScalingPolicy) -> None:
+    def _refusals(self) -> str:
+        """What workers said when they could not load this run's spec, for the driver's messages."""
+        said = cast(dict[bytes, bytes], self.redis.client.hgetall(refusals_key(self.redis.namespace)))
+        reasons = sorted({why.decode() for why in said.values()})
+        return f". Workers refused this run: {'; '.join(reasons)}" if reasons else ""
+
+    def _check_own_workers_serve(self) -> None:
+        """The workers this run started serve it alone, with its own allow-list: if one could not load
+        the run's spec, none of them will, so fail now, saying why, rather than at the drain timeout."""
+        if self.pool is None:
+            return
+        said = cast(dict[bytes, bytes], self.redis.client.hgetall(refusals_key(self.redis.namespace)))
+        own = {instance.consumer.encode() for instance in list(self.pool.instances)}
+        for consumer, why in said.items():
+            if consumer in own:
+                raise AmbleError(f"the run's `amble worker` processes cannot load its spec: {why.decode()}")
+
+    def start_pool(self, policy: ScalingPolicy, allow_imports: Sequence[str] = ()) -> None:
         """Supervise local ``amble worker`` processes serving this run as ``policy`` says (stopped by
-        ``close``): at least ``min_instances``, replaced when they die or wedge, more while events wait."""
+        ``close``): at least ``min_instances``, replaced when they die or wedge, more while events wait.
+        They may import the packages ``allow_imports`` (those the run's own config names) and no other.
+        A password in the store URL reaches them in their environment, never on their command line."""
         if policy.min_instances == 0 and not policy.autoscale:
             return
-        base = worker_command(self.redis.url, "--namespace", self.redis.namespace, "--parent-pid", str(os.getpid()))
+        options = ["--namespace", self.redis.namespace, "--parent-pid", str(os.getpid())]
+        for package in allow_imports:
+            options += ["--allow-import", package]
+        base = worker_command(redact(self.redis.url), *options)
+        password = split_password(self.redis.url)[1]
+        env = {**os.environ, PASSWORD_ENV: password} if password is not None and password != REDACTED else None
         self.pool = WorkerPool(
             self.redis.client,
             HEARTBEATS,
@@ -335,6 +402,7 @@ class WorkerRuntime(Runtime):
                 + self.events.pending(FUNCTIONS_TOPIC, FUNCTIONS_GROUP)
             ),
             policy,
+            env=env,
         )
         self.pool.start()
 

@@ -17,8 +17,9 @@ wedged server or network is a retried error, never a hang. A retried command may
 already: the writes here are all idempotent or versioned, except a counter increment, which
 therefore carries a one-time token (:data:`_INCR_ONCE`) so a retry cannot count twice.
 
-The password never needs to be in a config (which is written to ``run.json`` and ``summary.json``):
-``connect`` takes it from ``AMBLE_REDIS_PASSWORD`` when the URL has none.
+The password never needs to be in a config, and is never written from one (``run.json``,
+``summary.json`` and the run spec show it as ``***``): ``connect`` takes it from
+``AMBLE_REDIS_PASSWORD`` when the URL has none or a redacted one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from amble.errors import ConfigError
+from amble.redaction import REDACTED, redact, split_password
 from amble.server.store.base import Store, Versioned
 
 _CAS = """
@@ -96,20 +98,27 @@ class _Connection(redis.Connection):
 def connect(url: str, retries: int = 40) -> redis.Redis:
     """A client for ``redis://[USER[:PASSWORD]@]HOST:PORT/DB`` (``rediss://`` for TLS) that survives a
     restarting server for about a minute. Without a password in the URL, ``AMBLE_REDIS_PASSWORD`` is
-    used when set."""
+    used when set; a redacted one (``***``, as ``run.json`` and workers' command lines show it) must be."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"store URL '{url}' is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6379/0)"
+            f"store URL '{redact(url)}' is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6379/0)"
         )
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries)
     options: dict[str, Any] = {"connection_class": _Connection} if url.startswith("redis://") else {}
-    parsed = urlsplit(url)
-    if parsed.password is None and os.environ.get(PASSWORD_ENV):
+    bare, password = split_password(url)
+    if password == REDACTED and not os.environ.get(PASSWORD_ENV):
+        raise ConfigError(
+            f"the store URL {url} has its password redacted ({REDACTED}: it is never written to run files or "
+            f"shown): give the password in {PASSWORD_ENV}"
+        )
+    if password is not None and password != REDACTED:
+        options["password"] = password
+    elif os.environ.get(PASSWORD_ENV):
         options["password"] = os.environ[PASSWORD_ENV]
-    if "socket_timeout" not in parse_qs(parsed.query):
+    if "socket_timeout" not in parse_qs(urlsplit(bare).query):
         options["socket_timeout"] = SOCKET_TIMEOUT_S
     return redis.Redis.from_url(
-        url,
+        bare,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         socket_connect_timeout=5.0,
@@ -128,13 +137,13 @@ def check_access(url: str) -> None:
         client.ping()
     except redis.AuthenticationError as exc:
         raise ConfigError(
-            f"Redis at {redacted(url)} refused the connection ({exc}): give the password in the URL "
+            f"Redis at {redact(url)} refused the connection ({exc}): give the password in the URL "
             f"(redis://USER:PASSWORD@HOST:PORT/DB) or in {PASSWORD_ENV}"
         ) from None
     except redis.ResponseError as exc:
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
             raise ConfigError(
-                f"Redis at {redacted(url)} needs authentication ({exc}): give the password in the URL "
+                f"Redis at {redact(url)} needs authentication ({exc}): give the password in the URL "
                 f"(redis://USER:PASSWORD@HOST:PORT/DB) or in {PASSWORD_ENV}"
             ) from None
         raise
@@ -142,15 +151,6 @@ def check_access(url: str) -> None:
         pass  # not up yet, or restarting: the retrying client waits for it
     finally:
         client.close()
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parsed = urlsplit(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
-    return parsed._replace(netloc=netloc).geturl()
 
 
 def escape_glob(text: str) -> str:
