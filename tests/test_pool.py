@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from amble.config import config_from_dict
 from amble.server import ParameterServer, RunSettings
 from amble.server.factory import build_server, release_server
+from amble.server.runtime import FUNCTIONS_TOPIC
 from amble.server.runtime.pool import CRASH_LOOP, ScalingPolicy, WorkerPool
 from amble.server.runtime.workers import HEARTBEATS, WorkerRuntime, worker_command
 from amble.server.tensors import encode
@@ -142,6 +143,39 @@ def test_a_sigstopped_worker_is_killed_and_replaced(redis_server: RedisServer) -
         wait_for(lambda: len(pool.alive()) == 2, 60, "its replacement")
         assert stopped not in pool.alive()
         assert pool.figures.replacements == 1
+    finally:
+        release_server(server)
+
+
+def test_a_slow_function_keeps_beating_and_is_neither_killed_nor_run_twice(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two workers whose every fold takes 2 x 1.5 s, longer than the pool's 2 s wedge timeout
+    # and the run's 0.5 s visibility timeout; before heartbeats while working, the folding worker was
+    # SIGKILLed as wedged and its event claimed by the other worker.
+    url = redis_server.url.replace("/0", "/8")
+    server = served(url, workers=0)
+    monkeypatch.setenv("AMBLE_FAULT_FOLD_PAUSE_S", "1.5")
+    assert isinstance(server.runtime, WorkerRuntime)
+    server.runtime.start_pool(ScalingPolicy(min_instances=2, wedged_after_s=2.0))
+    pool = pool_of(server)
+    client = redis.Redis.from_url(url)
+    try:
+        wait_for(lambda: client.hlen(HEARTBEATS) >= 2, 60, "two workers to start")
+
+        # Execute
+        server.start_round(0, [0, 1, 2], 0.0)
+        upload_all(server, [0, 1, 2])
+        outcome = server.close_round(0, 3.0)
+
+        # Assert: every update folded once, by workers that were never killed or replaced.
+        assert sorted(outcome.counted) == [0, 1, 2]
+        assert_model(server, reference([0, 1, 2]), 1)
+        assert (pool.figures.wedged, pool.figures.died, pool.figures.started) == (0, 0, 2)
+        stats = server.runtime.stats()
+        published = client.xlen(server.runtime.events.stream(FUNCTIONS_TOPIC))
+        assert stats.invocations == published  # each event ran (and was acked) once, none redelivered
+        assert stats.failures == stats.dead_letters == 0
     finally:
         release_server(server)
 

@@ -9,15 +9,20 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 import pytest
+import redis
+import torch
 
 from amble.errors import ConfigError
-from amble.server import keys
+from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import Event, EventLog
 from amble.server.events.redis import RedisEventLog
+from amble.server.partialsum import FoldRecord, PartialSum, shard_size_bound
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
+from amble.server.runtime.local import LocalRuntime
 from amble.server.runtime.workers import FunctionWorker, WorkerRuntime
 from amble.server.store.base import Store
 from amble.server.store.redis import RedisStore, connect, wipe
+from amble.server.tensors import TensorSpec, template_of
 from tests.conftest import RedisServer
 from tests.contract.events_contract import EventLogContract
 from tests.contract.runtime_contract import HandlersFor, RuntimeContract
@@ -142,3 +147,62 @@ def _busy_handlers(store: Store) -> Mapping[str, Handler]:
         time.sleep(0.3)
 
     return {"work": handle}
+
+
+# -- item: a value larger than Redis can hold is refused before the run ------------------------------
+
+
+def test_the_shard_size_bound_covers_real_shards() -> None:
+    # Prepare: a template with 1- to 4-dimensional tensors and a round of 7 folds with statistics
+    shapes = {"w": (3, 4), "conv.weight": (2, 3, 5, 5), "a.long.layer.name.bias": (11,)}
+    template = {name: TensorSpec(shape, "float32") for name, shape in shapes.items()}
+    sums = PartialSum.zeros(template)
+    for device in range(7):
+        update = {name: torch.full(shape, float(device)) for name, shape in shapes.items()}
+        sums.add(device, update, 3.0, FoldRecord(1.5, {"samples": 10.0, "steps": 2.0}))
+
+    # Execute
+    actual, bound = len(sums.to_blob()), shard_size_bound(template, 7)
+
+    # Assert: an upper bound, and within the header and record allowances of it
+    payload = 16 * (12 + 150 + 11)  # two float64 per weight
+    assert payload < actual <= bound <= payload + 8 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_values_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis whose values may hold at most 1 MiB (its smallest allowed proto-max-bulk-len)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-1mb"), extra_args=("--proto-max-bulk-len", "1mb"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_model_whose_shard_exceeds_a_redis_value_is_refused_up_front(small_values_redis: RedisServer) -> None:
+    # Prepare: 1 MiB values hold the float64 pairs of 65,536 weights, less the header: 60,000 fit, 70,000 do not.
+    store = RedisStore(small_values_redis.url, f"limits-{uuid.uuid4().hex}")
+    events = RedisEventLog(small_values_redis.url, store.namespace, store.client)
+    server = ParameterServer(store, events, LocalRuntime(store, events, {}))
+    settings = RunSettings(seed=0, devices_per_round=4, quorum=1.0, max_update_bytes=256 * 2**20)
+    fits, too_large = {"w": torch.zeros(60_000)}, {"w": torch.zeros(70_000)}
+
+    # Execute / Assert: the limit is the server's own, and the refusal says what to do
+    assert store.max_value_bytes() == 2**20
+    with pytest.raises(ConfigError, match=r"70,000 weights.*proto-max-bulk-len.*server\.store: memory"):
+        server.initialize(too_large, {0: 10}, settings)
+    assert store.get(keys.LATEST) is None  # nothing was published
+    server.initialize(fits, {0: 10}, settings)
+    assert store.get(keys.LATEST) is not None
+
+    # Assert: the check matches what this Redis accepts: the largest shard of the model that fits is
+    # stored, one of the refused model is refused by Redis itself.
+    def shard(params: Mapping[str, torch.Tensor]) -> bytes:
+        sums = PartialSum.zeros(template_of(params))
+        for device in range(4):
+            sums.add(device, params, 1.0, FoldRecord(0.0, {"samples": 10.0}))
+        return sums.to_blob()
+
+    store.put("shard-that-fits", shard(fits))
+    with pytest.raises(redis.RedisError):
+        store.put("shard-too-large", shard(too_large))
+    store.close()

@@ -28,6 +28,7 @@ from amble.strategies.scaffold import Scaffold
 from tests.conftest import RedisServer
 from tests.test_functions import INITIAL, SAMPLES, CrashingStore, HugeWeightFedAvg, make_server
 from tests.test_sim import SMALL
+from tests.test_vectorized import in_float64, order_bound
 
 TEMPLATE = template_of({"w": INITIAL["w"], "b": INITIAL["b"]})
 
@@ -139,9 +140,14 @@ def test_the_trainer_adds_the_correction_to_every_gradient() -> None:
     plain = trainer.train(start, x, y, plan, seed=1)
     corrected = trainer.train(start, x, y, plan, seed=1, correction=shift)
 
-    # Assert: one SGD step from the same point: the deltas differ by exactly -lr * s
+    # Assert: one SGD step from the same point and gradient g: the deltas differ by -lr * s, up to the
+    # roundings (u = 2**-24 of each value) of g + s, of lr times it, of w minus that, and of each delta
+    # w' - w and of their difference: within 6 u (|w| + |lr (g + s)| + |lr g|) of it.
+    u = 2.0**-24
     for name in ("weight", "bias"):
-        torch.testing.assert_close(corrected.delta[name] - plain.delta[name], -0.1 * shift[name])
+        scale = sum(float(t.abs().max()) for t in (start[name], corrected.delta[name], plain.delta[name]))
+        expected = -0.1 * shift[name]
+        torch.testing.assert_close(corrected.delta[name] - plain.delta[name], expected, rtol=0, atol=6 * u * scale)
 
 
 def test_a_duplicate_a_redelivery_and_a_crash_mid_fold_leave_the_variates_of_one_fold() -> None:
@@ -307,9 +313,11 @@ def test_vectorised_training_applies_each_devices_own_correction_as_the_per_devi
     # Prepare: three devices on one plan (momentum and weight decay on), two corrections and one None
     torch.manual_seed(0)
     model = build_model("mlp-small", (1, 28, 28), 10)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = make_synthetic(num_train=150, num_test=10, seed=1)
-    shards = [(data.x_train[i * 50 : (i + 1) * 50], data.y_train[i * 50 : (i + 1) * 50]) for i in range(3)]
+    shards = in_float64(
+        model, [(data.x_train[i * 50 : (i + 1) * 50], data.y_train[i * 50 : (i + 1) * 50]) for i in range(3)]
+    )
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = [n for n, _ in model.named_parameters()]
     shifts: list[dict[str, torch.Tensor] | None] = [
         {n: torch.full_like(start[n], 0.3) for n in names},
@@ -325,11 +333,12 @@ def test_vectorised_training_applies_each_devices_own_correction_as_the_per_devi
         for (x, y), seed, shift in zip(shards, seeds, shifts, strict=True)
     ]
 
-    # Assert: equal up to float rounding, and the correction really changed the corrected devices
+    # Assert: equal up to the order of float64 sums (and the correction's place in one addition, a
+    # rounding of a weight's size, far below the bound), and the correction changed the corrected devices
     plain = LocalTrainer(model, 0.5, 1e-3).train(start, *shards[0], plan, seeds[0])
     for v, loop in zip(vectorized, looped, strict=True):
         for name in names:
-            torch.testing.assert_close(v.delta[name], loop.delta[name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(v.delta[name], loop.delta[name], rtol=0, atol=order_bound(plan, momentum=0.5))
     assert not torch.allclose(looped[0].delta[names[0]], plain.delta[names[0]])
 
 

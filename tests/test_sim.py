@@ -163,3 +163,63 @@ def test_cli_missing_dataset_names_the_path(tmp_path: Path, capsys: pytest.Captu
 
     assert code == 2
     assert str(missing) in capsys.readouterr().err
+
+
+RESUMABLE: dict[str, Any] = {**SMALL, "rounds": 6, "server": {"keep_alive_s": 0.05, "max_instances": 3}}
+"""Instances expire between rounds (keep_alive_s well below a round), so cold starts recur all run long."""
+MEASURED_SUMMARY = {"wall_time_s", "train_compute_s", "function_busy_s"}
+"""Summary figures measured on the wall clock (function_busy_s: the functions' measured run time, even
+with a fixed invocation_s): they differ between any two runs, so a resumed run cannot reproduce them."""
+MEASURED_METRICS = {"wall_time_s", "train_compute_s"}
+
+
+class _Crash(Exception):
+    """Stands for the driver dying right after a checkpoint."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_experiment(config_from_dict(RESUMABLE), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(("stopped", "after_round"), [("fedavg", 1), ("amble", 2)])
+def test_a_resumed_run_reproduces_every_output_figure(
+    uninterrupted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: str, after_round: int
+) -> None:
+    # Prepare: a run that dies right after checkpointing round `after_round` of `stopped`.
+    checkpoint = driver.Experiment._checkpoint
+
+    def checkpoint_then_crash(server: Any, r: int, tally: Any, wall_time_s: float, snapshot: Path) -> None:
+        checkpoint(server, r, tally, wall_time_s, snapshot)
+        if r == after_round and snapshot.name == f"{stopped}.safetensors":
+            raise _Crash
+
+    monkeypatch.setattr(driver.Experiment, "_checkpoint", staticmethod(checkpoint_then_crash))
+    with pytest.raises(_Crash):
+        run_experiment(config_from_dict(RESUMABLE), tmp_path, progress=False)
+    monkeypatch.undo()
+
+    # Execute
+    run_experiment(config_from_dict(RESUMABLE), tmp_path, progress=False, resume=True)
+
+    # Assert: every figure but the wall-clock measurements is the uninterrupted run's, bit for bit.
+    reference = json.loads((uninterrupted_run / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "summary.json").read_text())
+    assert resumed["config"] == reference["config"] and resumed["calibration"] == reference["calibration"]
+    assert reference["strategies"][stopped]["cold_starts"] > RESUMABLE["server"]["max_instances"]
+    for label, figures in reference["strategies"].items():
+        assert set(resumed["strategies"][label]) == set(figures)
+        for name, value in figures.items():
+            if name not in MEASURED_SUMMARY:
+                assert resumed["strategies"][label][name] == value, (label, name)
+
+    def without(rows: list[dict[str, Any]], measured: set[str]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k not in measured} for row in rows]
+
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert without(metrics, MEASURED_METRICS) == without(
+        read_jsonl(uninterrupted_run / "metrics.jsonl"), MEASURED_METRICS
+    )
+    assert read_jsonl(tmp_path / "devices.jsonl") == read_jsonl(uninterrupted_run / "devices.jsonl")

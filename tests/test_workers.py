@@ -25,7 +25,11 @@ def test_a_run_through_redis_and_two_workers_matches_the_embedded_run(
     redis_run = run_experiment(_config(redis_server.url, workers=2), tmp_path / "b", progress=False)
     a, b = embedded["strategies"]["fedavg"], redis_run["strategies"]["fedavg"]
     assert b["updates_aggregated"] == a["updates_aggregated"] == 16
-    assert b["final_accuracy"] == pytest.approx(a["final_accuracy"], abs=1e-3)
+    # The sums do not depend on which worker folded what (server.partialsum): the same model, bit for bit.
+    assert (tmp_path / "b" / "model_fedavg.safetensors").read_bytes() == (
+        tmp_path / "a" / "model_fedavg.safetensors"
+    ).read_bytes()
+    assert b["final_accuracy"] == a["final_accuracy"]
     assert b["function_invocations"] == a["function_invocations"]
     assert b["cold_starts"] >= 1
 

@@ -8,17 +8,19 @@ call :meth:`ParameterServer.upload` directly instead of over HTTP.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from amble.errors import AmbleError
+from amble.errors import AmbleError, ConfigError
 from amble.server import keys
 from amble.server.events.base import EventLog
 from amble.server.functions import RunSettings, load_model
+from amble.server.partialsum import shard_size_bound
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
-from amble.server.tensors import encode, template_of, template_to_json
+from amble.server.tensors import TensorSpec, encode, template_of, template_to_json
 from amble.strategies.base import Params, Plan, Report
 
 DRIVER_GROUP = "driver"
@@ -39,6 +41,24 @@ class RoundOutcome:
     """Devices with a rejected upload, and a reason (a device may also be counted via another upload)."""
 
 
+def check_fits(store: Store, template: Mapping[str, TensorSpec], devices_per_round: int) -> None:
+    """Refuse, before anything runs, a model whose largest value (a shard of a round's partial sums:
+    two float64 per weight) is over what one value of ``store`` may hold."""
+    limit = store.max_value_bytes()
+    size = shard_size_bound(template, devices_per_round)
+    if limit is None or size <= limit:
+        return
+    weights = sum(math.prod(spec.shape) for spec in template.values())
+    mib = 2**20
+    raise ConfigError(
+        f"the model has {weights:,} weights: the server keeps a round's sums in float64 pairs, up to "
+        f"{size / mib:,.1f} MiB in one value, over the {limit / mib:,.1f} MiB one value may hold in this "
+        f"store (Redis' proto-max-bulk-len; about {limit // 16:,} weights): raise it (redis-server "
+        f"--proto-max-bulk-len {math.ceil(size / mib)}mb, or CONFIG SET), use the embedded store "
+        "(server.store: memory), or a smaller model"
+    )
+
+
 class ParameterServer:
     def __init__(self, store: Store, events: EventLog, runtime: Runtime) -> None:
         self.store = store
@@ -48,9 +68,10 @@ class ParameterServer:
 
     def initialize(self, params: Params, num_samples: Mapping[int, int], settings: RunSettings) -> None:
         """Publish model version 0, the update template and the devices. Idempotent."""
+        floating = {name: t for name, t in params.items() if t.is_floating_point()}
+        check_fits(self.store, template_of(floating), settings.devices_per_round)
         if self.store.get(keys.LATEST) is not None:
             return
-        floating = {name: t for name, t in params.items() if t.is_floating_point()}
         self.store.put(keys.SETTINGS, settings.to_json())
         self.store.put(keys.TEMPLATE, template_to_json(template_of(floating)).encode())
         for device, count in num_samples.items():

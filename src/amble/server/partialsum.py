@@ -29,6 +29,12 @@ from amble.server.tensors import TensorSpec, all_finite, decode, encode, read_me
 Params = dict[str, torch.Tensor]
 
 _HI, _LO = "hi/", "lo/"
+_HEADER_BYTES_PER_TENSOR = 160
+"""A safetensors header entry besides the tensor's name: dtype, up to 4 dimensions and 2 offsets, and JSON."""
+_HEADER_BYTES = 2048
+"""The rest of a shard's header: its length field, the fold records' entries, the magnitude metadata."""
+_RECORD_BYTES = 8 * (2 + 14)
+"""A fold's record: a device id and a norm, and up to 14 statistics, 8 bytes each."""
 _FOLD_DEVICES, _FOLD_NORMS, _FOLD_STAT = "fold/devices", "fold/norms", "fold/stat/"
 SAFE_MAGNITUDE = 2.0**1000
 """Below this bound on a sum's elements (float64 reaches 2**1024), no fold can overflow: checked on a
@@ -131,6 +137,15 @@ class PartialSum:
             for i, d in enumerate(devices)
         }
         return cls(hi, lo, records, float(read_metadata(blob).get("magnitude", "inf")))
+
+
+def shard_size_bound(template: Mapping[str, TensorSpec], folds: int) -> int:
+    """An upper bound on the bytes of a shard of a model with this ``template`` holding ``folds``
+    updates, from the template's shapes alone (nothing is allocated): two float64 per weight, its
+    safetensors header and the fold records."""
+    weights = sum(math.prod(spec.shape) for spec in template.values())
+    header = _HEADER_BYTES + sum(2 * (len(_HI + name) + _HEADER_BYTES_PER_TENSOR) for name in template)
+    return 2 * 8 * weights + header + folds * _RECORD_BYTES
 
 
 def _two_sum_into(

@@ -161,6 +161,8 @@ class Experiment:
         if asynchronous is not None:  # no rounds: the asynchronous clock (not checkpointed)
             return run_buffered(self, server, asynchronous, writer, progress)
         server.initialize(self.initial, self.setup.num_samples, self.setup.settings)
+        if checkpoint is not None and checkpoint.get("pool") is not None:
+            server.runtime.restore_pool(checkpoint["pool"])
         eval_model = copy.deepcopy(self.model)
         tally = _Tally.from_json(checkpoint["tally"]) if checkpoint else _Tally()
         first = checkpoint["round"] + 1 if checkpoint else 0
@@ -203,8 +205,9 @@ class Experiment:
 
     @staticmethod
     def _checkpoint(server: ParameterServer, r: int, tally: _Tally, wall_time_s: float, snapshot: Path) -> None:
-        """After round ``r``'s rows are written: what a resumed run continues from."""
-        state = {"round": r, "tally": asdict(tally), "wall_time_s": wall_time_s}
+        """After round ``r``'s rows are written: what a resumed run continues from (with the simulated
+        instance pool, so the resumed run's cold and warm starts, and its clock, are the same)."""
+        state = {"round": r, "tally": asdict(tally), "wall_time_s": wall_time_s, "pool": server.runtime.pool_state()}
         server.store.put(keys.CHECKPOINT, json.dumps(state).encode())
         if isinstance(server.store, MemoryStore):
             server.store.save(snapshot)

@@ -17,6 +17,14 @@ import redis
 from amble.server.events.base import Event, EventLog, decode_event, encode_event
 from amble.server.store.redis import connect, prefix_of
 
+# KEYS: the stream; ARGV: group, consumer, event id. Claimed again (idle reset to 0, deliveries not
+# counted) only while that consumer still holds it: an event another consumer claimed stays theirs.
+_KEEP_CLAIMED = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
 
 class RedisEventLog(EventLog):
     def __init__(self, url: str, namespace: str, client: redis.Redis | None = None) -> None:
@@ -25,6 +33,7 @@ class RedisEventLog(EventLog):
         self.client = client if client is not None else connect(url)
         self._prefix = prefix_of(namespace)
         self._groups: set[tuple[str, str]] = set()
+        self._keep_claimed = self.client.register_script(_KEEP_CLAIMED)
 
     def stream(self, topic: str) -> str:
         return f"{self._prefix}t:{topic}"
@@ -84,6 +93,11 @@ class RedisEventLog(EventLog):
         claimed = self.client.xclaim(stream, group, consumer, idle_ms, list(before))
         # XCLAIM counts this delivery; ids another consumer claimed first are simply not returned.
         return self._events(topic, [(stream, claimed)], {i: n + 1 for i, n in before.items()})
+
+    def keep_claimed(self, topic: str, group: str, consumer: str, event_id: str) -> bool:
+        """Tell the group ``consumer`` is still working on ``event_id``: its idle time restarts, so no
+        other consumer claims it as stale. False if it is no longer ``consumer``'s (acked, or claimed)."""
+        return bool(self._keep_claimed(keys=[self.stream(topic)], args=[group, consumer, event_id]))
 
     def ack(self, topic: str, group: str, event_id: str) -> bool:
         self.ensure_group(topic, group)

@@ -242,6 +242,15 @@ class Runtime(ABC):
         virtual only (the embedded runtime runs every function in the driver's process)."""
         return None
 
+    def pool_state(self) -> dict[str, Any] | None:
+        """The simulated instance pool as JSON, for a driver checkpoint (None: nothing to keep, e.g.
+        worker processes, whose warm state lives and dies with them)."""
+        return None
+
+    def restore_pool(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - only simulated pools have state
+        """Continue from what :meth:`pool_state` returned, so a resumed run starts the same instances
+        cold or warm, at the same virtual times, as the run it continues would have."""
+
     store: Store
 
     def close(self) -> None:  # noqa: B027 - optional hook; the embedded runtime holds nothing to release

@@ -81,6 +81,17 @@ class InstancePool:
         if instance in self.idle:
             self.idle.remove(instance)
 
+    def state(self) -> dict[str, Any]:
+        """The pool as JSON (for a checkpoint): each alive instance's id and the virtual time it frees
+        up, in pool order (ties are broken by it), and the next id. Warm caches are left out: a cache
+        only holds what the Store holds, checked against its version on every use."""
+        return {"next_id": self._next_id, "instances": [[i.id, i.free_at_s] for i in self.idle]}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`: the same instances, warm or busy until the same times."""
+        self._next_id = int(state["next_id"])
+        self.idle = [PoolInstance(int(i), float(free_at_s)) for i, free_at_s in state["instances"]]
+
 
 class LocalRuntime(Runtime):
     def __init__(
@@ -114,6 +125,12 @@ class LocalRuntime(Runtime):
         )
         if end_s is not None:  # a failed instance is lost; a finished one rejoins the pool
             self.pool.release(instance, end_s)
+
+    def pool_state(self) -> dict[str, Any] | None:
+        return self.pool.state()
+
+    def restore_pool(self, state: Mapping[str, Any]) -> None:
+        self.pool.restore(state)
 
     def drain(self) -> None:
         while batch := next_events(self.events, self.consumer):

@@ -6,8 +6,9 @@ warm, and disappear when idle. A supervisor thread in the driver looks at the ru
 
 - **replaces** an instance that died (SIGKILL, a crash) — everything it held un-acked is claimed by
   another after the visibility timeout, so nothing is lost, only delayed;
-- **replaces a wedged one**: an instance whose heartbeat (written on every pass of its loop) is
-  older than ``wedged_after_s`` (SIGSTOP, a hang) is SIGKILLed and replaced rather than waited for;
+- **replaces a wedged one**: an instance whose heartbeat (written on every pass of its loop, and by a
+  thread while a function runs) is older than ``wedged_after_s`` (SIGSTOP, a frozen process) is
+  SIGKILLed and replaced rather than waited for;
 - **scales with the queue** (``autoscale``): it starts instances while more events wait (unread or
   pending) than ``events_per_instance`` per live instance, up to ``max_instances``;
 - **scales to zero**: instances above ``min_instances`` are started with ``--idle-exit-s

@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -218,7 +218,7 @@ class FunctionWorker:
         if cold:
             run.cache.clear()
         invocation = Invocation(os.getpid(), cold, run.cache, shard=os.getpid())
-        with only_imports_from(self.imports):
+        with only_imports_from(self.imports), self._beating(run, event):
             end_s = invoke(run.store, run.events, run.handlers, event, invocation, start_s, s)
         self.invocations += 1
         run.record.ran_one(run.store)
@@ -227,6 +227,31 @@ class FunctionWorker:
             run.free_at_s = None
         else:
             run.free_at_s = end_s
+
+    @contextlib.contextmanager
+    def _beating(self, run: _Served, event: Event) -> Iterator[None]:
+        """While a function runs, however long: a thread writes this worker's heartbeat and keeps its
+        claim on the event every quarter of the shorter of the stale-heartbeat and visibility
+        timeouts, so a slow but healthy function is neither killed as wedged nor redelivered to
+        another worker. A stopped or frozen process stops beating with it, and is still replaced."""
+        interval_s = min(HEARTBEAT_STALE_S, run.settings.visibility_timeout_s) / 4
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval_s):
+                try:
+                    self.client.hset(HEARTBEATS, self.consumer, server_time(self.client))
+                    run.events.keep_claimed(FUNCTIONS_TOPIC, FUNCTIONS_GROUP, self.consumer, event.id)
+                except redis.RedisError:  # Redis restarting: the next beat tries again
+                    continue
+
+        beater = threading.Thread(target=beat, name=f"amble-heartbeat-{event.id}", daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beater.join()
 
     def serve(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         """Run events until stopped (SIGTERM/SIGINT), ``max_events`` ran, or idle for ``idle_exit_s``."""

@@ -69,6 +69,10 @@ class Store(ABC):
     def keys(self, prefix: str) -> list[str]:
         """Sorted value keys starting with ``prefix`` (counters and sets are separate namespaces)."""
 
+    def max_value_bytes(self) -> int | None:
+        """The largest value this store can hold (None: as large as memory allows)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook; the embedded store holds nothing to release
         """Release connections."""
 

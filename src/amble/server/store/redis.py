@@ -82,6 +82,10 @@ SOCKET_TIMEOUT_S = 30.0
 sends on purpose is a 0.2 s blocking stream read or a multi-megabyte write."""
 PASSWORD_ENV = "AMBLE_REDIS_PASSWORD"
 
+DEFAULT_MAX_BULK_BYTES = 512 * 2**20
+"""Redis' default ``proto-max-bulk-len``: the largest value one command can carry (a server that
+does not let this client read its setting, e.g. a managed one with CONFIG disabled, is taken to have it)."""
+
 STAGING_TTL_MS = 600_000
 """A staged value whose commit never came (its writer died) expires after ten minutes."""
 
@@ -267,6 +271,15 @@ class RedisStore(Store):
             list[bytes], self.client.zrangebylex(self._index, b"[" + prefix.encode(), b"[" + prefix.encode() + b"\xff")
         )
         return [k.decode() for k in found]
+
+    def max_value_bytes(self) -> int:
+        """The server's ``proto-max-bulk-len``: no value (a model, a shard of partial sums) can be larger."""
+        try:
+            setting = cast(dict[str, str], self.client.config_get("proto-max-bulk-len"))
+        except redis.ResponseError:  # CONFIG renamed, disabled or refused to this user
+            return DEFAULT_MAX_BULK_BYTES
+        value = setting.get("proto-max-bulk-len")
+        return DEFAULT_MAX_BULK_BYTES if value is None else int(value)
 
     def close(self) -> None:
         self.client.close()
