@@ -31,6 +31,7 @@ from amble.errors import REJECTION_REASONS, UpdateRejected
 from amble.live.gateway import MAX_REFUSED_UPLOADS, create_app
 from amble.live.serve import prepare, serve
 from amble.server import keys
+from amble.server.factory import release_server
 from amble.server.store.redis import RedisStore, connect, escape_glob, prefix_of
 from amble.server.tensors import TensorSpec, decode, encode, validate_update
 from tests.conftest import RedisServer, free_port
@@ -86,32 +87,78 @@ def test_500_requests_without_a_valid_token_add_no_key_to_redis(tmp_path: Path, 
 # -- item 7: refused uploads are capped per device and round, and leave no record each ------------
 
 
+def refused_update(gw: Gateway, device: int) -> tuple[bytes, str]:
+    """An update of 1e30s for round 0 with a valid report: finite, so the gateway passes it on, and
+    the functions' norm bound (``server.max_update_norm``) refuses it."""
+    body, report = update_for(gw, device, 0, gw.wait_round(0)["plans"][str(device)])
+    return encode({name: torch.full_like(t, 1e30) for name, t in decode(body).items()}), report
+
+
+def resend(gw: Gateway, device: int, body: bytes, report: str, times: int) -> list[httpx.Response]:
+    with gw.client(device) as client:
+        headers = {"X-Amble-Report": report}
+        return [client.post("/v1/rounds/0/update", content=body, headers=headers) for _ in range(times)]
+
+
 def test_300_refused_uploads_of_one_device_are_capped_and_leave_no_value_key_each(run: Gateway) -> None:
     gw, store = run, run.served.coordinator.store
     register(gw, range(4))
-    state = gw.wait_round(0)
-    body, report = update_for(gw, 0, 0, state["plans"]["0"])
-    huge = encode(
-        {name: torch.full_like(t, 1e30) for name, t in decode(body).items()}
-    )  # finite: the norm bound refuses it
+    body, report = refused_update(gw, 0)
     keys_before, model_before = len(store.keys("")), gw.model_bytes()
 
-    with gw.client(0) as device:
-        answers = [
-            device.post("/v1/rounds/0/update", content=huge, headers={"X-Amble-Report": report}) for _ in range(300)
-        ]
+    answers = resend(gw, 0, body, report, 300)
 
+    assert len(store.keys("")) == keys_before  # before the fix: one rejection record per refused upload, +300
     statuses = collections.Counter(a.status_code for a in answers)
     assert statuses == {422: MAX_REFUSED_UPLOADS, 429: 300 - MAX_REFUSED_UPLOADS}
     assert {a.json()["error"] for a in answers[:MAX_REFUSED_UPLOADS]} == {"norm"}
     assert_error(answers[-1], 429, "too_many_refusals")
-    assert len(store.keys("")) == keys_before  # before: one rejection record per refused upload, +300
-    assert len(store.set_members(keys.round_rejected(0))) == MAX_REFUSED_UPLOADS  # the round's outcome still says why
+    assert len(store.set_members(keys.round_rejected(0))) == MAX_REFUSED_UPLOADS  # the outcome still says why
     assert store.counter(keys.UPLOAD_COUNTER) == MAX_REFUSED_UPLOADS  # the 429s never reached the functions
     assert counted(gw, 0) == [] and gw.model_bytes() == model_before
     assert metric(gw, "too_many_refusals") == 300 - MAX_REFUSED_UPLOADS
     # The cap is the device's own: another device of the round is not held back.
+    state = gw.wait_round(0)
     assert post_update(gw, 1, 0, *update_for(gw, 1, 0, state["plans"]["1"])).status_code == 202
+
+
+def test_300_refused_uploads_add_no_lasting_key_to_redis(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The same on Redis, with a worker process running the functions: the keys that stay (no expiry)
+    do not grow. (Each upload that reaches the functions still leaves counter increments' one-time
+    keys, which expire after ten minutes: at most a few per refused upload under the cap.)"""
+    raw = small(rounds=1)
+    raw["server"] = {"store": redis_server.url, "workers": 1}
+    served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=60)
+    store = served.coordinator.store
+    assert isinstance(store, RedisStore)
+    client = connect(redis_server.url)
+
+    def lasting_keys() -> list[bytes]:
+        names = list(client.scan_iter(match=escape_glob(prefix_of(store.namespace)) + "*", count=1000))
+        with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.ttl(name)
+            return sorted(name for name, ttl in zip(names, pipe.execute(), strict=True) if ttl == -1)
+
+    try:
+        with serving(served) as gw:
+            register(gw, range(4))
+            body, report = refused_update(gw, 0)
+            first = resend(gw, 0, body, report, 1)  # the round's rejected set and the worker's record exist now
+            before = lasting_keys()
+
+            answers = resend(gw, 0, body, report, 299)
+
+            after = lasting_keys()
+    finally:
+        release_server(served.coordinator.server)
+        client.close()
+
+    assert len(after) == len(before)  # before the fix: +299, a rejection record per refused upload
+    assert_error(first[0], 422, "norm")
+    statuses = collections.Counter(a.status_code for a in answers)
+    assert statuses == {422: MAX_REFUSED_UPLOADS - 1, 429: 300 - MAX_REFUSED_UPLOADS}
+    assert after == before
 
 
 # -- item 6: a client that stalls mid-body -------------------------------------------------------
