@@ -9,6 +9,7 @@ gateway or keep ``amble serve`` from writing its files and exiting, and every ma
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import socket
@@ -68,7 +69,7 @@ def test_500_requests_without_a_valid_token_add_no_key_to_redis(tmp_path: Path, 
         return sum(1 for _ in client.scan_iter(match=escape_glob(prefix_of(store.namespace)) + "*", count=1000))
 
     forged = {"Authorization": "Bearer forged"}
-    with serving(served) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+    with serving(served) as gw, httpx.Client(base_url=gw.url, timeout=30) as http, contextlib.closing(client):
         before = run_keys()
         for _ in range(125):
             assert http.get("/v1/task").status_code == 401  # no token at all
@@ -81,7 +82,6 @@ def test_500_requests_without_a_valid_token_add_no_key_to_redis(tmp_path: Path, 
         assert metric(gw, "unauthenticated") == 125
         assert metric(gw, "unknown_token") == 250
         assert metric(gw, "invalid_request") == 125
-    client.close()
 
 
 # -- item 7: refused uploads are capped per device and round, and leave no record each ------------
@@ -213,13 +213,13 @@ def test_serve_writes_its_files_and_exits_though_a_client_stalls_mid_body(tmp_pa
     url = f"http://127.0.0.1:{port}"
     failure: list[BaseException] = []
 
-    def serving() -> None:
+    def serve_in_thread() -> None:
         try:
             serve(served, "127.0.0.1", port, out, linger_s=0.2)
         except BaseException as exc:  # reported by the assertion below
             failure.append(exc)
 
-    thread = threading.Thread(target=serving, daemon=True)
+    thread = threading.Thread(target=serve_in_thread, daemon=True)
     thread.start()
     wait_for(lambda: httpx.get(url + "/v1/health").status_code == 200, "the gateway to listen")
     stalled = stalled_upload(url, "forged", 0, b"\0" * 100_000, "{}")
