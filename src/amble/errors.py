@@ -26,6 +26,8 @@ REJECTION_REASONS: dict[str, str] = {
     "stale_round": "an upload for a round that is closed",
     "replayed": "a second upload for a round the device already uploaded to",
     "busy": "the update could not be queued for aggregation now; retry later",
+    "timeout": "an upload whose body stalled, or came too slowly (408; the connection is closed)",
+    "too_many_refusals": "an upload of a device whose uploads were refused too often in the round (429, unread)",
     # the aggregation functions' (and the gateway's, which runs the same checks first)
     "unknown_round": "a round that was never planned",
     "not_selected": "a device that was not selected in the round",

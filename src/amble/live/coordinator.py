@@ -224,7 +224,8 @@ class Coordinator:
             if counted:
                 return UploadFate(upload_id, True)
             rejection = read_json(self.store, keys.round_rejection(round_index, device, upload_id))
-            if rejection is not None:
+            if rejection is not None:  # answered now; the round's rejected set keeps the reason
+                self.store.delete(keys.round_rejection(round_index, device, upload_id))
                 return UploadFate(upload_id, False, str(rejection["reason"]), str(rejection["message"]))
             return UploadFate(upload_id, False)
 

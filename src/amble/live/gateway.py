@@ -5,9 +5,13 @@ is in the store). The operator's endpoints (``/v1/status``, ``/metrics``) take t
 instead. An upload is checked completely before anything is stored: first the cheap checks, before
 its body is read (the token, the round is open, the device was selected and has not uploaded yet,
 its report header parses and agrees with its plan and registration, the declared size fits), then
-the body (read only up to the limit: the model's update size plus a margin) against the model's
-tensors, shapes, dtypes and finiteness. A rejected request never reaches the aggregation functions,
-so the model cannot change because of it.
+the body (read only up to the limit: the model's update size plus a margin, and only while it keeps
+arriving: a client that stalls gets 408) against the model's tensors, shapes, dtypes and finiteness.
+A rejected request never reaches the aggregation functions, so the model cannot change because of it.
+
+Refusals cost the store nothing: they are counted in this process's memory (``/metrics``), so a
+flood of forged tokens or bad uploads cannot grow it. A device whose uploads were refused
+:data:`MAX_REFUSED_UPLOADS` times in a round gets 429 for its further uploads of that round, undecoded.
 
 Answers: 202 means the update is counted in its round (the functions ran on it); a client mistake
 gets a 4xx with ``{"error": <reason>, "message": <what to do>}``; a server fault (a function that
@@ -16,9 +20,12 @@ failed, a store outage) gets 503 with ``Retry-After`` and nothing counted, so th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import threading
+from collections import Counter
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -46,17 +53,66 @@ UPDATE_MARGIN_BYTES = 64 * 1024
 """Room over an update's exact tensor bytes for the safetensors header (names, shapes, metadata)."""
 RETRY_AFTER_S = 1
 """What a 503 asks a device to wait before it retries."""
+BODY_IDLE_TIMEOUT_S = 30.0
+"""The longest an upload's body may pause before the gateway answers 408 ``timeout`` and closes the
+connection, so a stalled client holds a request slot (and ``amble serve``'s exit) only this long."""
+MIN_UPLOAD_BYTES_PER_S = 16 * 1024
+"""The slowest upload the gateway waits for: a whole body must arrive within the idle timeout plus
+the body limit at this rate, so a client trickling a byte at a time is cut off too."""
+MAX_REFUSED_UPLOADS = 32
+"""Refused uploads of one device in one round after which its further uploads for that round get 429
+``too_many_refusals`` from their headers alone: their bodies are dropped unparsed and nothing reaches
+the functions. An honest device is refused once or twice at most (then it fixes its update or waits
+for its next round); one resending refused uploads cannot make the server decode them, and record
+their rejections, without end."""
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        device: int | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
+        self.status, self.reason, self.message, self.device = status, reason, message, device
         self.headers = dict(headers or {})
 
 
 Auth = Annotated[str | None, Header(description="Bearer <device token>")]
 """Routes take this at module level: FastAPI resolves (postponed) annotations in the module's globals."""
+
+
+class Tally:
+    """What the gateway counts in its own memory, never in the store: requests refused, by reason (for
+    ``/metrics``; they start from zero with the process, as Prometheus counters do), and each device's
+    refused uploads in the rounds still open."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rejected: Counter[str] = Counter()
+        self._refused_uploads: Counter[tuple[int, int]] = Counter()
+
+    def rejected(self, reason: str) -> None:
+        with self._lock:
+            self._rejected[reason] += 1
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejected)
+
+    def refused_upload(self, round_index: int, device: int, current: int | None) -> None:
+        """Count a refused upload of ``device`` in ``round_index``; forget the rounds before ``current``."""
+        with self._lock:
+            self._refused_uploads[(round_index, device)] += 1
+            for closed in [k for k in self._refused_uploads if current is not None and k[0] < current]:
+                del self._refused_uploads[closed]
+
+    def refused_uploads(self, round_index: int, device: int) -> int:
+        with self._lock:
+            return self._refused_uploads[(round_index, device)]
 
 
 class Registration(BaseModel):
@@ -89,12 +145,14 @@ def report_header(raw: str | None) -> Any:
     return parsed
 
 
-def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = None) -> FastAPI:
+def create_app(
+    coordinator: Coordinator, device_config: dict[str, Any] | None = None, read_timeout_s: float = BODY_IDLE_TIMEOUT_S
+) -> FastAPI:
     """The gateway in front of ``coordinator``'s parameter server.
 
     ``device_config`` is what ``/v1/whoami`` gives a device besides its id: the config sections it
     needs to load its data and build its model and trainer, nothing else (no store URL, no paths of
-    the server's).
+    the server's). ``read_timeout_s``: how long an upload's body may pause (see :data:`BODY_IDLE_TIMEOUT_S`).
     """
     app = FastAPI(
         title="AMBLE parameter server",
@@ -105,13 +163,14 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
     settings = RunSettings.from_json(store.get(keys.SETTINGS) or b"{}")
     template = template_from_json(store.get(keys.TEMPLATE) or b"{}")
     body_limit = min(settings.max_update_bytes, update_limit_bytes(template))
+    tally = Tally()
 
     def reject(
         status: int, reason: str, message: str, device: int | None = None, headers: Mapping[str, str] | None = None
     ) -> ApiError:
-        store.incr(keys.rejected_counter(reason))
+        tally.rejected(reason)
         log.info(json.dumps({"event": "rejected", "reason": reason, "device": device, "message": message}))
-        return ApiError(status, reason, message, headers)
+        return ApiError(status, reason, message, headers, device)
 
     def busy(message: str, device: int | None = None) -> ApiError:
         retry = {"Retry-After": str(RETRY_AFTER_S)}
@@ -148,7 +207,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        store.incr(keys.rejected_counter("invalid_request"))
+        tally.rejected("invalid_request")
         message = f"{where}: {first.get('msg', 'invalid request')}"
         return JSONResponse({"error": "invalid_request", "message": message}, status_code=422)
 
@@ -245,20 +304,44 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
             device, report = await run_in_threadpool(_precheck, round_index, authorization, x_amble_report)
             if content_length is not None and content_length > body_limit:
                 message = f"update is {content_length:,} bytes, over the limit of {body_limit:,} for this model"
-                raise reject(413, "too_large", message, device)
-        except ApiError:
+                raise refused(round_index, reject(413, "too_large", message, device))
+        except ApiError as exc:
             if content_length is None or content_length <= body_limit:
-                await _read_limited(request, body_limit, keep=False)  # answer a client done sending: no reset
+                try:  # answer a client done sending (no reset), unless it stalls
+                    await _read_limited(request, body_limit, read_timeout_s, keep=False)
+                except TimeoutError:
+                    exc.headers["Connection"] = "close"
             raise
-        body = await _read_limited(request, body_limit)
-        if body is None:
-            raise reject(413, "too_large", f"update is over the limit of {body_limit:,} bytes for this model", device)
-        accepted: dict[str, Any] = await run_in_threadpool(_accept, round_index, device, report, body)
+        try:
+            body = await _read_limited(request, body_limit, read_timeout_s)
+        except TimeoutError:
+            message = f"the update's body stalled for over {read_timeout_s:g} s (or came slower than "
+            message += f"{MIN_UPLOAD_BYTES_PER_S // 1024} KiB/s): send it again"
+            raise refused(round_index, reject(408, "timeout", message, device, {"Connection": "close"})) from None
+        try:
+            if body is None:
+                message = f"update is over the limit of {body_limit:,} bytes for this model"
+                raise reject(413, "too_large", message, device)
+            accepted: dict[str, Any] = await run_in_threadpool(_accept, round_index, device, report, body)
+        except ApiError as exc:
+            refused(round_index, exc)
+            raise
         return accepted
+
+    def refused(round_index: int, exc: ApiError) -> ApiError:
+        """Count a refusal of a selected device's upload against its round's :data:`MAX_REFUSED_UPLOADS`
+        (not a 503: that is the server's fault)."""
+        if exc.device is not None and exc.status < 500:
+            tally.refused_upload(round_index, exc.device, coordinator.current)
+        return exc
 
     def _precheck(round_index: int, authorization: str | None, raw_report: str | None) -> tuple[int, Report]:
         """Everything that can be refused without the body."""
         device = authenticate(authorization)
+        if tally.refused_uploads(round_index, device) >= MAX_REFUSED_UPLOADS:
+            message = f"device {device} had {MAX_REFUSED_UPLOADS} uploads refused in round {round_index}: "
+            message += "no more are taken in this round (see the earlier answers' reasons); wait for your next round"
+            raise reject(429, "too_many_refusals", message, device)
         state = coordinator.server.round_state(round_index)
         current = coordinator.current
         if state is None:
@@ -274,7 +357,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
         try:
             return device, check_report(store, round_index, device, report_header(raw_report), state)
         except UpdateRejected as exc:
-            raise reject(422, exc.reason, str(exc), device) from None
+            raise refused(round_index, reject(422, exc.reason, str(exc), device)) from None
 
     def _accept(round_index: int, device: int, report: Report, body: bytes) -> dict[str, Any]:
         try:
@@ -315,7 +398,7 @@ def create_app(coordinator: Coordinator, device_config: dict[str, Any] | None = 
     def metrics(authorization: Auth = None) -> str:
         """Prometheus text format (operator token: ``authorization: {credentials_file: operator.token}``)."""
         operator(authorization)
-        return _prometheus(coordinator)
+        return _prometheus(coordinator, tally.rejected_by_reason())
 
     return app
 
@@ -325,13 +408,22 @@ def status_of(reason: str) -> int:
     return {"late": 409, "too_large": 413}.get(reason, 422)
 
 
-async def _read_limited(request: Request, limit: int, keep: bool = True) -> bytes | None:
+async def _read_limited(request: Request, limit: int, idle_s: float, keep: bool = True) -> bytes | None:
     """The request body, or None as soon as it grows past ``limit`` (never buffered beyond it).
 
-    With ``keep=False`` the body is read and dropped: a refused request's client, which sends its
-    whole body before it reads the answer, then gets the answer and not a connection reset."""
+    Raises ``TimeoutError`` when no byte came for ``idle_s``, or the whole body did not come within
+    ``idle_s`` plus ``limit`` at :data:`MIN_UPLOAD_BYTES_PER_S`. With ``keep=False`` the body is read
+    and dropped: a refused request's client, which sends its whole body before it reads the answer,
+    then gets the answer and not a connection reset."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_s + limit / MIN_UPLOAD_BYTES_PER_S
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), max(0.0, min(idle_s, deadline - loop.time())))
+        except StopAsyncIteration:
+            break
         size += len(chunk)
         if size > limit:
             return None
@@ -340,7 +432,7 @@ async def _read_limited(request: Request, limit: int, keep: bool = True) -> byte
     return b"".join(chunks)
 
 
-def _prometheus(coordinator: Coordinator) -> str:
+def _prometheus(coordinator: Coordinator, rejected: Mapping[str, int]) -> str:
     store = coordinator.store
     stats = RuntimeStats.from_store(store)
     lines = [
@@ -360,8 +452,7 @@ def _prometheus(coordinator: Coordinator) -> str:
         "# TYPE amble_updates_rejected_total counter",
     ]
     for reason in REJECTION_REASONS:
-        count = int(store.counter(keys.rejected_counter(reason)))
-        lines.append(f'amble_updates_rejected_total{{reason="{reason}"}} {count}')
+        lines.append(f'amble_updates_rejected_total{{reason="{reason}"}} {rejected.get(reason, 0)}')
     latency = [r.wall_s for r in coordinator.history]
     lines += [
         "# HELP amble_function_invocations_total Parameter-server function invocations.",

@@ -152,6 +152,10 @@ KEEP_ALIVE_S = 60.0
 """How long an idle device connection stays open. uvicorn's default of 5 s closed pooled connections
 that a client was about to reuse, while a burst of uploads kept the server busy for longer than
 that; the client then saw the connection reset and its upload was lost."""
+SHUTDOWN_TIMEOUT_S = 5
+"""How long the gateway waits for requests in flight when it stops; then it cancels them. The run's
+files are written before it stops, so a client that never finishes its request cannot keep
+``amble serve`` from writing them or from exiting."""
 
 
 def http_config(
@@ -177,7 +181,41 @@ def http_config(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         limit_concurrency=limit_concurrency,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
     )
+
+
+class _Outputs:
+    """The run's final files (the model, then ``summary.json`` and the report), written once: by the
+    rounds' thread as soon as the rounds end, or after the gateway stopped if that came first."""
+
+    def __init__(self, served: Served, out_dir: Path) -> None:
+        self.served, self.out_dir = served, out_dir
+        self._lock = threading.Lock()
+        self._written = False
+        self._failure: Exception | None = None
+
+    def write(self) -> None:
+        with self._lock:
+            if self._written:
+                return
+            self._written = True
+            coordinator, log = self.served.coordinator, logging.getLogger("amble.serve")
+            try:
+                model = encode(coordinator.server.model())
+                write_atomic(self.out_dir / f"model_{self.served.label}.safetensors", model)
+            except Exception as exc:  # a crashed store: say so, and keep the reason the run stopped
+                log.error("could not write the final model: %s: %s", type(exc).__name__, exc)
+                self._failure = None if coordinator.error is not None else exc
+            try:
+                self.served.files.finish(coordinator.server.runtime.stats(), coordinator.now_s(), coordinator.error)
+            except Exception as exc:  # a crashed store again: the rows written so far stay
+                log.error("could not write summary.json: %s: %s", type(exc).__name__, exc)
+
+    def raise_failure(self) -> None:
+        """Raise what kept the final model from being written, unless the run had failed anyway."""
+        if self._failure is not None:
+            raise self._failure
 
 
 def serve(
@@ -198,6 +236,7 @@ def serve(
     config = http_config(served.app, host, port, ssl_certfile, ssl_keyfile, served.max_concurrent_requests)
     server = uvicorn.Server(config)
     coordinator = served.coordinator
+    outputs = _Outputs(served, out_dir)
 
     def rounds() -> None:
         try:
@@ -206,6 +245,7 @@ def serve(
                 record = {"event": "crashed", "round": coordinator.current, "error": coordinator.error}
                 with served.log_path.open("a") as file:
                     file.write(json.dumps(record) + "\n")
+            outputs.write()  # now, while the gateway still answers: nothing a client does can hold them up
             time.sleep(linger_s)  # devices polling now learn the run is done (or failed)
         finally:
             server.should_exit = True
@@ -218,16 +258,9 @@ def serve(
         coordinator.stop()
         thread.join(timeout=10)
         try:
-            write_atomic(out_dir / f"model_{served.label}.safetensors", encode(coordinator.server.model()))
-        except Exception as exc:  # a crashed store: say so, and keep the reason the run stopped
-            logging.getLogger("amble.serve").error("could not write the final model: %s: %s", type(exc).__name__, exc)
-            if coordinator.error is None:
-                raise
+            outputs.write()  # when the gateway stopped first (Ctrl-C): the rounds so far
+            outputs.raise_failure()
         finally:
-            try:
-                served.files.finish(coordinator.server.runtime.stats(), coordinator.now_s(), coordinator.error)
-            except Exception as exc:  # a crashed store again: the rows written so far stay
-                logging.getLogger("amble.serve").error("could not write summary.json: %s: %s", type(exc).__name__, exc)
             release_server(coordinator.server)
     if coordinator.error is not None:
         raise AmbleError(f"the run failed in {coordinator.error} (see {served.log_path})")

@@ -59,6 +59,9 @@ def round_rejected(round_index: int) -> str:
 
 
 def round_rejection(round_index: int, device: int, upload: str) -> str:
+    """JSON ``{"reason", "message"}``: why the functions rejected one upload. Under ``amble serve`` the
+    coordinator deletes it once it has answered the upload (the round's ``rejected`` set keeps the
+    reason), so refused uploads leave no value key each."""
     return f"round/{round_index:06d}/rejection/{device}/{upload}"
 
 
@@ -124,11 +127,6 @@ def device_token(token_hash: str) -> str:
 def uploaded(round_index: int) -> str:
     """A set of the devices whose upload for the round was accepted (replays are refused)."""
     return f"gateway/uploaded/{round_index}"
-
-
-def rejected_counter(reason: str) -> str:
-    """Counter: requests the gateway rejected for ``reason``."""
-    return f"gateway/rejected/{reason}"
 
 
 def rounds_counter(status: str) -> str:

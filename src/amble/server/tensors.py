@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -30,6 +29,8 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_KNOWN_DTYPES = tuple(SAFETENSORS_DTYPES.values())
+"""The safetensors dtypes :func:`encode` writes and :func:`decode` reads; any other is refused."""
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -69,19 +70,50 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
 
 
 def decode(blob: bytes) -> Tensors:
-    """Parse safetensors bytes; anything unparsable is rejected as ``malformed``."""
+    """Parse safetensors bytes; anything unparsable is rejected as ``malformed``, a tensor of a dtype
+    :func:`encode` never writes (``F4``, ``F8_E8M0``, ``C64``...) as ``dtype``.
+
+    The dtypes are checked here first: the safetensors library parses some it cannot hand to torch,
+    and then raises a ``KeyError``. Whatever else it raises on these bytes is their fault too (they
+    come from a device), so every failure is a rejection, never a server fault.
+    """
+    header = _header(blob)
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) and name != "__metadata__" else None
+        if isinstance(dtype, str) and dtype not in _KNOWN_DTYPES:
+            raise UpdateRejected(
+                "dtype",
+                f"tensor '{name[:64]}' has safetensors dtype '{dtype[:16]}', which AMBLE does not read "
+                f"({', '.join(_KNOWN_DTYPES)}): send the model's dtypes",
+            )
     try:
         return st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # SafetensorError, or what the torch binding raises on odd bytes
         raise UpdateRejected("malformed", f"update is not a valid safetensors blob: {exc}") from None
+
+
+def _header(blob: bytes) -> dict[str, object]:
+    """The JSON header of a safetensors blob, refused as ``malformed`` when it is not there."""
+    if len(blob) < 8:
+        raise UpdateRejected("malformed", f"update is {len(blob)} bytes: not a safetensors blob (no header length)")
+    header_len = int.from_bytes(blob[:8], "little")
+    if header_len > len(blob) - 8:
+        raise UpdateRejected(
+            "malformed", f"update's safetensors header says {header_len:,} bytes, more than the {len(blob) - 8:,} sent"
+        )
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
+        raise UpdateRejected("malformed", "update's safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise UpdateRejected("malformed", "update's safetensors header is not a JSON object")
+    return header
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:
     """The string metadata of a safetensors blob (its JSON header's ``__metadata__``)."""
-    header_len = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + header_len])
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
+    meta = _header(blob).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 @dataclass(frozen=True)
