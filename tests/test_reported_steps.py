@@ -52,9 +52,9 @@ def make_server(strategy: Strategy) -> ParameterServer:
 def send(server: ParameterServer, round_: int, device: int, steps_run: int, reported: int, step_s: float) -> None:
     """``device`` ran ``steps_run`` steps of ``step_s`` seconds each and reports ``reported`` of them;
     it arrives as an honest device would: after download, compute and upload."""
-    plan = server.round_state(round_).plans[device]  # type: ignore[union-attr]
     state = server.round_state(round_)
     assert state is not None
+    plan = state.plans[device]
     compute_s = steps_run * step_s * plan.batch_size / 32
     report = Report(round_, device, SAMPLES[device], reported, plan.batch_size, compute_s, LINK_S, LINK_S)
     delta = torch.zeros(3)
@@ -146,22 +146,27 @@ def test_scaffold_a_lie_about_steps_under_a_plan_without_a_deadline_is_held_to_t
 # -- AMBLE's planner (with SCAFFOLD's control variates) ----------------------------------------------------
 
 
-def amble_second_round(liar_reports: int) -> ParameterServer:
-    # Round 1, q = 0.8: T_r = 40.2 s, set by device 2 (the slow one, batch 32, 20 steps of 2 s); it
-    # runs all 20 in time and, the liar here, reports ``liar_reports``.
+def amble_second_round(liar: int, liar_reports: int | None) -> ParameterServer:
+    # Round 1, q = 0.8: T_r = 40.2 s, set by device 2 (the slow one: batch 32, 20 steps of 2 s); devices 0
+    # and 1 get batch 64 (t = 1 s per step) and 35 steps. Each runs all its steps in time; ``liar``
+    # reports ``liar_reports`` of them (None: all).
     server = make_server(Amble(BASE, AmbleSettings(control_variates=True)))
     first_round(server)
     plans, _ = server.start_round(1, [0, 1, 2], SECOND_ROUND_AT_S)
-    assert (plans[2].batch_size, plans[2].local_steps, plans[2].deadline_s) == (32, 20, pytest.approx(40.2))
-    for device in (0, 1):
-        send(server, 1, device, plans[device].local_steps, plans[device].local_steps, FAST_S)
-    send(server, 1, 2, 20, liar_reports, SLOW_S)
+    assert [(p.batch_size, p.local_steps, p.deadline_s) for p in plans.values()] == [
+        (64, 35, pytest.approx(40.2)),
+        (64, 35, pytest.approx(40.2)),
+        (32, 20, pytest.approx(40.2)),
+    ]
+    for device, plan in plans.items():
+        reported = plan.local_steps if device != liar or liar_reports is None else liar_reports
+        send(server, 1, device, plan.local_steps, reported, SLOW_S if device == 2 else FAST_S)
     assert server.close_round(1, SECOND_ROUND_AT_S + 90.0).counted == [0, 1, 2]
     return server
 
 
-def test_amble_one_lie_about_steps_moves_its_variate_and_the_deadline_at_most_twice() -> None:
-    honest, lied = amble_second_round(liar_reports=20), amble_second_round(liar_reports=1)
+def test_amble_the_deadline_devices_lie_moves_its_variate_and_everyones_deadline_at_most_twice() -> None:
+    honest, lied = amble_second_round(2, None), amble_second_round(2, liar_reports=1)
     # Its speed before: 2 s per step, 0.2 s of link; in the 40.2 s it had, 20 steps fit: held to 10.
 
     honest_plans, _ = honest.start_round(2, [0, 1, 2], 200.0)
@@ -174,12 +179,22 @@ def test_amble_one_lie_about_steps_moves_its_variate_and_the_deadline_at_most_tw
     # sets T_r for every device, is 0.2 + 20 * 5.4 / 1.7 s instead of 40.2 s (unheld: 110.8 s, 2.8x).
     assert lied_plans[0].deadline_s == pytest.approx(0.2 + 20 * 5.4 / 1.7)
     assert lied_plans[0].deadline_s <= 2 * honest_plans[0].deadline_s  # type: ignore[operator]
-    # Its own work, steps x batch, within 2x of the honest plan's.
-    work = {
-        d: (p.local_steps * p.batch_size, lied_plans[d].local_steps * lied_plans[d].batch_size)
-        for d, p in honest_plans.items()
-    }
-    assert work[2][0] / 2 <= work[2][1] <= 2 * work[2][0]
+
+
+def test_amble_a_fast_devices_lie_moves_its_own_planned_work_at_most_twice_and_no_one_elses() -> None:
+    honest, lied = amble_second_round(1, None), amble_second_round(1, liar_reports=1)
+    # It ran 35 steps of 1 s at batch 64 and arrived after 35.2 s, in which its speed (0.5 s per step at
+    # batch 32, 0.2 s of link) fits 35: held to 18, so its history says 35 / 18 s per step at 64.
+
+    honest_plans, _ = honest.start_round(2, [0, 1, 2], 200.0)
+    lied_plans, _ = lied.start_round(2, [0, 1, 2], 200.0)
+
+    # The fit through the origin over (32, 0.5 s) and (64, 35/18 s), weights 0.7 and 1, is 0.0282 s per
+    # sample: still batch 64 (the ceiling), and floor((0.9 * 40.2 - 0.2) / 1.804) = 19 steps, not 35:
+    # 1,216 samples of work instead of 2,240 (unheld: 16 steps of 40, 640, 3.5x less).
+    assert (lied_plans[1].batch_size, lied_plans[1].local_steps) == (64, 19)
+    assert honest_plans[1].local_steps * 64 <= 2 * lied_plans[1].local_steps * lied_plans[1].batch_size
+    assert (lied_plans[0], lied_plans[2]) == (honest_plans[0], honest_plans[2])
 
 
 # -- the bound itself ----------------------------------------------------------------------------------
