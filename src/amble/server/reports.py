@@ -180,10 +180,13 @@ def hold_steps(report: Report, plan: Plan, history: Sequence[Report], elapsed_s:
     weight is at most :data:`STEPS_SLACK` (2) times the one its expected steps give, which for a device
     whose earlier reports were honest is its honest weight: one lying report moves the model at most
     2x its honest share. Honest partial work (stopped at the deadline at the speed its reports show,
-    within 2x) keeps its steps. What the bound cannot see: a device's first cut round (no speed to
-    judge by: its steps stand) and a device that lies about its speed in every report (it must then
-    really arrive as late as it claims, the times being bounded by what the server observed, and is
-    planned as the slow device it claims to be). The compute time keeps the per-step floor.
+    within 2x) keeps its steps; an honest device more than 2x slower than its reports show (its steps
+    or its link) has them raised, so its update counts less than its share, never more. What the
+    bound cannot see: a device's first cut round (no speed to judge by: its steps stand) and a device
+    that understates its speed in every report (it must then really arrive as late as it claims, the
+    times being bounded by what the server observed; AMBLE plans it the less work it claims to
+    manage, but under FedNova's fixed plans it keeps the weight of the slow device it claims to be).
+    The compute time keeps the per-step floor.
     """
     expected = expected_steps(plan, history, elapsed_s)
     if expected is None:
