@@ -10,7 +10,8 @@ sum fails this test: it differs in the last bits from one order to the next.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from amble.server import (
 from amble.server.partialsum import FoldRecord, PartialSum
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
 from amble.server.tensors import TensorSpec, encode, l2_norm
-from amble.strategies import BaseWork, FedAvg, FedNova, Report, Strategy
+from amble.strategies import BaseWork, DeviceState, FedAvg, FedNova, Plan, Report, Strategy
 from amble.strategies.fedprox import PartialWorkSettings
 
 DEVICES = list(range(40))
@@ -62,8 +63,8 @@ def make_updates() -> dict[int, dict[str, torch.Tensor]]:
 
 
 def steps_of(d: int) -> int:
-    """Local steps reported: the plan's (n / 32) for even devices, fewer for odd ones (FedNova weights
-    n / steps that are not integers)."""
+    """Local steps reported: the plan's (n / 32) for even devices, fewer for odd ones, stopped at their
+    deadline (FedNova weights n / steps that are not integers)."""
     planned = SAMPLES[d] // 32
     return planned if d % 2 == 0 else max(1, planned * 2 // 3)
 
@@ -72,8 +73,17 @@ def fedavg() -> Strategy:
     return FedAvg(BaseWork(32, 1, 0.1))
 
 
+class CutFedNova(FedNova):
+    """FedNova whose plans stop at a deadline, so a device may send fewer steps than planned (the
+    server holds the steps of a plan without one to the plan's)."""
+
+    def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
+        plans = super().plan(round_index, devices)
+        return {d: replace(p, deadline_s=10.0, at_deadline="stop") for d, p in plans.items()}
+
+
 def fednova() -> Strategy:
-    return FedNova(BaseWork(32, 1, 0.1), PartialWorkSettings())
+    return CutFedNova(BaseWork(32, 1, 0.1), PartialWorkSettings())
 
 
 Order = list[tuple[int, int, bool]]

@@ -34,15 +34,18 @@ TEMPLATE = template_of({"w": INITIAL["w"], "b": INITIAL["b"]})
 
 
 class TwoPlans(Scaffold):
-    """Device 0: 2 steps at lr 0.1; device 1: up to 5 steps at lr 0.25; device 2: 4 steps at lr 0.1."""
+    """Device 0: 2 steps at lr 0.1; device 1: up to 5 steps at lr 0.25, stopping at a deadline; device 2: 4
+    steps at lr 0.1."""
 
     def plan(self, round_index: int, devices: Sequence[DeviceState]) -> dict[int, Plan]:
-        plans = {0: Plan(32, 2, 0.1), 1: Plan(32, 5, 0.25), 2: Plan(32, 4, 0.1)}
+        cut = Plan(32, 5, 0.25, deadline_s=10.0, at_deadline="stop")
+        plans = {0: Plan(32, 2, 0.1), 1: cut, 2: Plan(32, 4, 0.1)}
         return {d.device: plans[d.device] for d in devices}
 
 
 STEPS = {0: 2, 1: 4, 2: 4}
-"""Steps each device reports: device 1 stopped one step short of its plan, so eta_1 = 4 * 0.25 = 1."""
+"""Steps each device reports: device 1 stopped one step short of its plan at its deadline (its first
+report: the server has no speed of it to doubt the 4 by), so eta_1 = 4 * 0.25 = 1."""
 
 
 def report(device: int, round_: int = 0) -> Report:

@@ -238,7 +238,8 @@ class ServerConfig(_Section):
     """With ``device_data: own``: the most training samples a device may register."""
     max_weight_share: float = Field(0.5, gt=0, le=1)
     """With ``device_data: own``: no device may register more than this share of all registered
-    samples (its own included), checked once ``devices_per_round`` other devices have registered."""
+    samples (its own included), checked once ``devices_per_round`` other devices have registered, and
+    again for every registered device when a round starts (one over it is left out of the round)."""
     max_concurrent_requests: int = Field(512, ge=1)
     """``amble serve``: requests served at once (uvicorn's ``limit_concurrency``); more get 503."""
 

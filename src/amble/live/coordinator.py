@@ -116,6 +116,9 @@ class RoundRecord:
     arrivals: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Each upload that reached the functions, by device id: ``at_s``, ``counted`` and the report's
     fields (the last upload of a device that sent several)."""
+    excluded: dict[str, str] = field(default_factory=dict)
+    """Registered devices the round could not select, by device id, with the reason (a count over
+    ``server.max_weight_share``: :meth:`Coordinator._selectable`)."""
 
 
 @dataclass
@@ -187,15 +190,44 @@ class Coordinator:
             )
         others = [int(d) for d in self.store.set_members(keys.REGISTERED) if int(d) != device]
         if len(others) >= self.limits.others_needed:
-            total = num_samples + sum(
-                int((read_json(self.store, keys.device_info(d)) or {"num_samples": 0})["num_samples"]) for d in others
-            )
-            share = num_samples / total
-            if share > self.limits.max_weight_share:
-                raise AmbleError(
-                    f"device {device}'s {num_samples:,} samples would be {share:.0%} of all registered samples, "
-                    f"over server.max_weight_share ({self.limits.max_weight_share:.0%})"
-                )
+            problem = self._share_problem(num_samples, num_samples + sum(map(self._registered, others)))
+            if problem is not None:
+                raise AmbleError(f"device {device}'s {num_samples:,} samples would be {problem}")
+
+    def _registered(self, device: int) -> int:
+        """The sample count ``device`` registered (0 if none is stored)."""
+        return int((read_json(self.store, keys.device_info(device)) or {"num_samples": 0})["num_samples"])
+
+    def _share_problem(self, num_samples: int, total: int) -> str | None:
+        """What is wrong with ``num_samples`` of ``total`` registered samples (None: within the share)."""
+        share = num_samples / total if total > 0 else 0.0
+        if share <= self.limits.max_weight_share:
+            return None
+        return (
+            f"{share:.1%} of all registered samples, over server.max_weight_share ({self.limits.max_weight_share:.0%})"
+        )
+
+    def _selectable(self, registered: list[int]) -> tuple[list[int], dict[int, str]]:
+        """The registered devices a round may select from, and why each other one may not.
+
+        With ``device_data: own`` the share is enforced here, when a round's weights are fixed, and not
+        only when a device registers (where it is checked once ``devices_per_round`` others have
+        registered, so a device that registered first was never checked): a device whose count is over
+        ``server.max_weight_share`` of all registered devices' samples (its own included, as at
+        registration) is left out of the round, with the reason, and its weight in the round's
+        aggregate is zero. One pass: leaving it out does not push the others over in turn. A single
+        registered device has no one to be compared with.
+        """
+        if self.limits.device_data != "own" or len(registered) < 2:
+            return registered, {}
+        counts = {device: self._registered(device) for device in registered}
+        total = sum(counts.values())
+        excluded = {}
+        for device, count in counts.items():
+            problem = self._share_problem(count, total)
+            if problem is not None:
+                excluded[device] = f"its {count:,} registered samples are {problem}; register fewer to take part"
+        return [d for d in registered if d not in excluded], excluded
 
     def accept(self, report: Report, update: bytes) -> UploadFate:
         """Store an already validated update, run the functions it triggers, and say what became of it.
@@ -276,19 +308,22 @@ class Coordinator:
             if not self._wait(lambda: len(self.store.set_members(keys.REGISTERED)) >= self.min_devices, None):
                 return
             with self.lock:
-                available = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
+                registered = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
+                available, excluded = self._selectable(registered)
                 self.current = r
                 self.server.start_round(r, available, self.now_s())
                 deadline = time.monotonic() + self.round_timeout_s
                 self.changed.notify_all()
             log.info(json.dumps({"event": "round_started", "round": r, "available": len(available)}))
+            for device, reason in excluded.items():
+                log.warning(json.dumps({"event": "device_excluded", "round": r, "device": device, "reason": reason}))
             self._wait(lambda r=r: self._decided(r), deadline)  # type: ignore[misc]
             if self._stop.is_set():
                 return
             with self.lock:
                 outcome = self.server.close_round(r, self.now_s())
                 closed_s = self.now_s()
-            self._record(outcome, available, closed_s)
+            self._record(outcome, available, closed_s, excluded)
         with self.lock:
             self.finished = True
             self.current = None
@@ -309,7 +344,7 @@ class Coordinator:
                 self.changed.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
             return True
 
-    def _record(self, outcome: RoundOutcome, available: list[int], closed_s: float) -> None:
+    def _record(self, outcome: RoundOutcome, available: list[int], closed_s: float, excluded: dict[int, str]) -> None:
         accuracy = loss = None
         if outcome.status == "finalized" and self.evaluate is not None:
             accuracy, loss = self.evaluate(self.server.model(outcome.version))
@@ -333,6 +368,7 @@ class Coordinator:
             available=available,
             rejected=len(outcome.rejected),
             arrivals={str(d): a.to_dict() for d, a in sorted(arrivals.items())},
+            excluded={str(d): reason for d, reason in sorted(excluded.items())},
         )
         with self.lock:
             self.history.append(record)

@@ -7,7 +7,9 @@ steps from ``x`` to ``y_k = x + delta_k``:
 
 - ``c_k+ = c_k - c - delta_k / eta_k`` with ``eta_k`` the sum of the learning rates of its ``K_k`` steps
   (``K_k * lr_k`` without a warm-up), so devices with their own steps and learning rates (AMBLE's
-  plans) each estimate their mean corrected gradient;
+  plans) each estimate their mean corrected gradient; ``K_k`` is the reported steps as the server
+  holds them (``amble.server.reports.hold_steps``), so one report under-stating them moves ``c_k+``
+  at most 2x;
 - ``c+ = c + (1/N) * sum_k (c_k+ - c_k)`` over the round's counted devices, ``N`` all devices of the run.
 
 Exactly once, under reruns and crashes (see :mod:`amble.server.functions`):

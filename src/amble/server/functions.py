@@ -39,7 +39,7 @@ from amble.errors import UpdateRejected
 from amble.server import controlvariates, keys
 from amble.server.events.base import Event
 from amble.server.partialsum import FoldRecord, PartialSum
-from amble.server.reports import check_report, num_samples, parse_report
+from amble.server.reports import check_report, device_history, num_samples
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
@@ -329,24 +329,7 @@ class ServerFunctions:
         return list(peers.values())
 
     def _device_state(self, device: int) -> DeviceState:
-        return DeviceState(device, num_samples(self.store, device), tuple(self._history(device)))
-
-    def _history(self, device: int) -> list[Report]:
-        """The device's past reports that parse (histories stored before reports were checked may
-        hold some that do not: those are skipped, never planned from)."""
-        try:
-            history = read_json(self.store, keys.device_reports(device))
-        except ValueError:  # not JSON at all
-            return []
-        reports = []
-        for raw in history if isinstance(history, list) else []:
-            try:
-                report = parse_report(raw)
-            except UpdateRejected:
-                continue
-            if report.device == device:
-                reports.append(report)
-        return reports
+        return DeviceState(device, num_samples(self.store, device), tuple(device_history(self.store, device)))
 
     # -- aggregate ------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ registry, the device's plan and what the server itself observed of the round tri
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from itertools import islice
 from typing import Any
@@ -19,8 +20,9 @@ from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
-from amble.strategies.base import Report
-from amble.strategies.speed import MIN_STEP_S
+from amble.strategies.base import Plan, Report
+from amble.strategies.rounds import steps_within
+from amble.strategies.speed import MIN_STEP_S, fit_speed
 
 REPORT_FIELDS = tuple(f.name for f in fields(Report))
 COUNT_FIELDS = ("round", "device", "num_samples", "local_steps", "batch_size")
@@ -33,6 +35,12 @@ ELAPSED_TOLERANCE_S = 1e-3
 ELAPSED_TOLERANCE_RELATIVE = 1e-6
 """Reported times may exceed the server-observed elapsed time by this much (timer granularity and
 float rounding) before they are scaled down to it."""
+STEPS_SLACK = 2.0
+"""A report's local steps are held to at least ``1 / STEPS_SLACK`` of the steps the server expected
+of the device (:func:`hold_steps`), so a weight or a learning-rate sum that divides by them is at
+most this many times what the expectation gives."""
+CUTS_AT_DEADLINE = ("stop", "probe")
+"""The ``Plan.at_deadline`` values under which an honest device may send fewer steps than planned."""
 
 
 def num_samples(store: Store, device: int) -> int:
@@ -115,6 +123,8 @@ def check_report(
             f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
             f"{plan.batch_size} x at most {plan.local_steps} steps",
         )
+    elapsed_s = None if arrived_at_s is None else arrived_at_s - state.started_at_s
+    report = hold_steps(report, plan, device_history(store, device, before=round_index), elapsed_s)
     if arrived_at_s is None:
         return report
     return bound_by_elapsed(report, arrived_at_s - state.started_at_s)
@@ -139,6 +149,74 @@ def as_observed(report: Report, elapsed_s: float) -> Report:
     if unseen_s <= elapsed_s * ELAPSED_TOLERANCE_RELATIVE + ELAPSED_TOLERANCE_S:
         return bounded
     return replace(bounded, download_s=bounded.download_s + unseen_s)
+
+
+def device_history(store: Store, device: int, before: int | None = None) -> list[Report]:
+    """The device's stored reports that parse, of rounds before ``before`` if given (histories stored
+    before reports were checked may hold some that do not: those are skipped, never planned from)."""
+    try:
+        history = read_json(store, keys.device_reports(device))
+    except ValueError:  # not JSON at all
+        return []
+    reports = []
+    for raw in history if isinstance(history, list) else []:
+        try:
+            report = parse_report(raw)
+        except UpdateRejected:
+            continue
+        if report.device == device and (before is None or report.round < before):
+            reports.append(report)
+    return reports
+
+
+def expected_steps(plan: Plan, history: Sequence[Report], elapsed_s: float | None) -> int | None:
+    """The local steps the server expects a device to have run for ``plan`` (None: it cannot tell).
+
+    All of them unless the plan lets the device stop at its deadline (``at_deadline`` ``stop`` or
+    ``probe``): an honest device runs exactly ``plan.local_steps`` otherwise (with ``drop`` it sends
+    nothing rather than fewer). With a deadline cut, the steps its speed fitted from its own earlier
+    reports (:func:`~amble.strategies.speed.fit_speed`, as the planner fits it) fit in the time it had:
+    until the deadline, or until its upload arrived if that was sooner (``elapsed_s``, seconds since
+    the round started as the server saw them; None when unknown), after its usual link time; at least
+    1 (the first step always runs), at most the plan's. A device without earlier reports has no speed
+    to judge by: None.
+    """
+    if plan.deadline_s is None or plan.at_deadline not in CUTS_AT_DEADLINE:
+        return plan.local_steps
+    if not history:
+        return None
+    window_s = plan.deadline_s if elapsed_s is None or elapsed_s < 0 else min(plan.deadline_s, elapsed_s)
+    fits = steps_within(window_s, fit_speed(history), plan.batch_size)
+    return min(plan.local_steps, max(fits, 1))
+
+
+def hold_steps(report: Report, plan: Plan, history: Sequence[Report], elapsed_s: float | None) -> Report:
+    """The report with its local steps raised, if need be, to what the server finds plausible.
+
+    FedNova weights an update by ``n / steps`` and SCAFFOLD divides it by the sum of its steps'
+    learning rates, so a device that ran all its steps and reported one would count many times over.
+    The steps are held to at least the plan's when the plan cannot be cut at a deadline (an honest
+    device reports exactly those), and otherwise to ``ceil(e / STEPS_SLACK)``, ``e`` the
+    :func:`expected_steps` of its speed in the time it had. So whatever a device reports, such a
+    weight is at most :data:`STEPS_SLACK` (2) times the one its expected steps give, which for a device
+    whose earlier reports were honest is its honest weight: one lying report moves the model at most
+    2x its honest share. Honest partial work (stopped at the deadline at the speed its reports show,
+    within 2x) keeps its steps; an honest device more than 2x slower than its reports show (its steps
+    or its link) has them raised, so its update counts less than its share, never more. What the
+    bound cannot see: a device's first cut round (no speed to judge by: its steps stand) and a device
+    that understates its speed in every report (it must then really arrive as late as it claims, the
+    times being bounded by what the server observed; AMBLE plans it the less work it claims to
+    manage, but under FedNova's fixed plans it keeps the weight of the slow device it claims to be).
+    The compute time keeps the per-step floor.
+    """
+    expected = expected_steps(plan, history, elapsed_s)
+    if expected is None:
+        return report
+    cut = plan.deadline_s is not None and plan.at_deadline in CUTS_AT_DEADLINE
+    least = math.ceil(expected / STEPS_SLACK) if cut else expected
+    if report.local_steps >= least:
+        return report
+    return replace(report, local_steps=least, compute_s=max(report.compute_s, MIN_STEP_S * least))
 
 
 def bound_by_elapsed(report: Report, elapsed_s: float) -> Report:
