@@ -138,6 +138,8 @@ class Coordinator:
     finished: bool = False
     history: list[RoundRecord] = field(default_factory=list)
     arrivals: dict[int, dict[int, Arrival]] = field(default_factory=dict)
+    handed: dict[int, dict[int, float]] = field(default_factory=dict)
+    """When each device was first handed its task, by round and device (seconds since the start)."""
     """Uploads that reached the functions, by round and device (see :class:`Arrival`)."""
     _started: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -247,7 +249,8 @@ class Coordinator:
             at_s = self.now_s()
             state = self.server.round_state(round_index)
             observed = report if state is None else as_observed(report, at_s - state.started_at_s)
-            upload_id = self.server.upload(observed, update, at_s)
+            began_at_s = self.handed.get(round_index, {}).get(device)
+            upload_id = self.server.upload(observed, update, at_s, began_at_s)
             self.server.runtime.drain()
             self.changed.notify_all()
             meta = read_json(self.store, keys.round_meta(round_index)) or {}
@@ -260,6 +263,12 @@ class Coordinator:
                 self.store.delete(keys.round_rejection(round_index, device, upload_id))
                 return UploadFate(upload_id, False, str(rejection["reason"]), str(rejection["message"]))
             return UploadFate(upload_id, False)
+
+    def task_handed(self, round_index: int, device: int) -> float:
+        """Note that ``device`` is being handed its task for ``round_index`` now; returns when it was
+        first handed it. The steps the server expects of it count from then (``check_report``)."""
+        with self.lock:
+            return self.handed.setdefault(round_index, {}).setdefault(device, self.now_s())
 
     def _arrived(self, round_index: int, device: int, report: Report, at_s: float, counted: bool) -> None:
         state = self.server.round_state(round_index)
@@ -352,6 +361,7 @@ class Coordinator:
         state = self.server.round_state(outcome.round)
         with self.lock:
             arrivals = self.arrivals.pop(outcome.round, {})
+            self.handed.pop(outcome.round, None)
         record = RoundRecord(
             outcome.round,
             outcome.status,

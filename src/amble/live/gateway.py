@@ -267,6 +267,7 @@ def create_app(
             if state is None or not state.is_open or done or plan is None:
                 return {"state": "wait", "round": r}
             answer = {"state": "train", "round": r, "base_version": state.base_version, "plan": plan.to_dict()}
+            coordinator.task_handed(r, device)
             if plan.deadline_s is not None:
                 answer["deadline_in_s"] = plan.deadline_s - (coordinator.now_s() - state.started_at_s)
             return answer

@@ -100,11 +100,12 @@ class ParameterServer:
             raise AmbleError(f"round {round_index} was not planned: {self._function_errors()}")
         return dict(state.plans), planned_at_s
 
-    def upload(self, report: Report, update: bytes, at_s: float) -> str:
+    def upload(self, report: Report, update: bytes, at_s: float, began_at_s: float | None = None) -> str:
         """Store an update under a fresh upload id and emit the event that triggers its aggregation.
 
         An update over the size limit is not stored; its event still goes out, so the aggregate
-        function records the rejection through the same path as every other one.
+        function records the rejection through the same path as every other one. ``began_at_s`` is
+        when the device was handed its task, where the server saw it (live; None: at the round's start).
         """
         upload = str(int(self.store.incr(keys.UPLOAD_COUNTER)))
         too_large = len(update) > self._max_update_bytes()
@@ -119,6 +120,8 @@ class ParameterServer:
             "size": len(update),
             "report": report.to_dict(),
         }
+        if began_at_s is not None:
+            payload["began_at_s"] = began_at_s
         self.events.publish(FUNCTIONS_TOPIC, "update_uploaded", payload, at_s)
         return upload
 
