@@ -293,13 +293,19 @@ def test_fuzz_never_a_5xx_and_never_a_model_change(
     assert gateway.model_bytes() == gateway.initial  # type: ignore[attr-defined]
 
 
-def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gateway) -> None:
-    agents = [DeviceAgent(gateway.url, gateway.served.tokens[d]) for d in range(6)]
+def run_six_devices(gw: Gateway) -> list[DeviceAgent]:
+    """Six device agents, each in a thread, until the run is done; returns them with their round logs."""
+    agents = [DeviceAgent(gw.url, gw.served.tokens[d]) for d in range(6)]
     threads = [threading.Thread(target=agent.run) for agent in agents]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    return agents
+
+
+def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gateway) -> None:
+    agents = run_six_devices(gateway)
     status = gateway.operator().get("/v1/status").json()
     assert status["finished"] and [r["status"] for r in status["history"]] == ["finalized"] * 3
     assert sum(len(a.rounds) for a in agents) == 3 * 3  # 3 devices per round, 3 rounds
@@ -309,12 +315,7 @@ def test_devices_over_http_train_every_round_and_the_model_learns(gateway: Gatew
 
 
 def test_devices_over_http_with_amble_as_shipped_make_progress_every_round(shipped_gateway: Gateway) -> None:
-    agents = [DeviceAgent(shipped_gateway.url, shipped_gateway.served.tokens[d]) for d in range(6)]
-    threads = [threading.Thread(target=agent.run) for agent in agents]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    agents = run_six_devices(shipped_gateway)
 
     history = shipped_gateway.operator().get("/v1/status").json()["history"]
     assert [r["status"] for r in history] == ["finalized"] * 3
