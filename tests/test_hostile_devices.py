@@ -9,6 +9,7 @@ model stays finite, and, where ``amble serve`` runs as a process, its exit statu
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import math
 import os
@@ -592,3 +593,37 @@ def test_a_round_failing_below_quorum_is_an_outcome_not_a_crash(tmp_path: Path) 
         assert [(r["status"], r["counted"]) for r in history] == [("failed", 1)]
         assert gw.client(0).get("/v1/task").json() == {"state": "done"}
         assert math.isfinite(float(sum(float(t.sum()) for t in served.coordinator.server.model().values())))
+
+
+class _Answer429(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with 429 and the reason the server's ``reason`` attribute names."""
+
+    def do_POST(self) -> None:
+        self.server.requests += 1  # type: ignore[attr-defined]
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"error": self.server.reason, "message": "m"}).encode()  # type: ignore[attr-defined]
+        self.send_response(429)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("reason", "tries"), [("too_many_refusals", 1), ("busy", 3)])
+def test_a_device_does_not_resend_what_the_refusal_cap_refuses_but_retries_a_busy_429(reason: str, tries: int) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer429)
+    server.requests, server.reason = 0, reason  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        agent = DeviceAgent(f"http://127.0.0.1:{server.server_address[1]}", "t", retry=RetryPolicy(3, base_s=0.01))
+
+        response, attempts = agent._request("POST", "/v1/rounds/0/update", content=b"x")
+
+        assert (response.status_code, attempts, server.requests) == (429, tries, tries)  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -54,6 +54,9 @@ class RetryPolicy:
     factor: float = 2.0
     max_s: float = 10.0
     retry_statuses: frozenset[int] = frozenset({429, 502, 503, 504})
+    final_reasons: frozenset[str] = frozenset({"too_many_refusals"})
+    """Refusals that sending again cannot change, whatever their status (the gateway's cap on refused
+    uploads answers 429 for the rest of the round)."""
 
     def delay_s(self, attempt: int, retry_after: str | None = None) -> float:
         """The wait before try ``attempt + 1`` (``attempt`` counts from 0)."""
@@ -144,7 +147,11 @@ class DeviceAgent:
                     raise
                 time.sleep(self.retry.delay_s(attempt))
             else:
-                if response.status_code not in self.retry.retry_statuses or attempt + 1 >= self.retry.attempts:
+                if (
+                    response.status_code not in self.retry.retry_statuses
+                    or attempt + 1 >= self.retry.attempts
+                    or _reason(response) in self.retry.final_reasons
+                ):
                     return response, attempt + 1
                 time.sleep(self.retry.delay_s(attempt, response.headers.get("Retry-After")))
             attempt += 1
