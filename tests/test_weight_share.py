@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from amble.config import config_from_dict
+from amble.live.coordinator import Coordinator, SampleLimits
 from amble.live.serve import prepare
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Plan, Report
 from tests.test_gateway import assert_error, post_update, update_for
 from tests.test_hostile_devices import serving, small
+from tests.test_hostile_reports import amble, make_server
 
 SHARE = 0.5
 NUDGE = 2.0**-10  # what the big device adds to every float of the model: exact in float32
@@ -64,3 +66,20 @@ def test_a_device_that_registered_first_gets_no_more_than_max_weight_share_of_th
     assert "99.5% of all registered samples, over server.max_weight_share (50%)" in record.excluded["0"]
     assert "register fewer" in record.excluded["0"]
     assert_error(big, 403, "not_selected")
+
+
+def test_a_fleet_too_small_to_meet_the_share_evenly_is_not_shut_out_of_its_rounds() -> None:
+    server = make_server(amble())
+    coordinator = Coordinator(
+        server, 2, 2, 30, limits=SampleLimits("own", 100_000, 0.5, 10)
+    )  # registration checks nothing
+    for device, count in ((0, 100), (1, 101)):
+        coordinator.register(device, count)
+
+    two = coordinator._selectable([0, 1])  # 101 of 201 is 50.2%, but two devices cannot both be under 50%
+
+    coordinator.register(2, 400)
+    three = coordinator._selectable([0, 1, 2])  # 400 of 601: 66.6% with room for the share
+
+    assert two == ([0, 1], {})
+    assert three[0] == [0, 1] and "66.6% of all registered samples" in three[1][2]

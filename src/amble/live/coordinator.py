@@ -138,8 +138,6 @@ class Coordinator:
     finished: bool = False
     history: list[RoundRecord] = field(default_factory=list)
     arrivals: dict[int, dict[int, Arrival]] = field(default_factory=dict)
-    handed: dict[int, dict[int, float]] = field(default_factory=dict)
-    """When each device was first handed its task, by round and device (seconds since the start)."""
     """Uploads that reached the functions, by round and device (see :class:`Arrival`)."""
     _started: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -217,10 +215,13 @@ class Coordinator:
         registered, so a device that registered first was never checked): a device whose count is over
         ``server.max_weight_share`` of all registered devices' samples (its own included, as at
         registration) is left out of the round, with the reason, and its weight in the round's
-        aggregate is zero. One pass: leaving it out does not push the others over in turn. A single
-        registered device has no one to be compared with.
+        aggregate is zero. One pass: leaving it out does not push the others over in turn. Only with
+        more than ``1 / max_weight_share`` devices registered: with fewer, some device is over the share
+        unless all counts are equal (two devices of 100 and 101 samples at a share of 0.5), and a
+        fleet must not be shut out of its own rounds for it.
         """
-        if self.limits.device_data != "own" or len(registered) < 2:
+        too_few = len(registered) * self.limits.max_weight_share <= 1.0
+        if self.limits.device_data != "own" or too_few:
             return registered, {}
         counts = {device: self._registered(device) for device in registered}
         total = sum(counts.values())
@@ -249,8 +250,7 @@ class Coordinator:
             at_s = self.now_s()
             state = self.server.round_state(round_index)
             observed = report if state is None else as_observed(report, at_s - state.started_at_s)
-            began_at_s = self.handed.get(round_index, {}).get(device)
-            upload_id = self.server.upload(observed, update, at_s, began_at_s)
+            upload_id = self.server.upload(observed, update, at_s)
             self.server.runtime.drain()
             self.changed.notify_all()
             meta = read_json(self.store, keys.round_meta(round_index)) or {}
@@ -263,12 +263,6 @@ class Coordinator:
                 self.store.delete(keys.round_rejection(round_index, device, upload_id))
                 return UploadFate(upload_id, False, str(rejection["reason"]), str(rejection["message"]))
             return UploadFate(upload_id, False)
-
-    def task_handed(self, round_index: int, device: int) -> float:
-        """Note that ``device`` is being handed its task for ``round_index`` now; returns when it was
-        first handed it. The steps the server expects of it count from then (``check_report``)."""
-        with self.lock:
-            return self.handed.setdefault(round_index, {}).setdefault(device, self.now_s())
 
     def _arrived(self, round_index: int, device: int, report: Report, at_s: float, counted: bool) -> None:
         state = self.server.round_state(round_index)
@@ -361,7 +355,6 @@ class Coordinator:
         state = self.server.round_state(outcome.round)
         with self.lock:
             arrivals = self.arrivals.pop(outcome.round, {})
-            self.handed.pop(outcome.round, None)
         record = RoundRecord(
             outcome.round,
             outcome.status,

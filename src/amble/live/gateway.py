@@ -40,7 +40,7 @@ from amble.errors import REJECTION_REASONS, AmbleError, UpdateRejected
 from amble.live.coordinator import Coordinator, device_of, token_hash
 from amble.server import keys
 from amble.server.functions import RunSettings
-from amble.server.reports import check_report
+from amble.server.reports import check_report, parse_report
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import TensorSpec, template_from_json, validate_update
 from amble.strategies.base import Report
@@ -267,7 +267,6 @@ def create_app(
             if state is None or not state.is_open or done or plan is None:
                 return {"state": "wait", "round": r}
             answer = {"state": "train", "round": r, "base_version": state.base_version, "plan": plan.to_dict()}
-            coordinator.task_handed(r, device)
             if plan.deadline_s is not None:
                 answer["deadline_in_s"] = plan.deadline_s - (coordinator.now_s() - state.started_at_s)
             return answer
@@ -356,7 +355,9 @@ def create_app(
         if device not in state.expected:
             raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
         try:
-            return device, check_report(store, round_index, device, report_header(raw_report), state)
+            raw = report_header(raw_report)
+            check_report(store, round_index, device, raw, state)  # refused here, before the body is read
+            return device, parse_report(raw)  # what the device said: the functions hold it with the timing
         except UpdateRejected as exc:
             raise refused(round_index, reject(422, exc.reason, str(exc), device)) from None
 

@@ -5,9 +5,9 @@ model stays where it was and the next round starts from it. A few failed rounds 
 warning (a dropout-heavy fleet, a deadline too tight); a run in which the model never moved past the
 first round made no progress at all, whatever its accuracy says, and must not end as a success.
 
-The rule: a strategy **stalled** when it finalized fewer than two of its rounds (fewer than one when it
-ran a single round), that is, no round after the first published a model. ``amble run`` and
-``amble serve`` then exit with :data:`STALLED_EXIT_STATUS` once every file is written.
+The rule: a strategy **stalled** when it finalized fewer than two of its rounds (none of a one-round
+run), that is, its model moved at most once. ``amble run`` and ``amble serve`` then exit with
+:data:`STALLED_EXIT_STATUS` once every file is written.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _counts(result: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def stalled(result: Mapping[str, Any]) -> bool:
-    """True when no round after the first published a model (see the module's docstring)."""
+    """True when at most one round published a model (none of a one-round run): see the module's docstring."""
     rounds, failed = _counts(result)
     return rounds - failed < min(rounds, 2)
 
@@ -45,6 +45,6 @@ def failed_rounds_warnings(strategies: Mapping[str, Mapping[str, Any]], rows_fil
             f"the round's deadline; the model stayed where it was); see {rows_file}"
         )
         if stalled(result):
-            line += ". No round after the first published a model: the run made no progress"
+            line += ". At most one round published a model: the run made no progress"
         lines.append(line)
     return lines

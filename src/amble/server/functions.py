@@ -39,7 +39,7 @@ from amble.errors import UpdateRejected
 from amble.server import controlvariates, keys
 from amble.server.events.base import Event
 from amble.server.partialsum import FoldRecord, PartialSum
-from amble.server.reports import began_at_s, check_report, device_history, num_samples
+from amble.server.reports import check_report, device_history, num_samples
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
 from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
@@ -362,17 +362,13 @@ class ServerFunctions:
                 if update_key:
                     self.store.delete(update_key)
                 with contextlib.suppress(UpdateRejected):  # what the planner learns is checked and bounded too
-                    arrived = check_report(
-                        self.store, round_index, device, payload.get("report"), state, arrived_at_s, began_at_s(payload)
-                    )
+                    arrived = check_report(self.store, round_index, device, payload.get("report"), state, arrived_at_s)
                     self._record_report(inv, arrived)
                 self._announce_if_complete(inv, round_index, meta, state)
                 return
             if meta["sealed"] or not state.is_open:
                 raise UpdateRejected("late", f"round {round_index} is already closed")
-            report = check_report(
-                self.store, round_index, device, payload.get("report"), state, arrived_at_s, began_at_s(payload)
-            )
+            report = check_report(self.store, round_index, device, payload.get("report"), state, arrived_at_s)
             if folded is None or self.store.version(shard_key) != folded.shard_version:
                 # The heavy part, done once unless this shard itself moved: then loop to re-read the
                 # meta record, which other instances may have changed in the meantime.

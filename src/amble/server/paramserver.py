@@ -100,12 +100,11 @@ class ParameterServer:
             raise AmbleError(f"round {round_index} was not planned: {self._function_errors()}")
         return dict(state.plans), planned_at_s
 
-    def upload(self, report: Report, update: bytes, at_s: float, began_at_s: float | None = None) -> str:
+    def upload(self, report: Report, update: bytes, at_s: float) -> str:
         """Store an update under a fresh upload id and emit the event that triggers its aggregation.
 
         An update over the size limit is not stored; its event still goes out, so the aggregate
-        function records the rejection through the same path as every other one. ``began_at_s`` is
-        when the device was handed its task, where the server saw it (live; None: at the round's start).
+        function records the rejection through the same path as every other one.
         """
         upload = str(int(self.store.incr(keys.UPLOAD_COUNTER)))
         too_large = len(update) > self._max_update_bytes()
@@ -120,8 +119,6 @@ class ParameterServer:
             "size": len(update),
             "report": report.to_dict(),
         }
-        if began_at_s is not None:
-            payload["began_at_s"] = began_at_s
         self.events.publish(FUNCTIONS_TOPIC, "update_uploaded", payload, at_s)
         return upload
 

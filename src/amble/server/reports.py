@@ -96,13 +96,7 @@ def parse_report(raw: Any) -> Report:
 
 
 def check_report(
-    store: Store,
-    round_index: int,
-    device: int,
-    raw: Any,
-    state: RoundState,
-    arrived_at_s: float | None = None,
-    began_at_s: float | None = None,
+    store: Store, round_index: int, device: int, raw: Any, state: RoundState, arrived_at_s: float | None = None
 ) -> Report:
     """The report, parsed (:func:`parse_report`), agreeing with the registry and the device's plan.
 
@@ -110,9 +104,6 @@ def check_report(
     registered, a different batch size, or more steps than it was planned. ``arrived_at_s`` is when
     the upload arrived, on the clock of ``state.started_at_s`` (None when the caller cannot know);
     given it, the times are bounded by what the server observed (:func:`bound_by_elapsed`).
-    ``began_at_s`` (same clock) is when the server handed the device its task, if after the round's
-    start (live: the device polls for it): the time it had for its steps counts from then
-    (:func:`hold_steps`), so an honest device whose task reached it late is not taken for a liar.
     """
     report = parse_report(raw)
     if (report.round, report.device) != (round_index, device):
@@ -132,10 +123,7 @@ def check_report(
             f"report says batch {report.batch_size} x {report.local_steps} steps; the plan was batch "
             f"{plan.batch_size} x at most {plan.local_steps} steps",
         )
-    late_s = 0.0 if began_at_s is None else max(began_at_s - state.started_at_s, 0.0)
-    elapsed_s = None if arrived_at_s is None else arrived_at_s - state.started_at_s - late_s
-    if late_s and plan.deadline_s is not None:  # its deadline counts from the round's start
-        plan = replace(plan, deadline_s=plan.deadline_s - late_s)
+    elapsed_s = None if arrived_at_s is None else arrived_at_s - state.started_at_s
     report = hold_steps(report, plan, device_history(store, device, before=round_index), elapsed_s)
     if arrived_at_s is None:
         return report
@@ -161,12 +149,6 @@ def as_observed(report: Report, elapsed_s: float) -> Report:
     if unseen_s <= elapsed_s * ELAPSED_TOLERANCE_RELATIVE + ELAPSED_TOLERANCE_S:
         return bounded
     return replace(bounded, download_s=bounded.download_s + unseen_s)
-
-
-def began_at_s(payload: Any) -> float | None:
-    """When the upload's device was handed its task (``ParameterServer.upload``), if the event says."""
-    value = payload.get("began_at_s") if isinstance(payload, Mapping) else None
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def device_history(store: Store, device: int, before: int | None = None) -> list[Report]:
