@@ -64,13 +64,20 @@ VALID: dict[str, Any] = {
 }
 
 
-def make_server(strategy: Strategy, quorum: float = 0.5, per_round: int = 3) -> ParameterServer:
+def make_server(
+    strategy: Strategy,
+    quorum: float = 0.5,
+    per_round: int = 3,
+    initial: dict[str, torch.Tensor] | None = None,
+    samples: dict[int, int] | None = None,
+) -> ParameterServer:
+    """An embedded parameter server (functions run in the caller's thread) for ``strategy``."""
     store, events = MemoryStore(), MemoryEventLog()
     functions = ServerFunctions(store, strategy)
     runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=2, invocation_s=0.0))
     server = ParameterServer(store, events, runtime)
     settings = RunSettings(seed=0, devices_per_round=per_round, quorum=quorum, max_update_bytes=10_000)
-    server.initialize(INITIAL, SAMPLES, settings)
+    server.initialize(INITIAL if initial is None else initial, SAMPLES if samples is None else samples, settings)
     return server
 
 

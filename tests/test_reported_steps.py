@@ -17,13 +17,7 @@ import pytest
 import torch
 
 from amble.server import (
-    LocalRuntime,
-    MemoryEventLog,
-    MemoryStore,
     ParameterServer,
-    PoolSettings,
-    RunSettings,
-    ServerFunctions,
     controlvariates,
     keys,
 )
@@ -31,6 +25,7 @@ from amble.server.reports import expected_steps, hold_steps
 from amble.server.tensors import encode, template_from_json
 from amble.strategies import Amble, AmbleSettings, BaseWork, FedNova, FedNovaSettings, Plan, Report, Strategy
 from amble.strategies.scaffold import Scaffold
+from tests import test_hostile_reports as hostile_reports
 
 BASE = BaseWork(32, 1, 0.1)  # 640 samples at B0 = 32: 20 steps of FedAvg
 SAMPLES = {0: 640, 1: 640, 2: 640}
@@ -40,13 +35,7 @@ SECOND_ROUND_AT_S = 100.0
 
 
 def make_server(strategy: Strategy) -> ParameterServer:
-    store, events = MemoryStore(), MemoryEventLog()
-    functions = ServerFunctions(store, strategy)
-    runtime = LocalRuntime(store, events, functions.handlers(), PoolSettings(max_instances=2, invocation_s=0.0))
-    server = ParameterServer(store, events, runtime)
-    settings = RunSettings(seed=0, devices_per_round=3, quorum=1.0, max_update_bytes=10_000)
-    server.initialize({"w": torch.zeros(3)}, SAMPLES, settings)
-    return server
+    return hostile_reports.make_server(strategy, quorum=1.0, initial={"w": torch.zeros(3)}, samples=SAMPLES)
 
 
 def send(server: ParameterServer, round_: int, device: int, steps_run: int, reported: int, step_s: float) -> None:

@@ -209,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
     from amble.config import load_config
     from amble.live.localfleet import LocalFleet, check_fleet_size, device_trust, local_url, parse_slowdowns
     from amble.live.serve import prepare, serve
-    from amble.report.files import read_run
+    from amble.report.files import read_summary
 
     config = load_config(args.config, args.overrides)
     out_dir = args.out or Path("runs") / f"{config.name}-serve"
@@ -248,7 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"amble serve: done; wrote {out_dir}/ (metrics.jsonl, devices.jsonl, summary.json, report.html, "
         "fleet_trace.json, serve.jsonl)"
     )
-    return _progress_status(read_run(out_dir).summary["strategies"], "serve.jsonl")
+    return _progress_status(read_summary(out_dir)["strategies"], "serve.jsonl")
 
 
 def _device(args: argparse.Namespace) -> int:

@@ -249,13 +249,16 @@ class Coordinator:
         with self.lock:
             at_s = self.now_s()
             state = self.server.round_state(round_index)
-            observed = report if state is None else as_observed(report, at_s - state.started_at_s)
+            elapsed_s = None if state is None else at_s - state.started_at_s
+            observed = report if elapsed_s is None else as_observed(report, elapsed_s)
             upload_id = self.server.upload(observed, update, at_s)
             self.server.runtime.drain()
             self.changed.notify_all()
             meta = read_json(self.store, keys.round_meta(round_index)) or {}
             counted = device in meta.get("counted", ())
-            self._arrived(round_index, device, report, at_s, counted)
+            # The record keeps what the device said, no longer than the server saw elapse (as the functions do).
+            said = report if elapsed_s is None else bound_by_elapsed(report, elapsed_s)
+            self._arrived(round_index, device, said, at_s, counted)
             if counted:
                 return UploadFate(upload_id, True)
             rejection = read_json(self.store, keys.round_rejection(round_index, device, upload_id))
@@ -265,9 +268,6 @@ class Coordinator:
             return UploadFate(upload_id, False)
 
     def _arrived(self, round_index: int, device: int, report: Report, at_s: float, counted: bool) -> None:
-        state = self.server.round_state(round_index)
-        if state is not None:  # what the functions keep too: times no longer than the server saw elapse
-            report = bound_by_elapsed(report, at_s - state.started_at_s)
         arrivals = self.arrivals.setdefault(round_index, {})
         if not arrivals.get(device, Arrival(0.0, report, False)).counted:  # a counted arrival stays
             arrivals[device] = Arrival(at_s, report, counted)

@@ -124,8 +124,12 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunData:
         raise AmbleError(f"run directory {root} does not exist or is not a directory. {_RUN_DIR_HINT}")
     metrics = _read_jsonl(root / METRICS_FILE, _check_metrics_row)
     devices = _read_jsonl(root / DEVICES_FILE, _check_device_row)
-    summary = _read_summary(root / SUMMARY_FILE)
-    return RunData(metrics=metrics, devices=devices, summary=summary, run_dir=root)
+    return RunData(metrics=metrics, devices=devices, summary=read_summary(root), run_dir=root)
+
+
+def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run directory's ``summary.json`` alone, checked as :func:`read_run` checks it."""
+    return _read_summary(Path(run_dir) / SUMMARY_FILE)
 
 
 def _lenient_constant(name: str) -> None:
