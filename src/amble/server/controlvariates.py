@@ -38,12 +38,11 @@ from typing import Any
 
 import torch
 
-from amble.client.trainer import step_lr
 from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.store.base import Store, read_json
 from amble.server.tensors import TensorSpec, all_finite, decode, encode, template_from_json
-from amble.strategies.base import Params, Plan
+from amble.strategies.base import Params, Plan, step_lr
 
 
 def _dtype(spec: TensorSpec) -> torch.dtype:
