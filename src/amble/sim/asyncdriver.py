@@ -21,7 +21,7 @@ import copy
 import heapq
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
@@ -34,13 +34,11 @@ from amble.report import RunWriter
 from amble.server import ParameterServer
 from amble.server.buffered import Published, Task, read_task, start_task, upload_task
 from amble.server.tensors import encode
+from amble.sim.common import ExperimentView, StrategyRun, Tally, apply_deadline, device_row
 from amble.sim.training import Trained, TrainJob
 from amble.strategies import Params, Report
 from amble.strategies.fedbuff import FedBuffSettings, is_asynchronous
 from amble.strategies.registry import strategy_class
-
-if TYPE_CHECKING:
-    from amble.sim.driver import Experiment, StrategyRun
 
 MAX_FRUITLESS_DRAWS = 1000
 """Availability draws in a row with no idle device available and none in flight before the run fails."""
@@ -65,10 +63,13 @@ class _BufferedRun:
     """One asynchronous strategy's run: the event loop over task ends, publishes and new tasks."""
 
     def __init__(
-        self, experiment: Experiment, server: ParameterServer, label: str, writer: RunWriter, settings: FedBuffSettings
+        self,
+        experiment: ExperimentView,
+        server: ParameterServer,
+        label: str,
+        writer: RunWriter,
+        settings: FedBuffSettings,
     ) -> None:
-        from amble.sim.driver import _Tally
-
         self.experiment, self.server, self.label, self.writer = experiment, server, label, writer
         config = experiment.config
         self.config = config
@@ -78,7 +79,7 @@ class _BufferedRun:
                 f"strategy '{label}': concurrency {self.concurrency} exceeds data.num_devices "
                 f"({config.data.num_devices}); lower concurrency (default: devices_per_round)"
             )
-        self.tally = _Tally()
+        self.tally = Tally()
         self.in_flight: dict[int, _InFlight] = {}
         self.busy: set[int] = set()
         self.queue: list[tuple[float, int]] = []
@@ -144,8 +145,6 @@ class _BufferedRun:
         experiment = self.experiment
         k, plan = task.device, task.plan
         timing = experiment.clock.timing(experiment.fleet[k], task.task, k, plan.batch_size, plan.local_steps)
-        from amble.sim.driver import apply_deadline, device_row
-
         plan, timing = apply_deadline(plan, timing)
         task = Task(task.task, k, plan, task.base_version, task.started_at_s)
         row = device_row(self.label, None, k, plan, timing, len(experiment.device_data[k][1]))
@@ -256,11 +255,9 @@ class _BufferedRun:
 
 
 def run_buffered(
-    experiment: Experiment, server: ParameterServer, entry: StrategyEntry, writer: RunWriter, progress: bool
+    experiment: ExperimentView, server: ParameterServer, entry: StrategyEntry, writer: RunWriter, progress: bool
 ) -> StrategyRun:
     """Run one asynchronous strategy of ``experiment`` on ``server`` (already built for it)."""
-    from amble.sim.driver import StrategyRun
-
     label = strategy_label(entry)
     settings = entry.settings()
     if not isinstance(settings, FedBuffSettings):
