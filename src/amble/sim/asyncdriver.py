@@ -4,7 +4,7 @@
 hands it out; its virtual duration comes from the same fleet and :class:`VirtualClock` as a round's
 (``clock.timing`` keyed by the task id, availability, dropouts), and its upload is an event at its
 virtual arrival time, processed in virtual-time order by the buffered functions
-(:mod:`amble.server.buffered`). When a task ends (uploaded or dropped), a new one starts at once on a
+(:mod:`amble.server.functions.buffered`). When a task ends (uploaded or dropped), a new one starts at once on a
 device drawn, deterministically from the seed and the task id, from the idle available devices.
 
 Outputs are the synchronous driver's: a ``metrics.jsonl`` row per published model (``config.rounds``
@@ -31,8 +31,8 @@ from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
 from amble.fleet import RoundTiming
 from amble.report import RunWriter
-from amble.server import ParameterServer
-from amble.server.buffered import Published, Task, read_task, start_task, upload_task
+from amble.server import ParameterServer, Published
+from amble.server.functions.buffered import Task
 from amble.server.tensors import encode
 from amble.sim.common import ExperimentView, StrategyRun, Tally, apply_deadline, device_row
 from amble.sim.training import Trained, TrainJob
@@ -135,7 +135,7 @@ class _BufferedRun:
                 if self.in_flight or fruitless >= MAX_FRUITLESS_DRAWS:
                     return  # wait for a task to end (or fail above with no task left)
                 continue
-            task, announced = start_task(self.server, self.next_task, idle, at_s)
+            task, announced = self.server.start_task(self.next_task, idle, at_s)
             self.next_task += 1
             for outcome in announced:  # none in practice: publishes follow uploads
                 self._record_publish(outcome)
@@ -204,8 +204,8 @@ class _BufferedRun:
         self.tally.samples += result.samples
         self.tally.train_compute_s += result.compute_s
         self.last_arrival_s = job.finish_s
-        announced = upload_task(self.server, report, result.update, job.finish_s)
-        stored = read_task(self.server.store, task.task)
+        announced = self.server.upload_task(report, result.update, job.finish_s)
+        stored = self.server.task(task.task)
         if stored is not None and stored.buffer is not None:
             self.tally.updates_aggregated += 1
             cut = result.steps < task.plan.local_steps

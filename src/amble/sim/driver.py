@@ -32,9 +32,8 @@ from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
-from amble.server import ParameterServer, controlvariates, keys
+from amble.server import ParameterServer
 from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
-from amble.server.store.memory import MemoryStore
 from amble.server.tensors import encode
 from amble.sim.asyncdriver import asynchronous_entry, run_buffered
 from amble.sim.common import RoundRecord, StrategyRun, Tally, apply_deadline, device_row
@@ -201,9 +200,7 @@ class Experiment:
         """After round ``r``'s rows are written: what a resumed run continues from (with the simulated
         instance pool, so the resumed run's cold and warm starts, and its clock, are the same)."""
         state = {"round": r, "tally": asdict(tally), "wall_time_s": wall_time_s, "pool": server.runtime.pool_state()}
-        server.store.put(keys.CHECKPOINT, json.dumps(state).encode())
-        if isinstance(server.store, MemoryStore):
-            server.store.save(snapshot)
+        server.save_checkpoint(state, snapshot)
 
     def _play_round(self, server: ParameterServer, label: str, r: int, tally: Tally) -> RoundRecord:
         """One round: plan, train every planned device, upload at virtual arrival times, finalise."""
@@ -244,7 +241,7 @@ class Experiment:
         by_device = {row["device"]: row for row in rows}
         for begin in range(0, len(jobs), UPLOAD_CHUNK):
             chunk = jobs[begin : begin + UPLOAD_CHUNK]
-            shifts = controlvariates.corrections(server.store, [job.device for job in chunk], state.base_version)
+            shifts = server.corrections([job.device for job in chunk], state.base_version)
             if shifts is not None:  # SCAFFOLD: each device's c - c_k (None: no control variate yet, all zero)
                 chunk = [replace(job, correction=shifts[job.device]) for job in chunk]
             trained = self.devices().train(start_params, chunk)

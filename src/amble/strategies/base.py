@@ -204,6 +204,6 @@ class Strategy(ABC):
 
     def uses_control_variates(self) -> bool:
         """Whether devices train with SCAFFOLD's correction ``c - c_k`` and the server keeps the control
-        variates (``amble.server.controlvariates``): a strategy's ``control_variates`` setting, if any (a
+        variates (``amble.server.functions.controlvariates``): a strategy's ``control_variates`` setting, if any (a
         strategy of a user's own may not have called ``Strategy.__init__``: then none)."""
         return bool(getattr(getattr(self, "settings", None), "control_variates", False))
