@@ -33,7 +33,7 @@ from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
 from amble.server import ParameterServer
-from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
+from amble.server.factory import build_server, discard_snapshot, release_server, saved_checkpoint, wipe_run
 from amble.server.tensors import encode
 from amble.sim.asyncdriver import asynchronous_entry, run_buffered
 from amble.sim.common import RoundRecord, StrategyRun, Tally, apply_deadline, device_row
@@ -135,7 +135,7 @@ class Experiment:
             release_server(server)
         if done is not None and snapshot is not None:
             write_atomic(done, json.dumps(to_json_value(outcome.summary)).encode())
-            snapshot.unlink(missing_ok=True)
+            discard_snapshot(snapshot)
         wipe_run(config, space)
         return outcome
 

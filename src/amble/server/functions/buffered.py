@@ -31,7 +31,14 @@ from typing import Any
 from amble.errors import AmbleError, ConfigError, UpdateRejected
 from amble.server import keys
 from amble.server.events.base import Event
-from amble.server.functions.common import RETRY, FoldTarget, FunctionsBase, broken_tensors, read_meta, record_rejection
+from amble.server.functions.common import (
+    RETRY,
+    FoldTarget,
+    FunctionsBase,
+    broken_tensors,
+    read_meta,
+    record_rejection,
+)
 from amble.server.functions.planning import select_devices
 from amble.server.records.reports import check_report
 from amble.server.records.state import RoundState, RoundStatus
@@ -207,10 +214,25 @@ class BufferedFunctions(FunctionsBase):
         version = state.version if state.version is not None else state.base_version + 1
         self.advance_latest(version)
         self.drop_shards(keys.round_meta(state.base_version))
-        self.drop_versions_before(version - self.strategy.settings.max_staleness)  # what a task may train from stays
+        max_staleness = self.strategy.settings.max_staleness
+        self.drop_versions_before(version - max_staleness)  # what a task may still train from stays
+        # A buffer's records stay while a task that may have been counted in it does (its record is the
+        # proof against a redelivery): a task can count only in a buffer <= max_staleness past its base.
+        self.compact_before(state.base_version - max_staleness - 1)
+        self._compact_tasks(version - max_staleness)
         kind = "model_published" if state.status == "finalized" else "round_failed"
         payload = {"round": state.base_version, "version": version, "counted": len(state.counted)}
         inv.emit(keys.PUBLISHED_TOPIC, kind, {**payload, "failure": state.failure})
+
+    def _compact_tasks(self, oldest_base: int) -> None:
+        """Drop the records of the tasks that trained from a version below ``oldest_base``: too stale to
+        count, so a redelivered upload of one is refused (``unknown_task``) whether its record is there
+        or not. Tasks are numbered in the order they start, from a non-decreasing latest version, so
+        the dead ones are a prefix, walked from the mark one task a step."""
+        below = int((read_json(self.store, keys.TASKS_COMPACTED) or {"below": 0})["below"])
+        while (task := read_task(self.store, below)) is not None and task.base_version < oldest_base:
+            below += 1
+        self.advance_mark(keys.TASKS_COMPACTED, below, lambda task_id: self.store.delete(keys.task(task_id)))
 
 
 class _TaskReader:

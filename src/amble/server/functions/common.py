@@ -31,15 +31,18 @@ from typing import Any
 
 from amble.errors import UpdateRejected
 from amble.server import keys
-from amble.server.functions.planning import Planner
+from amble.server.functions.planning import PEER_ROUNDS, Planner
 from amble.server.records.partialsum import FoldRecord, PartialSum
 from amble.server.records.settings import RunSettings, load_model, norm_reference, read_settings
 from amble.server.runtime.base import Invocation
-from amble.server.store.base import Store
+from amble.server.store.base import Store, read_json
 from amble.server.tensors import TensorSpec, all_finite, encode, l2_norm, template_from_json, validate_update
 from amble.strategies.base import Aggregator, Contribution, Params, Report, Strategy
 
 CAS_RETRIES = 100
+KEEP_ROUNDS = PEER_ROUNDS + 2
+"""Decided rounds whose records (state, meta, rejections) stay in the store: the planner's prior reads
+the last :data:`PEER_ROUNDS`; older ones are compacted away, so the store does not grow with the run."""
 
 
 def read_meta(blob: bytes | None) -> dict[str, Any]:
@@ -92,6 +95,12 @@ def check_norm(norm: float, settings: RunSettings, reference: float | None, base
             f"updates that made model version {base_version} (server.max_update_norm_ratio): train with "
             "the round's plan, or ask the operator to raise the ratio",
         )
+
+
+def compacted_below(store: Store) -> int:
+    """Rounds (or buffers) below this were compacted away: an event for one is stale."""
+    stored = read_json(store, keys.COMPACTED)
+    return 0 if stored is None else int(stored["below"])
 
 
 def broken_tensors(params: Params) -> list[str]:
@@ -334,6 +343,43 @@ class FunctionsBase:
         duplicate fold still sees it closed."""
         for shard in read_meta(self.store.get(meta_key))["shards"]:
             self.store.delete(shard)
+
+    def compact_before(self, below: int) -> None:
+        """Drop the records of every round (or buffer) below ``below``: state, meta record, shards and
+        rejections (see :meth:`advance_mark`)."""
+        self.advance_mark(keys.COMPACTED, below, self._drop_round)
+
+    def advance_mark(self, key: str, below: int, drop: Callable[[int], None]) -> None:
+        """Move a compaction mark up to ``below`` and ``drop`` what it passes.
+
+        The mark (JSON ``{"from", "below"}``) is written before the drops, so a redelivered event of a
+        dropped round finds it stale instead of planning it anew; the last window's drops are redone
+        on every call (drops are idempotent), so a crash between the mark and its drops loses nothing.
+        """
+        stored = read_json(self.store, key) or {"from": 0, "below": 0}
+        done_from, start = int(stored.get("from", 0)), int(stored["below"])
+        for old in range(done_from, start):
+            drop(old)
+        if below <= start:
+            return
+
+        def advance(current: Any) -> Any:
+            return None if current and int(current["below"]) >= below else {"from": start, "below": below}
+
+        update_json(self.store, key, advance, f"the compaction mark {key}")
+        for old in range(start, below):
+            drop(old)
+
+    def _drop_round(self, round_index: int) -> None:
+        meta_key = keys.round_meta(round_index)
+        self.drop_shards(meta_key)
+        rejected = keys.round_rejected(round_index)
+        for member in self.store.set_members(rejected):
+            device, upload, _ = member.split(":", 2)
+            self.store.delete(keys.round_rejection(round_index, int(device), upload))
+        self.store.delete_set(rejected)
+        self.store.delete(meta_key)
+        self.store.delete(keys.round_state(round_index))
 
     def drop_versions_before(self, oldest_kept: int) -> None:
         """The model of version ``oldest_kept - 1``, its norm reference and server optimizer state: called

@@ -23,9 +23,11 @@ from amble.server.events.base import Event
 from amble.server.functions import controlvariates
 from amble.server.functions.common import (
     CAS_RETRIES,
+    KEEP_ROUNDS,
     FoldTarget,
     FunctionsBase,
     broken_tensors,
+    compacted_below,
     read_meta,
     record_rejection,
 )
@@ -77,6 +79,8 @@ class RoundFunctions(FunctionsBase):
         """
         round_index = int(event.payload["round"])
         state_key = keys.round_state(round_index)
+        if round_index < compacted_below(self.store):
+            return  # a redelivered start of a round decided and compacted long ago
         if self.store.get(state_key) is None:
             settings = self.settings(inv)
             latest = read_json(self.store, keys.LATEST)
@@ -153,6 +157,8 @@ class RoundFunctions(FunctionsBase):
         state_key = keys.round_state(round_index)
         current = self.store.get_versioned(state_key)
         if current is None:
+            if round_index < compacted_below(self.store):
+                return  # a redelivered event of a round decided and compacted long ago
             raise LookupError(f"finalize for round {round_index}, which was never planned")
         state = RoundState.from_json(current.value)
         if not state.is_open:
@@ -240,6 +246,7 @@ class RoundFunctions(FunctionsBase):
             self.advance_latest(state.version)
             self.drop_shards(keys.round_meta(round_index))
             self.drop_versions_before(state.base_version)  # the store keeps the latest two
+            self.compact_before(round_index + 1 - KEEP_ROUNDS)
             inv.emit(keys.PUBLISHED_TOPIC, "model_published", {"round": round_index, "version": state.version})
         elif state.status == "failed":
             payload = {
@@ -249,6 +256,7 @@ class RoundFunctions(FunctionsBase):
                 "failure": state.failure,
             }
             inv.emit(keys.PUBLISHED_TOPIC, "round_failed", {**payload, "version": state.base_version})
+            self.compact_before(round_index + 1 - KEEP_ROUNDS)
 
     def _settle_variates(self, round_index: int, state: RoundState) -> None:
         """SCAFFOLD, once the round is decided: counted devices' ``c_k`` move on, the rest is dropped."""
@@ -275,6 +283,8 @@ class _RoundReader:
     def read(self) -> FoldTarget | None:
         functions, store, round_index, device = self.functions, self.functions.store, self.round, self.device
         state = functions._round_state(self.inv, round_index)
+        if state is None and round_index < compacted_below(store):
+            raise UpdateRejected("late", f"round {round_index} was decided long ago")
         if state is None:
             raise UpdateRejected("unknown_round", f"round {round_index} was never planned")
         self.state = state
