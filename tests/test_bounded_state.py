@@ -66,16 +66,18 @@ def test_an_event_of_a_compacted_round_changes_nothing() -> None:
 
 def test_fedbuff_task_records_and_buffers_are_compacted() -> None:
     server = test_fedbuff.make_server(buffer_size=2, concurrency=2, max_staleness=2)
-    task = 0
-    for _ in range(40):  # two tasks per buffer, each from the latest model
-        for device in (0, 1):
-            test_fedbuff.start(server, task, device, at_s=float(task))
-            test_fedbuff.upload(server, task, device, at_s=task + 0.5)
-            task += 1
-    assert server.latest_version() == 40
-    held_tasks = [key for key in server.store.keys("task/") if "/update/" not in key]
-    assert len(held_tasks) <= 2 * 4  # a few buffers' worth, not 80
-    assert len(round_keys(server.store)) <= 2 * 4  # buffers' states and meta records: a few, not 40
+
+    def publish(buffers: range) -> tuple[int, int]:
+        for task in range(2 * buffers.start, 2 * buffers.stop):  # two tasks a buffer, each from the latest model
+            test_fedbuff.start(server, task, task % 2, at_s=float(task))
+            test_fedbuff.upload(server, task, task % 2, at_s=task + 0.5)
+        assert server.latest_version() == buffers.stop
+        held_tasks = [key for key in server.store.keys("task/") if "/update/" not in key]
+        return len(held_tasks), len(round_keys(server.store))
+
+    held = publish(range(0, 40))
+    assert held[0] <= 2 * (2 + KEEP_ROUNDS + 1) and held[1] <= 2 + KEEP_ROUNDS + 2
+    assert publish(range(40, 80)) == held  # twice the run, the same records
 
 
 def test_the_journal_replays_changes_deletes_counters_and_sets(tmp_path: Path) -> None:

@@ -119,6 +119,7 @@ def test_a_redelivered_upload_counts_once() -> None:
     server = make_server(buffer_size=2)
     start(server, 0, 0)
     start(server, 1, 1)
+    server.events.read(FUNCTIONS_TOPIC, "redelivery-test", "reader", count=100)  # a group that keeps the log's events
     upload(server, 0, 0)
     # The same event delivered again (its consumer died before acking, say), and a retried upload.
     events = server.events.read(FUNCTIONS_TOPIC, "redelivery-test", "reader", count=100)

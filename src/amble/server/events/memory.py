@@ -52,8 +52,8 @@ class MemoryEventLog(EventLog):
         with self._lock:
             log = self._topics.get(topic, {})
             state = self._group(topic, group)
-            if state.next_index == 0 and log:  # a new group: from the first event still held
-                state.next_index = min(log)
+            if state.next_index == 0 and 0 not in log:  # a new group: from the first event still held
+                state.next_index = min(log, default=self._published.get(topic, 0))
             end = min(self._published.get(topic, 0), state.next_index + count)
             events = []
             now = self._clock()

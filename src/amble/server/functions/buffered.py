@@ -32,6 +32,7 @@ from amble.errors import AmbleError, ConfigError, UpdateRejected
 from amble.server import keys
 from amble.server.events.base import Event
 from amble.server.functions.common import (
+    KEEP_ROUNDS,
     RETRY,
     FoldTarget,
     FunctionsBase,
@@ -216,10 +217,12 @@ class BufferedFunctions(FunctionsBase):
         self.drop_shards(keys.round_meta(state.base_version))
         max_staleness = self.strategy.settings.max_staleness
         self.drop_versions_before(version - max_staleness)  # what a task may still train from stays
-        # A buffer's records stay while a task that may have been counted in it does (its record is the
-        # proof against a redelivery): a task can count only in a buffer <= max_staleness past its base.
-        self.compact_before(state.base_version - max_staleness - 1)
-        self._compact_tasks(version - max_staleness)
+        # A task's record stays KEEP_ROUNDS versions past the last it could count on (a late upload of
+        # it is refused as too stale, saying so), and a buffer's while a task counted in it may be there
+        # (the record is the proof against a redelivery): a task counts only in a buffer from its base on.
+        oldest_base = version - max_staleness - KEEP_ROUNDS
+        self._compact_tasks(oldest_base)
+        self.compact_before(oldest_base - 1)
         kind = "model_published" if state.status == "finalized" else "round_failed"
         payload = {"round": state.base_version, "version": version, "counted": len(state.counted)}
         inv.emit(keys.PUBLISHED_TOPIC, kind, {**payload, "failure": state.failure})
