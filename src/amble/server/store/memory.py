@@ -136,7 +136,7 @@ class MemoryStore(Store):
         (see the module's docstring); either way a crash while saving leaves the previous state."""
         with self._lock:
             live = sum(len(v.value) for v in self._values.values())
-            if self._generation is None or not path.is_file() or self._journal_bytes > max(live, 1 << 20):
+            if self._generation is None or not path.is_file() or self._journal_bytes > max(live, 1 << 16):
                 self._save_whole(path)
             else:
                 self._append_batch(journal_path(path))
