@@ -196,7 +196,7 @@ class BufferedFunctions(ServerFunctions):
                         f"update (L2 norm {norm:.4g}, weight {contribution.weight:g}) would make the buffer's "
                         "sum non-finite: it was not counted; lower server.max_update_norm to refuse such updates",
                     )
-                folded = (buffer, _Folded(shard_version, sums, sums.to_blob()))
+                folded = (buffer, _Folded(shard_version, sums, sums.to_value()))
                 continue
             current_meta = self.store.get_versioned(meta_key)
             meta = _meta(current_meta.value if current_meta else None)

@@ -42,7 +42,7 @@ from amble.server.partialsum import FoldRecord, PartialSum
 from amble.server.reports import check_report, device_history, num_samples
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation
 from amble.server.state import RoundState
-from amble.server.store.base import Store, read_json
+from amble.server.store.base import Store, Value, read_json
 from amble.server.tensors import (
     TensorSpec,
     all_finite,
@@ -68,7 +68,7 @@ class _Folded:
 
     shard_version: int
     sums: PartialSum
-    blob: bytes
+    blob: Value
 
 
 @dataclass(frozen=True)
@@ -388,7 +388,7 @@ class ServerFunctions:
                         f"update (L2 norm {norm:.4g}, weight {contribution.weight:g}) would make the round's "
                         "sum non-finite: it was not counted; lower server.max_update_norm to refuse such updates",
                     )
-                folded = _Folded(shard_version, sums, sums.to_blob())
+                folded = _Folded(shard_version, sums, sums.to_value())
                 continue
             meta["counted"].append(device)
             if self.strategy.uses_control_variates():  # which upload's control variate candidate counts
@@ -475,10 +475,10 @@ class ServerFunctions:
             return sums, version
         if version == 0:
             return PartialSum.zeros(self._template(inv)), 0
-        current = self.store.get_versioned(key)
+        current = self.store.get_stored(key)
         if current is None:  # deleted in between (the round was compacted): the commit will fail and retry
             return self._shard_sums(inv, key)
-        return PartialSum.from_blob(current.value), current.version
+        return PartialSum.from_value(current.value), current.version
 
     def _record_report(self, inv: Invocation, report: Report) -> None:
         """Append the report to the device's history (what the planner learns from), once."""
@@ -595,10 +595,10 @@ class ServerFunctions:
         """The sealed shards summed in a fixed (sorted) order, so a rerun computes the same bytes."""
         total: PartialSum | None = None
         for key in sorted(shards):
-            blob = self.store.get(key)
-            if blob is None:
+            stored = self.store.get_stored(key)
+            if stored is None:
                 raise LookupError(f"shard {key} of a sealed round is missing from the store")
-            part = PartialSum.from_blob(blob)
+            part = PartialSum.from_value(stored.value)
             total = part if total is None else total.merged(part)
         if total is None:
             raise LookupError("a round with counted updates has no shards")

@@ -12,35 +12,43 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from amble.durable import write_atomic
-from amble.server.store.base import Store, Versioned
+from amble.server.store.base import Encodable, Store, Stored, Value, Versioned, as_bytes
 from amble.server.tensors import read_metadata
 
 
 class MemoryStore(Store):
+    """Values are kept as written: bytes, or an :class:`Encodable` object (a shard of partial sums)
+    that is encoded only when bytes are asked for (``get``, ``save``), so a fold in this process
+    never serialises the shard it commits."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, Versioned] = {}
+        self._values: dict[str, Stored] = {}
         self._counters: dict[str, float] = {}
         self._sets: dict[str, set[str]] = {}
 
     def get(self, key: str) -> bytes | None:
         item = self._values.get(key)
-        return None if item is None else item.value
+        return None if item is None else as_bytes(item.value)
 
     def get_versioned(self, key: str) -> Versioned | None:
+        item = self._values.get(key)
+        return None if item is None else Versioned(as_bytes(item.value), item.version)
+
+    def get_stored(self, key: str) -> Stored | None:
         return self._values.get(key)
 
-    def put(self, key: str, value: bytes) -> int:
+    def put(self, key: str, value: Value) -> int:
         with self._lock:
             return self._write(key, value)
 
-    def _write(self, key: str, value: bytes) -> int:
+    def _write(self, key: str, value: Value) -> int:
         previous = self._values.get(key)
         version = 1 if previous is None else previous.version + 1
-        self._values[key] = Versioned(bytes(value), version)
+        self._values[key] = Stored(value if isinstance(value, Encodable) else bytes(value), version)
         return version
 
-    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+    def compare_and_set(self, key: str, value: Value, expected_version: int) -> bool:
         with self._lock:
             current = self._values.get(key)
             if (0 if current is None else current.version) != expected_version:
@@ -52,7 +60,7 @@ class MemoryStore(Store):
         item = self._values.get(key)
         return 0 if item is None else item.version
 
-    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+    def commit(self, writes: Mapping[str, tuple[Value, int]]) -> bool:
         with self._lock:
             if any(self.version(key) != expected for key, (_, expected) in writes.items()):
                 return False
@@ -94,7 +102,9 @@ class MemoryStore(Store):
         atomically: a crash while saving leaves the previous file."""
         with self._lock:
             names = sorted(self._values)
-            tensors = {str(i): np.frombuffer(self._values[k].value, dtype=np.uint8) for i, k in enumerate(names)}
+            tensors = {
+                str(i): np.frombuffer(as_bytes(self._values[k].value), dtype=np.uint8) for i, k in enumerate(names)
+            }
             metadata = {
                 "keys": json.dumps(names),
                 "versions": json.dumps([self._values[k].version for k in names]),
@@ -114,7 +124,7 @@ class MemoryStore(Store):
         for i, (key, version) in enumerate(
             zip(json.loads(metadata["keys"]), json.loads(metadata["versions"]), strict=True)
         ):
-            store._values[key] = Versioned(tensors[str(i)].tobytes(), int(version))
+            store._values[key] = Stored(tensors[str(i)].tobytes(), int(version))
         store._counters = {k: float(v) for k, v in json.loads(metadata["counters"]).items()}
         store._sets = {k: set(v) for k, v in json.loads(metadata["sets"]).items()}
         return store
