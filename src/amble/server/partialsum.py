@@ -3,32 +3,36 @@
 Devices' updates reach the functions in an order set by timing (worker processes, Redis, Ray), and
 land in whichever instance's shard happens to take them. A float running sum rounds differently for
 every order, and training amplifies the difference round after round, so the same run on two
-backends drifted apart. Here the sum is kept in *fixed point*: one ``int64`` per parameter and one
-binary exponent ``e`` for the whole shard, the sum being ``acc * 2**e``. Integer addition is
+backends drifted apart. Here the sum is kept in *fixed point*: ``int64`` per parameter, in one block
+(rarely a few) each with a binary exponent ``e``, a block's sum being ``values * 2**e``. Integer addition is
 associative, so the bits do not depend on the order of the folds or on how they were split into
 shards; only each fold's rounding matters, and it depends on that fold alone:
 
-- fold ``k`` (weight ``w``, L2 norm ``n``: no element of the update is larger) gets its own exponent
-  ``e_k = ceil_log2(|w| * n) - PRECISION_BITS``, so ``q_k = trunc(w * u / 2**e_k)`` has at most
+- fold ``k`` (weight ``w``, largest element ``m`` of its update) gets its own exponent
+  ``e_k = ceil_log2(|w| * m) - PRECISION_BITS``, so ``q_k = trunc(w * u / 2**e_k)`` has at most
   :data:`PRECISION_BITS` bits. The product ``w * u`` is formed in float64 as before (rounded the same
   way whichever shard takes the update), scaled by the power of two exactly, and truncated toward
-  zero: ``|w * u - q_k * 2**e_k| < 2**e_k * (1 + 2**-9)``;
-- the shard holds ``sum_k q_k * 2**(e_k - e)`` at ``e = min_k e_k``: a fold at a finer exponent
-  shifts the sum left (multiplies it by a power of two, exact), a coarser one is shifted left into
-  it. Whatever the order and the split, the state is the same integers at the same ``e``. Merging
-  two shards is the same addition;
-- overflow cannot happen unnoticed: the shard keeps, as a Python integer, ``bound = sum_k (ceil(|w_k|
-  n_k / 2**e_k) + 1) * 2**(e_k - e)``, an upper bound of every ``|acc|``, and a fold that would take
-  it to ``2**63`` is refused (``add`` returns False: the caller rejects the update as ``overflow``).
-  A merge of shards that would (possible only if their folds' scales ``|w| n`` spread over more than
-  about ``2**18 / folds`` between them) gives a total of NaN, which ``finalize`` refuses to publish.
+  zero: ``|w * u - q_k * 2**e_k| < 2**e_k * (1 + 2**-11)``;
+- folds are summed in *blocks* by exponent class ``e_k // BLOCK_BITS``; a block holds
+  ``sum_k q_k * 2**(e_k - e)`` at ``e = min e_k`` of its folds: a fold at a finer exponent shifts the
+  block left (multiplies it by a power of two, exact), a coarser one is shifted left into it. Which
+  block a fold lands in depends on the fold alone, so whatever the order and the split into shards,
+  the blocks are the same integers at the same exponents. Merging shards is the same addition;
+- overflow cannot happen unnoticed: each block keeps, as a Python integer, ``bound = sum_k (ceil(|w_k|
+  m_k / 2**e_k) + 1) * 2**(e_k - e)``, an upper bound of every ``|value|``, and a fold that would take
+  it to ``2**62``, or need more than :data:`MAX_BLOCKS` blocks in one shard, is refused (``add``
+  returns False: the caller rejects the update as ``overflow``). A merge of shards whose blocks
+  together would overflow gives a total of NaN, which ``finalize`` refuses to publish;
+- ``total`` converts one block to float64 with one rounding; several are added as double-doubles in
+  the order of their exponents, a deterministic function of the blocks' integers.
 
-Error, per element: ``|S - acc * 2**e| < (1 + 2**-9) * sum_k 2**e_k <= 2**(1 - PRECISION_BITS) * (1 +
-2**-9) * M`` with ``M = sum_k |w_k| n_k`` (:attr:`PartialSum.magnitude`), i.e. about ``2**-43 * M``;
-``total`` then rounds once to float64 (``2**-53`` relative). The double-double this replaced had about
-``2**-53 |S| + n 2**-100 M``: the fixed-point sum is coarser for elements far below ``M``, but it is
-*always* the same bits whatever the order (the double-double could differ, once in about ``2**40``,
-when the exact sum sat on a rounding boundary) and it costs 8 bytes per parameter instead of 16.
+Error, per element: ``|S - total| < (1 + 2**-11) * sum_k 2**e_k + 2**-52 |S| <= 2**(1 - PRECISION_BITS)
+* (1 + 2**-11) * M + 2**-52 |S|`` with ``M = sum_k |w_k| m_k <= sum_k |w_k| norm_k`` (the latter is
+:attr:`PartialSum.magnitude`), i.e. about ``2**-41 * M``. The double-double this replaced had about
+``2**-53 |S| + n 2**-100 M``: the fixed-point sum is coarser for elements far below ``M`` (where the
+updates cancel), but it is *always* the same bits whatever the order (the double-double could differ,
+once in about ``2**40``, when the exact sum sat on a rounding boundary) and it costs 8 bytes per
+parameter and block instead of 16.
 
 Each shard also records, per device folded into it, the update's L2 norm and the aggregator's
 statistics, so that ``finalize`` can sum the statistics exactly (``math.fsum``, in any order) and
@@ -180,6 +184,9 @@ class PartialSum:
         if self.overflowed:
             return {name: torch.full(shape, math.nan, dtype=torch.float64) for name, shape in self.template.items()}
         ordered = [self.blocks[key] for key in sorted(self.blocks)]
+        if len(ordered) == 1:  # the common case: int64 to float64 rounds to nearest, the power of two is exact
+            unit = math.ldexp(1.0, ordered[0].exponent)
+            return {name: t.to(torch.float64).mul_(unit) for name, t in ordered[0].sums.items()}
         totals = {}
         for name, shape in self.template.items():
             if not ordered:
