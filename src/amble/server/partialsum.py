@@ -67,6 +67,8 @@ within a block exponents differ by less than 16, so its ``2**62`` holds at least
 MAX_BLOCKS = 4
 """A shard holds at most this many blocks (folds whose scales span up to ``2**48``): a fold needing a
 fifth is refused as an overflow. So a shard is at most ``8 * MAX_BLOCKS`` bytes per parameter."""
+BYTES_PER_WEIGHT = 8 * MAX_BLOCKS
+"""The most a shard can take per weight (the bound a store's largest value is checked against)."""
 TINY_SCALE = 2.0**-900
 """A fold whose ``|w| * norm`` is below this adds less than ``2**-900`` to any element: it is counted
 and contributes zero (its exponent would leave float64's range)."""
@@ -286,7 +288,7 @@ def shard_size_bound(template: Mapping[str, TensorSpec], folds: int) -> int:
     weights = sum(math.prod(spec.shape) for spec in template.values())
     names = sum(len(name) for name in template)
     header = _HEADER_BYTES + MAX_BLOCKS * (names + len(template) * (_HEADER_BYTES_PER_TENSOR + len(_SUM) + 8))
-    return MAX_BLOCKS * 8 * weights + 2 * header + folds * _RECORD_BYTES
+    return BYTES_PER_WEIGHT * weights + header + folds * _RECORD_BYTES
 
 
 def _max_abs(tensor: torch.Tensor) -> float:
