@@ -19,6 +19,7 @@ from amble.server import keys
 from amble.server.events.base import EventLog
 from amble.server.functions import controlvariates
 from amble.server.functions.buffered import Task, read_task
+from amble.server.records.live import LiveRecords
 from amble.server.records.partialsum import BYTES_PER_WEIGHT, shard_size_bound
 from amble.server.records.settings import RunSettings, load_model
 from amble.server.records.state import RoundState
@@ -80,6 +81,8 @@ class ParameterServer:
         self.store = store
         self.events = events
         self.runtime = runtime
+        self.live = LiveRecords(store)
+        """What ``amble serve`` keeps besides rounds: tokens, registrations, the replay guard, counters."""
         self._settings: RunSettings | None = None
 
     def initialize(self, params: Params, num_samples: Mapping[int, int], settings: RunSettings) -> None:
