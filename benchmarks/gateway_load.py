@@ -168,36 +168,46 @@ async def post_updates(
 ) -> Burst:
     """Upload every job's update, at most ``concurrency`` at a time (in job order), timing each request.
 
-    The connections are opened first (``concurrency`` concurrent health checks), so the measured
-    requests use warm keep-alive connections, as devices that polled for their task would.
+    Each of the ``concurrency`` lanes is a client of its own with one keep-alive connection, opened
+    first (a health check), so the measured requests use warm connections, as devices that polled for
+    their task would. One client with a pool of ``concurrency`` connections would scan the whole pool
+    for every request (httpcore), so at 500 in flight the load generator, not the server, set the pace.
     """
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=HTTP_TIMEOUT_S) as client:
-        await asyncio.gather(*(client.get("/v1/health") for _ in range(min(concurrency, len(jobs)))))
+    lanes = min(concurrency, len(jobs))
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(base_url=url, limits=limits, timeout=HTTP_TIMEOUT_S) for _ in range(lanes)]
+    sent: list[Sent | None] = [None] * len(jobs)
+    waiting = iter(range(len(jobs)))
+    try:
+        await asyncio.gather(*(client.get("/v1/health") for client in clients))
         origin = time.perf_counter()
 
-        async def send(job: UploadJob) -> Sent:
+        async def send(client: httpx.AsyncClient, job: UploadJob) -> Sent:
             headers = {
                 "Authorization": f"Bearer {job.token}",
                 "X-Amble-Report": job.report,
                 "Content-Type": "application/octet-stream",
             }
-            async with gate:
-                began = time.perf_counter()
-                try:
-                    response = await client.post(
-                        f"/v1/rounds/{round_index}/update", content=bodies[job.body_index], headers=headers
-                    )
-                    status, reason = response.status_code, error_code(response)
-                except httpx.HTTPError as exc:
-                    status, reason = 0, type(exc).__name__
-                ended = time.perf_counter()
+            began = time.perf_counter()
+            try:
+                response = await client.post(
+                    f"/v1/rounds/{round_index}/update", content=bodies[job.body_index], headers=headers
+                )
+                status, reason = response.status_code, error_code(response)
+            except httpx.HTTPError as exc:
+                status, reason = 0, type(exc).__name__
+            ended = time.perf_counter()
             return Sent(job.device, began - origin, ended - began, status, reason)
 
-        sent = await asyncio.gather(*(send(job) for job in jobs))
+        async def lane(client: httpx.AsyncClient) -> None:
+            for index in waiting:  # the next job not yet taken by any lane
+                sent[index] = await send(client, jobs[index])
+
+        await asyncio.gather(*(lane(client) for client in clients))
         wall_s = time.perf_counter() - origin
-    return Burst(list(sent), wall_s, sum(len(bodies[job.body_index]) for job in jobs))
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
+    return Burst([s for s in sent if s is not None], wall_s, sum(len(bodies[job.body_index]) for job in jobs))
 
 
 def error_code(response: httpx.Response) -> str:

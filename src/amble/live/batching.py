@@ -62,6 +62,11 @@ class Batcher(Generic[Item, Result]):
             raise ticket.error
         return ticket.result  # type: ignore[return-value]  # done without an error: a Result
 
+    def pending(self) -> int:
+        """Items submitted and not yet taken into a pass."""
+        with self._mutex:
+            return len(self._waiting)
+
     def _take(self) -> list[_Ticket[Item, Result]]:
         """The waiting tickets for one pass, oldest first: at most ``max_batch``, one per key."""
         with self._mutex:
