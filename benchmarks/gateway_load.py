@@ -56,6 +56,7 @@ import torch
 import uvicorn
 from provenance import commit, cpu_name
 
+import amble
 from amble.config import ExperimentConfig, config_from_dict
 from amble.live.serve import Served, http_config, prepare
 from amble.server.factory import release_server
@@ -482,6 +483,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def run_figures(run: Run) -> dict[str, Any]:
+    """One run's figures as JSON (what ``render_runs`` shows), and which ``amble`` served it."""
+    latency = run.latencies_ms()
+    return {
+        "amble": str(Path(amble.__file__).resolve().parents[1]),
+        "devices": run.devices,
+        "concurrency": run.concurrency,
+        "wall_s": run.burst.wall_s,
+        "uploads_per_s": run.devices / run.burst.wall_s,
+        "latency_ms": {f"p{q}": percentile(latency, q) for q in (50, 90, 99)} | {"max": max(latency)},
+        "function_ms_per_update": 1000 * run.function_s / run.devices,
+        "passed": run.passed,
+        "failed_checks": [c.what for c in run.checks if not c.ok],
+    }
+
+
 def render_runs(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| uploads | in flight | update MB | wall s | uploads/s | MB/s | latency ms p50 | p90 | p99 | max "
@@ -570,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["mlp", "lenet"], default="mlp", help="the small model (default mlp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "gateway_load.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs' figures here, as JSON")
     args = parser.parse_args(argv)
 
     devices = args.devices or (50 if args.quick else 500)
@@ -611,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(body))
+    if args.json is not None:
+        args.json.write_text(json.dumps([run_figures(run) for run in runs], indent=1))
     print("\n".join(render_runs(runs)))
     print(f"wrote {args.out}")
     return 0 if all(run.passed for run in runs) else 1
