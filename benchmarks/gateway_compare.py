@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Gateway load, side by side",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {cpu_name()}, {os.cpu_count()} CPUs, "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); after: this checkout, {commit()}; "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min); "
+        f"after: this checkout, {commit()}; "
         f"before: `{args.baseline}`.",
         f"Command: `{command.strip()}` ({time.perf_counter() - began:,.0f} s wall). {args.devices} devices, "
         f"the `{args.model}` model, {args.repeat} alternating runs per side, each a fresh `gateway_load.py` process.",
