@@ -331,7 +331,12 @@ class Coordinator:
                 fates.append(exc)
         if not sent:
             return fates
-        self.server.run_functions()  # a fault here fails the whole pass (the Batcher gives it to each)
+        try:
+            self.server.run_functions()
+        except Exception as exc:  # a fault of the functions' run: none of the sent is known to be counted
+            for s in sent:
+                fates[s.index] = exc
+            return fates
         counted = {r: self._counted(r) for r in {s.said.round for s in sent}}
         for s in sent:
             try:
@@ -424,9 +429,9 @@ class Coordinator:
                 with self.lock:
                     registered = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
                     available, excluded = self._selectable(registered)
+                    self.current = r
                 self.server.start_round(r, available, self.now_s())
             with self.lock:
-                self.current = r
                 deadline = time.monotonic() + self.round_timeout_s
                 self.changed.notify_all()
             log.info(json.dumps({"event": "round_started", "round": r, "available": len(available)}))

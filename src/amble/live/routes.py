@@ -51,14 +51,16 @@ def model(
     """The current global model as safetensors; ``If-None-Match`` with the last ETag avoids a re-download."""
     gateway.authenticate(authorization)
     coordinator = gateway.coordinator
-    with coordinator.lock:  # the version and its blob read together
+    version = coordinator.server.latest_version()
+    etag = f'"v{version}"'
+    if if_none_match == etag:
+        return Response(status_code=304, headers={"ETag": etag, "X-Model-Version": str(version)})
+    blob = gateway.store.get(keys.model(version))
+    if blob is None:  # compacted as two rounds were published in between: the newest one, then
         version = coordinator.server.latest_version()
-        etag = f'"v{version}"'
-        if if_none_match == etag:
-            return Response(status_code=304, headers={"ETag": etag, "X-Model-Version": str(version)})
-        blob = gateway.store.get(keys.model(version)) or b""
+        etag, blob = f'"v{version}"', gateway.store.get(keys.model(version))
     headers = {"ETag": etag, "X-Model-Version": str(version)}
-    return Response(blob, media_type="application/octet-stream", headers=headers)
+    return Response(blob or b"", media_type="application/octet-stream", headers=headers)
 
 
 def task(gateway: Context, authorization: Auth = None) -> dict[str, Any]:
