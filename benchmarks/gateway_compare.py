@@ -51,8 +51,9 @@ def one_run(src: Path, devices: int, concurrency: list[int], model: str, work: P
 def render(runs: dict[str, list[dict[str, Any]]], concurrency: list[int]) -> list[str]:
     lines = [
         "| in flight | before: uploads/s | after: uploads/s | after / before (medians) "
-        "| latency p50 ms, before -> after | p99 ms, before -> after | every check passed |",
-        "|---|---|---|---|---|---|---|",
+        "| latency p50 ms, before -> after | p99 ms, before -> after | server CPU ms/upload, before -> after "
+        "| every check passed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in concurrency:
         before = [r for r in runs["before"] if r["concurrency"] == c]
@@ -67,11 +68,14 @@ def render(runs: dict[str, list[dict[str, Any]]], concurrency: list[int]) -> lis
         def latency(side: list[dict[str, Any]], q: str) -> str:
             return ", ".join(f"{r['latency_ms'][q]:,.0f}" for r in side)
 
+        def cpu(side: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{r['server_cpu_ms_per_upload']:.1f}" for r in side)
+
         passed = all(r["passed"] for r in before + after)
         lines.append(
             f"| {c} | {figures(before, 'uploads_per_s')} | {figures(after, 'uploads_per_s')} | **{ratio:.2f}** "
             f"| {latency(before, 'p50')} -> {latency(after, 'p50')} | {latency(before, 'p99')} -> "
-            f"{latency(after, 'p99')} | {'yes' if passed else '**NO**'} |"
+            f"{latency(after, 'p99')} | {cpu(before)} -> {cpu(after)} | {'yes' if passed else '**NO**'} |"
         )
     return lines
 

@@ -9,7 +9,8 @@ flight. It measures on the wall clock:
 
 - **throughput**: uploads/s and MB/s of update bodies, over the burst's wall time (first upload sent
   -> last response received; the last one returns after the round's aggregation is finalised);
-- **latency** of each upload request (sent -> response), p50/p90/p99/max.
+- **latency** of each upload request (sent -> response), p50/p90/p99/max;
+- **server CPU** per upload: the server process's CPU time over the burst (every thread), divided by N.
 
 and then checks that every upload was accepted exactly once: all answered 202, round 0 counted N,
 ``amble_updates_accepted_total`` is N, no rejection was counted, and the published model moved by
@@ -22,7 +23,8 @@ originals and sent again after them, each answered 409, while the round still co
     python benchmarks/gateway_load.py --devices 1000 --concurrency 1000 128 16 --model lenet
 
 Each ``--concurrency`` value is a fresh server (a new run). Results go to
-``benchmarks/results/gateway_load.md``.
+``benchmarks/results/gateway_load.md`` (and, with ``--json``, as JSON: ``gateway_compare.py`` runs this
+script side by side against another checkout's code).
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class Run:
     burst: Burst
     function_s: float
     """Busy function-seconds (aggregate + finalize) during round 0."""
+    server_cpu_s: float
+    """CPU seconds of the server's process (every thread) during the burst: less sensitive than the
+    wall time to what else the machine runs."""
     checks: list[Check] = field(default_factory=list)
 
     def latencies_ms(self) -> list[float]:
@@ -214,10 +219,12 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
             jobs = load.jobs(0)
             busy_before = RuntimeStats.from_store(served.coordinator.store).busy_s
             spec = BurstSpec(url, 0, list(jobs.values()), shapes, seed, concurrency)
+            cpu_before = time.process_time()
             burst = pool.submit(burst_process, spec).result()
+            server_cpu_s = time.process_time() - cpu_before
             record = wait_round_closed(served, 0)
             function_s = RuntimeStats.from_store(served.coordinator.store).busy_s - busy_before
-            run = Run(n, concurrency, update_mb, burst, function_s)
+            run = Run(n, concurrency, update_mb, burst, function_s, server_cpu_s)
             run.checks += check_burst(load, burst, record)
             run.checks += check_replays(load, jobs, concurrency)
     return run
@@ -321,6 +328,7 @@ def run_figures(run: Run) -> dict[str, Any]:
         "uploads_per_s": run.devices / run.burst.wall_s,
         "latency_ms": {f"p{q}": percentile(latency, q) for q in (50, 90, 99)} | {"max": max(latency)},
         "function_ms_per_update": 1000 * run.function_s / run.devices,
+        "server_cpu_ms_per_upload": 1000 * run.server_cpu_s / run.devices,
         "passed": run.passed,
         "failed_checks": [c.what for c in run.checks if not c.ok],
     }
@@ -329,8 +337,8 @@ def run_figures(run: Run) -> dict[str, Any]:
 def render_runs(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| uploads | in flight | update MB | wall s | uploads/s | MB/s | latency ms p50 | p90 | p99 | max "
-        "| function ms/update | responses | exactly once |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| function ms/update | server CPU ms/upload | responses | exactly once |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         latency, burst = run.latencies_ms(), run.burst
@@ -346,6 +354,7 @@ def render_runs(runs: Sequence[Run]) -> list[str]:
             f"{percentile(latency, 99):,.0f}",
             f"{max(latency):,.0f}",
             f"{1000 * run.function_s / run.devices:.2f}",
+            f"{1000 * run.server_cpu_s / run.devices:.2f}",
             ", ".join(f"{n} × {what}" for what, n in sorted(run.statuses().items())),
             "yes" if run.passed else "**NO**",
         ]
@@ -368,17 +377,21 @@ How to read it:
 - One row per run, each on a fresh server (`amble.live.serve.prepare`: FedAvg, the synthetic dataset, the
   embedded store, every device selected), served by uvicorn on loopback. The devices register and poll
   `GET /v1/task` until round 0 planned them all (not timed); then a separate load-generator process
-  (`httpx.AsyncClient`, keep-alive connections opened beforehand) sends every device's update at once,
-  at most *in flight* requests at a time. Each update is a random delta of the model's tensors
-  (safetensors) with a report that matches the device's plan and registration.
+  sends every device's update at once, at most *in flight* requests at a time, over *in flight* lanes,
+  each an `httpx.AsyncClient` with one keep-alive connection opened beforehand (one client with a pool
+  of 500 connections spent most of its time scanning the pool, and the client set the pace). Each
+  update is a random delta of the model's tensors (safetensors) with a report that matches the
+  device's plan and registration.
 - **wall s**: first upload sent → last response received. The round closes inside the last accepted
-  upload (its aggregation runs in that request), so it includes the whole round's folding and the
-  finalisation; **uploads/s** and **MB/s** (update bodies) are over it.
+  upload (its aggregation runs in that request's pass), so it includes the whole round's folding and
+  the finalisation; **uploads/s** and **MB/s** (update bodies) are over it.
 - **latency**: one upload request, sent → response, once the load generator let it go (queueing behind the
   *in flight* limit is not in it; queueing in the server is). With all uploads in flight at once, the
-  latencies spread over the burst: the gateway folds one update at a time under the coordinator's lock.
-- **function ms/update**: busy function-seconds of round 0 (aggregate and finalize, run in the request
-  that accepted the upload) per update; the rest of a request's cost is HTTP, auth and validation.
+  latencies spread over the burst: the server folds the uploads waiting in passes, one pass at a time.
+- **function ms/update**: busy function-seconds of round 0 (aggregate and finalize, run in the pass
+  that folded the upload) per update; the rest of a request's cost is HTTP, auth and validation.
+- **server CPU ms/upload**: CPU time of the server's process (all its threads) during the burst, per
+  upload: what one upload costs the server, less sensitive than the wall time to other jobs on the machine.
 - The load generator, uvicorn and the functions share the machine's cores. An untimed warm-up run of
   20 devices comes first (first calls into torch, FastAPI and httpx are slow in both processes).
 - The checks after the burst: the replays of round 0 come after it closed (`stale_round`); round 1
