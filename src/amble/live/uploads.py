@@ -194,7 +194,8 @@ async def read_body(request: Request, limit: int, idle_s: float, keep: bool = Tr
     stream = request.stream()
     while True:
         try:
-            chunk = await asyncio.wait_for(anext(stream), max(0.0, min(idle_s, deadline - loop.time())))
+            async with asyncio.timeout(max(0.0, min(idle_s, deadline - loop.time()))):  # no task per chunk
+                chunk = await anext(stream)
         except StopAsyncIteration:
             break
         size += len(chunk)
