@@ -212,18 +212,18 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
         update_mb = sum(t.numel() * t.element_size() for t in floating.values()) / MB
         deltas = make_deltas(shapes, seed, DISTINCT_UPDATES)
         devices = sorted(served.tokens)
-        samples = {d: num_samples(served.coordinator.store, d) for d in devices}
+        samples = {d: num_samples(served.coordinator.server.store, d) for d in devices}
         with running_gateway(served) as url:
             load = Load(served, url, devices, samples, deltas, [encode(d) for d in deltas], initial)
             asyncio.run(register_all(url, served.tokens, samples, load.setup_concurrency))
             jobs = load.jobs(0)
-            busy_before = RuntimeStats.from_store(served.coordinator.store).busy_s
+            busy_before = RuntimeStats.from_store(served.coordinator.server.store).busy_s
             spec = BurstSpec(url, 0, list(jobs.values()), shapes, seed, concurrency)
             cpu_before = time.process_time()
             burst = pool.submit(burst_process, spec).result()
             server_cpu_s = time.process_time() - cpu_before
             record = wait_round_closed(served, 0)
-            function_s = RuntimeStats.from_store(served.coordinator.store).busy_s - busy_before
+            function_s = RuntimeStats.from_store(served.coordinator.server.store).busy_s - busy_before
             run = Run(n, concurrency, update_mb, burst, function_s, server_cpu_s)
             run.checks += check_burst(load, burst, record)
             run.checks += check_replays(load, jobs, concurrency)

@@ -136,7 +136,7 @@ def reports(served: Served, round_index: int = 0) -> dict[int, Report]:
     """Each device's report, agreeing with its plan and its partition."""
     state = served.coordinator.round_state(round_index)
     assert state is not None
-    store = served.coordinator.store
+    store = served.coordinator.server.store
     return {
         device: Report(round_index, device, num_samples(store, device), p.local_steps, p.batch_size, 0.5, 0.1, 0.1)
         for device, p in state.plans.items()
@@ -214,7 +214,7 @@ def test_concurrent_uploads_over_http_are_each_accepted_once_and_match_one_at_a_
     with contextlib.contextmanager(running)(served) as gateway:
         for device, token in served.tokens.items():
             auth = {"Authorization": f"Bearer {token}"}
-            registration = {"num_samples": num_samples(served.coordinator.store, device)}
+            registration = {"num_samples": num_samples(served.coordinator.server.store, device)}
             assert httpx.post(f"{gateway.url}/v1/register", json=registration, headers=auth).status_code == 200
         wait_until(lambda: served.coordinator.round_state(0) is not None)
         updates, said = deltas(served), reports(served)

@@ -18,9 +18,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from amble.live.coordinator import Coordinator, device_of, token_hash
-from amble.server import keys
-from amble.server.store.base import Store
+from amble.live.coordinator import Coordinator
+from amble.server.records.live import LiveRecords, token_hash
 from amble.server.tensors import TensorSpec
 
 log = logging.getLogger("amble.gateway")
@@ -89,8 +88,8 @@ class GatewayContext:
     tally: Tally = field(default_factory=Tally)
 
     @property
-    def store(self) -> Store:
-        return self.coordinator.store
+    def records(self) -> LiveRecords:
+        return self.coordinator.records
 
     def reject(
         self,
@@ -114,7 +113,7 @@ class GatewayContext:
         """The device whose token this is, or a 401."""
         if not authorization or not authorization.startswith("Bearer "):
             raise self.reject(401, "unauthenticated", "send 'Authorization: Bearer <token>' with your device token")
-        device = device_of(self.store, authorization.removeprefix("Bearer ").strip())
+        device = self.records.device_of(authorization.removeprefix("Bearer ").strip())
         if device is None:
             message = "this token was not issued by this server (see amble serve's tokens)"
             raise self.reject(401, "unknown_token", message)
@@ -124,7 +123,7 @@ class GatewayContext:
         """Pass only with the operator token (401 without a token, 403 with another)."""
         if not authorization or not authorization.startswith("Bearer "):
             raise self.reject(401, "unauthenticated", "send 'Authorization: Bearer <operator token>' (operator.token)")
-        expected = self.store.get(keys.OPERATOR_TOKEN)
+        expected = self.records.operator_token_hash()
         if expected is None or token_hash(authorization.removeprefix("Bearer ").strip()).encode() != expected:
             message = "this endpoint needs the operator token (operator.token beside tokens.json)"
             raise self.reject(403, "not_operator", message)

@@ -19,7 +19,6 @@ derived from facts, not from what a device claims alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -32,31 +31,21 @@ from typing import Any
 from amble.errors import AmbleError
 from amble.live.batching import Batcher
 from amble.redaction import redact
-from amble.server import keys
 from amble.server.paramserver import ParameterServer, RoundOutcome
+from amble.server.records.live import LiveRecords
 from amble.server.records.reports import as_observed, bound_by_elapsed
 from amble.server.records.state import RoundState
-from amble.server.store.base import Store, read_json
 from amble.strategies.base import Params, Report
 
 log = logging.getLogger("amble.serve")
 
 
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def issue_tokens(store: Store, devices: int) -> dict[int, str]:
+def issue_tokens(records: LiveRecords, devices: int) -> dict[int, str]:
     """One fresh bearer token per device; only their hashes go into the store."""
     tokens = {device: secrets.token_urlsafe(32) for device in range(devices)}
     for device, token in tokens.items():
-        store.put(keys.device_token(token_hash(token)), str(device).encode())
+        records.add_device_token(token, device)
     return tokens
-
-
-def device_of(store: Store, token: str) -> int | None:
-    blob = store.get(keys.device_token(token_hash(token)))
-    return None if blob is None else int(blob)
 
 
 STATES_KEPT = 4
@@ -194,13 +183,13 @@ class Coordinator:
         return time.monotonic() - self._started
 
     @property
-    def store(self) -> Store:
-        return self.server.store
+    def records(self) -> LiveRecords:
+        return self.server.live
 
     def round_state(self, round_index: int) -> RoundState | None:
         """The round's state (None before it is planned), parsed once per change in the Store: it holds
         every plan of the round, and every request of a device reads it."""
-        version = self.store.version(keys.round_state(round_index))
+        version = self.server.round_state_version(round_index)
         with self._states_lock:
             cached = self._states.get(round_index)
         if cached is not None and cached[0] == version:
@@ -218,30 +207,30 @@ class Coordinator:
     def register(self, device: int, num_samples: int) -> None:
         """Record a device's sample count (its FedAvg weight), or raise AmbleError saying why not."""
         with self.lock:
-            known = read_json(self.store, keys.device_info(device))
+            known = self.records.registered_samples(device)
             if self.limits.device_data == "partition":
                 self._check_partition(device, num_samples, known)
-            elif known is None or int(known["num_samples"]) != num_samples:
+            elif known != num_samples:
                 self._check_own(device, num_samples, known)
-                self.store.put(keys.device_info(device), json.dumps({"num_samples": num_samples}).encode())
-            self.store.add_to_set(keys.REGISTERED, str(device))
+                self.records.set_samples(device, num_samples)
+            self.records.mark_registered(device)
             self.changed.notify_all()
 
-    def _check_partition(self, device: int, num_samples: int, known: dict[str, Any] | None) -> None:
+    def _check_partition(self, device: int, num_samples: int, known: int | None) -> None:
         if known is None:
             raise AmbleError(f"device {device} has no partition in this run's config (data.num_devices)")
-        if int(known["num_samples"]) != num_samples:
+        if known != num_samples:
             raise AmbleError(
-                f"device {device} has {known['num_samples']} training samples in this run's partition "
+                f"device {device} has {known} training samples in this run's partition "
                 f"(data.partition with the config's seed), not {num_samples}: register the size of your "
                 "partition, or serve with server.device_data: own for devices with data of their own"
             )
 
-    def _check_own(self, device: int, num_samples: int, known: dict[str, Any] | None) -> None:
+    def _check_own(self, device: int, num_samples: int, known: int | None) -> None:
         """A count of the device's own: bounded, and fixed once an update of it was counted."""
-        if known is not None and read_json(self.store, keys.device_reports(device)):
+        if known is not None and self.records.has_counted_update(device):
             raise AmbleError(
-                f"device {device} registered {known['num_samples']} samples and an update of it was counted "
+                f"device {device} registered {known} samples and an update of it was counted "
                 f"with that weight; it cannot change to {num_samples}"
             )
         if num_samples > self.limits.max_samples:
@@ -249,7 +238,7 @@ class Coordinator:
                 f"device {device} registered {num_samples:,} samples, over server.max_samples "
                 f"({self.limits.max_samples:,}): register at most that many, or ask the operator to raise it"
             )
-        others = [int(d) for d in self.store.set_members(keys.REGISTERED) if int(d) != device]
+        others = sorted(self.records.registered() - {device})
         if len(others) >= self.limits.others_needed:
             problem = self._share_problem(num_samples, num_samples + sum(map(self._registered, others)))
             if problem is not None:
@@ -257,7 +246,7 @@ class Coordinator:
 
     def _registered(self, device: int) -> int:
         """The sample count ``device`` registered (0 if none is stored)."""
-        return int((read_json(self.store, keys.device_info(device)) or {"num_samples": 0})["num_samples"])
+        return self.records.registered_samples(device) or 0
 
     def _share_problem(self, num_samples: int, total: int) -> str | None:
         """What is wrong with ``num_samples`` of ``total`` registered samples (None: within the share)."""
@@ -354,7 +343,7 @@ class Coordinator:
         round_index, device = report.round, report.device
         if state is None or not state.is_open:
             return UploadFate("", False, "stale_round", f"round {round_index} closed before the update arrived")
-        if str(device) in self.store.set_members(keys.uploaded(round_index)):
+        if self.records.accepted_upload(round_index, device):
             message = f"device {device} already uploaded its update for round {round_index}"
             return UploadFate("", False, "replayed", message)
         return None
@@ -368,18 +357,16 @@ class Coordinator:
         return _Sent(index, upload_id, at_s, bound_by_elapsed(report, elapsed_s))
 
     def _counted(self, round_index: int) -> set[int]:
-        meta = read_json(self.store, keys.round_meta(round_index)) or {}
-        return {int(d) for d in meta.get("counted", ())}
+        return self.records.counted(round_index)
 
     def _fate(self, sent: _Sent, counted: set[int]) -> UploadFate:
         round_index, device = sent.said.round, sent.said.device
         if device in counted:  # only now: a device whose update was not counted may send it again
-            self.store.add_to_set(keys.uploaded(round_index), str(device))
+            self.records.mark_uploaded(round_index, device)
             return UploadFate(sent.upload, True)
-        rejection = read_json(self.store, keys.round_rejection(round_index, device, sent.upload))
+        rejection = self.records.take_rejection(round_index, device, sent.upload)
         if rejection is not None:  # answered now; the round's rejected set keeps the reason
-            self.store.delete(keys.round_rejection(round_index, device, sent.upload))
-            return UploadFate(sent.upload, False, str(rejection["reason"]), str(rejection["message"]))
+            return UploadFate(sent.upload, False, *rejection)
         return UploadFate(sent.upload, False)
 
     def _arrived(self, round_index: int, device: int, report: Report, at_s: float, counted: bool) -> None:
@@ -393,7 +380,7 @@ class Coordinator:
                 "round": self.current,
                 "rounds": self.rounds,
                 "model_version": self.server.latest_version(),
-                "registered": len(self.store.set_members(keys.REGISTERED)),
+                "registered": len(self.records.registered()),
                 "finished": self.finished,
                 "error": self.error,
                 "history": [r.__dict__ for r in self.history],
@@ -423,11 +410,11 @@ class Coordinator:
 
     def _play(self) -> None:
         for r in range(self.rounds):
-            if not self._wait(lambda: len(self.store.set_members(keys.REGISTERED)) >= self.min_devices, None):
+            if not self._wait(lambda: len(self.records.registered()) >= self.min_devices, None):
                 return
             with self.runtime_lock:
                 with self.lock:
-                    registered = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
+                    registered = sorted(self.records.registered())
                     available, excluded = self._selectable(registered)
                     self.current = r
                 self.server.start_round(r, available, self.now_s())
@@ -492,7 +479,7 @@ class Coordinator:
         )
         with self.lock:
             self.history.append(record)
-            self.store.incr(keys.rounds_counter(outcome.status))
+            self.records.count_round(outcome.status)
         log.info(json.dumps({"event": "round_closed", **record.__dict__}))
         if self.on_round is not None:
             self.on_round(record)

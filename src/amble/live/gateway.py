@@ -30,9 +30,6 @@ from amble.live import routes
 from amble.live.context import RETRY_AFTER_S, ApiError, GatewayContext
 from amble.live.coordinator import Coordinator
 from amble.live.uploads import BODY_IDLE_TIMEOUT_S, MAX_REFUSED_UPLOADS, update_limit_bytes, upload
-from amble.server import keys
-from amble.server.records.settings import RunSettings
-from amble.server.tensors import template_from_json
 
 __all__ = ["BODY_IDLE_TIMEOUT_S", "MAX_REFUSED_UPLOADS", "create_app"]
 
@@ -51,9 +48,7 @@ def create_app(
         version="1",
         description="Register, fetch the model and your plan, upload updates (safetensors + JSON report).",
     )
-    store = coordinator.store
-    settings = RunSettings.from_json(store.get(keys.SETTINGS) or b"{}")
-    template = template_from_json(store.get(keys.TEMPLATE) or b"{}")
+    settings, template = coordinator.records.settings(), coordinator.records.template()
     body_limit = min(settings.max_update_bytes, update_limit_bytes(template))
     app.state.gateway = GatewayContext(coordinator, template, body_limit, read_timeout_s, device_config or {})
 

@@ -18,8 +18,6 @@ from pydantic import BaseModel, Field
 from amble.errors import REJECTION_REASONS, AmbleError
 from amble.live.context import Auth, Context
 from amble.live.coordinator import Coordinator
-from amble.server import keys
-from amble.server.runtime.base import RuntimeStats
 
 
 class Registration(BaseModel):
@@ -55,10 +53,10 @@ def model(
     etag = f'"v{version}"'
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag, "X-Model-Version": str(version)})
-    blob = gateway.store.get(keys.model(version))
-    if blob is None:  # compacted as two rounds were published in between: the newest one, then
+    blob = gateway.records.model_blob(version)
+    if not blob:  # compacted as two rounds were published in between: the newest one, then
         version = coordinator.server.latest_version()
-        etag, blob = f'"v{version}"', gateway.store.get(keys.model(version))
+        etag, blob = f'"v{version}"', gateway.records.model_blob(version)
     headers = {"ETag": etag, "X-Model-Version": str(version)}
     return Response(blob or b"", media_type="application/octet-stream", headers=headers)
 
@@ -70,19 +68,19 @@ def task(gateway: Context, authorization: Auth = None) -> dict[str, Any]:
     the round's start (as in the simulator), not from when the device asks.
     """
     device = gateway.authenticate(authorization)
-    coordinator, store = gateway.coordinator, gateway.store
+    coordinator, records = gateway.coordinator, gateway.records
     with coordinator.lock:
         if coordinator.error is not None:
             return {"state": "failed", "message": f"the run stopped: {coordinator.error}"}
         if coordinator.finished:
             return {"state": "done"}
         r = coordinator.current
-        if str(device) not in store.set_members(keys.REGISTERED):
+        if device not in records.registered():
             return {"state": "register"}
         if r is None:
             return {"state": "wait"}
         state = coordinator.round_state(r)
-        done = str(device) in store.set_members(keys.uploaded(r))
+        done = records.accepted_upload(r, device)
         plan = None if state is None else state.plan_of(device)
         if state is None or not state.is_open or done or plan is None:
             return {"state": "wait", "round": r}
@@ -118,8 +116,8 @@ def metrics(gateway: Context, authorization: Auth = None) -> str:
 
 def prometheus(coordinator: Coordinator, rejected: Mapping[str, int]) -> str:
     """The run's counters and gauges in Prometheus' text format; ``rejected``: refusals by reason."""
-    store = coordinator.store
-    stats = RuntimeStats.from_store(store)
+    records = coordinator.records
+    stats = records.runtime_stats()
     lines = [
         "# HELP amble_model_version The published global model version.",
         "# TYPE amble_model_version gauge",
@@ -128,11 +126,11 @@ def prometheus(coordinator: Coordinator, rejected: Mapping[str, int]) -> str:
         "# TYPE amble_rounds_total counter",
     ]
     for outcome in ("finalized", "failed"):
-        lines.append(f'amble_rounds_total{{status="{outcome}"}} {int(store.counter(keys.rounds_counter(outcome)))}')
+        lines.append(f'amble_rounds_total{{status="{outcome}"}} {records.rounds(outcome)}')
     lines += [
         "# HELP amble_updates_accepted_total Updates accepted by the gateway.",
         "# TYPE amble_updates_accepted_total counter",
-        f"amble_updates_accepted_total {int(store.counter(keys.ACCEPTED))}",
+        f"amble_updates_accepted_total {records.accepted()}",
         "# HELP amble_updates_rejected_total Requests rejected, by reason.",
         "# TYPE amble_updates_rejected_total counter",
     ]

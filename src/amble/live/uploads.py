@@ -27,8 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from amble.errors import UpdateRejected
 from amble.live.context import ApiError, Auth, Context, GatewayContext, log
-from amble.server import keys
-from amble.server.records.reports import check_report, parse_report
+from amble.server.records.reports import parse_report
 from amble.server.tensors import TensorSpec, validate_update
 from amble.strategies.base import Report
 
@@ -147,7 +146,7 @@ def precheck(
     current = gateway.coordinator.current
     if state is None:
         raise reject(409, "future_round", f"round {round_index} has not started (current round: {current})", device)
-    if str(device) in gateway.store.set_members(keys.uploaded(round_index)):
+    if gateway.records.accepted_upload(round_index, device):
         raise reject(409, "replayed", f"device {device} already uploaded its update for round {round_index}", device)
     if not state.is_open:
         raise reject(409, "stale_round", f"round {round_index} is closed (current round: {current})", device)
@@ -155,7 +154,7 @@ def precheck(
         raise reject(403, "not_selected", f"device {device} was not selected in round {round_index}", device)
     try:
         raw = report_header(raw_report)
-        check_report(gateway.store, round_index, device, raw, state)  # refused here, before the body is read
+        gateway.records.check_report(round_index, device, raw, state)  # refused here, before the body is read
         return device, parse_report(raw)  # what the device said: the functions hold it with the timing
     except UpdateRejected as exc:
         raise gateway.refused(round_index, reject(422, exc.reason, str(exc), device)) from None
@@ -176,7 +175,7 @@ def accept(gateway: GatewayContext, round_index: int, device: int, report: Repor
         raise gateway.reject(status_of(fate.reason), fate.reason, fate.message, device)
     if not fate.counted:
         raise gateway.busy(f"the update was not counted: its aggregation failed (upload {fate.upload})", device)
-    gateway.store.incr(keys.ACCEPTED)
+    gateway.records.count_accepted()
     log.info(json.dumps({"event": "accepted", "round": round_index, "device": device, "upload": fate.upload}))
     return {"upload": fate.upload, "round": round_index, "device": device}
 

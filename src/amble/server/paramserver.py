@@ -109,6 +109,10 @@ class ParameterServer:
         blob = self.store.get(keys.round_state(round_index))
         return None if blob is None else RoundState.from_json(blob)
 
+    def round_state_version(self, round_index: int) -> int:
+        """The version of a round's state in the store (0 before it is planned): a cheap change check."""
+        return self.store.version(keys.round_state(round_index))
+
     def start_round(self, round_index: int, available: list[int], at_s: float) -> tuple[dict[int, Plan], float]:
         """Trigger ``plan_round``; returns the plans it wrote and the virtual time they were ready."""
         self.events.publish(FUNCTIONS_TOPIC, "round_start", {"round": round_index, "available": available}, at_s)

@@ -12,7 +12,10 @@ import json
 from typing import Any
 
 from amble.server import keys
+from amble.server.records.reports import check_report
 from amble.server.records.settings import RunSettings
+from amble.server.records.state import RoundState
+from amble.server.runtime.base import RuntimeStats
 from amble.server.store.base import Store, read_json
 from amble.server.tensors import TensorSpec, template_from_json
 
@@ -104,6 +107,14 @@ class LiveRecords:
 
     def accepted(self) -> int:
         return int(self.store.counter(keys.ACCEPTED))
+
+    def runtime_stats(self) -> RuntimeStats:
+        """The functions' counters, as every process running them adds to them."""
+        return RuntimeStats.from_store(self.store)
+
+    def check_report(self, round_index: int, device: int, raw: Any, state: RoundState) -> None:
+        """Refuse (``UpdateRejected``) a report the functions would refuse, before its body is read."""
+        check_report(self.store, round_index, device, raw, state)
 
     def settings(self) -> RunSettings:
         return RunSettings.from_json(self.store.get(keys.SETTINGS) or b"{}")
