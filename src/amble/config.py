@@ -308,10 +308,31 @@ class RayConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """How published models are scored (the simulator; ``amble serve`` scores every round on ``test_samples``)."""
+
     every: int = Field(1, ge=1)
+    """Evaluate every ``every``-th round and the last; the rows of the others hold ``accuracy: null``."""
     target_accuracy: float = Field(0.75, gt=0, le=1)
     test_samples: int | None = Field(None, ge=1)
+    """The evaluation set: this many test samples drawn by the seed (all of them when unset)."""
+    subsample: int | None = Field(1000, ge=1)
+    """Rounds before the last are scored on this many of the evaluation samples (drawn by the seed,
+    the same for every round and strategy); the last round, and a round whose estimate comes near
+    the target before it is reached, on all of them. ``null``: every evaluation on all of them."""
     batch_size: int = Field(2000, ge=1)
+    """Samples per forward pass (inference mode: no autograd)."""
+
+
+class RunSection(_Section):
+    """How ``amble run`` uses this machine (the results do not depend on ``parallel``)."""
+
+    parallel: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    """Strategies played at once, each in its own process; ``auto``: as many as the strategies and
+    the cores allow (cores // ``threads``). Embedded runs only (``server.store: memory``, training in
+    this process, a model named in the config): others play their strategies one after another."""
+    threads: int = Field(1, ge=1)
+    """Torch threads of each strategy's training and evaluation. Part of what a run computes: float
+    sums are split by thread, so results are bit-for-bit reproducible for a given ``threads``."""
 
 
 class ExperimentConfig(_Section):
@@ -333,6 +354,7 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    run: RunSection = RunSection()
 
     @field_validator("model")
     @classmethod
@@ -396,6 +418,12 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "server.workers starts `amble worker` processes, but with server.runtime 'ray' functions run on "
                 "Ray actors: set server.workers to 0"
+            )
+        if isinstance(self.run.parallel, int) and self.run.parallel > 1 and not embedded(self):
+            raise ValueError(
+                f"run.parallel {self.run.parallel} plays strategies in separate processes, which only embedded runs "
+                "do (server.store: memory, server.runtime: local, training in the run's process): set run.parallel "
+                "to 1 or auto"
             )
         if self.devices_per_round > self.data.num_devices:
             raise ValueError(
@@ -544,6 +572,11 @@ def config_to_dict(config: ExperimentConfig, with_secrets: bool = False) -> dict
     for a copy that stays in this process's memory."""
     dumped = config.model_dump(mode="json")
     return dumped if with_secrets else cast(dict[str, Any], redact_values(dumped))
+
+
+def embedded(config: ExperimentConfig) -> bool:
+    """Whether a simulation runs whole in its own process: the memory store, local functions and training."""
+    return config.server.store == "memory" and config.server.runtime == "local" and not trains_on_ray(config)
 
 
 def trains_on_ray(config: ExperimentConfig) -> bool:

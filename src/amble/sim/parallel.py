@@ -1,0 +1,234 @@
+"""Several strategies of one run played at once, each in a process of its own (``run.parallel``).
+
+The run's process spawns a Python process (:func:`main`) per strategy (at most ``processes``
+at a time) and hands it its job as JSON on stdin: the resolved config, the strategy's index, where
+to write, and the reference step times this process measured (so every strategy's virtual clock is
+the same). It gets files back, never pickles: the strategy's rows (``state/rows/<index>/``, the
+same ``metrics.jsonl`` and ``devices.jsonl`` lines a sequential run writes, appended to the run's
+files in strategy order when it ends), its model (safetensors) and its summary (JSON), as a
+checkpointed sequential run leaves them. Each process trains and evaluates with ``run.threads``
+torch threads, as the sequential path does, so either way the results are the same bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from amble.config import ExperimentConfig, config_from_dict, config_to_dict, embedded, strategy_label
+from amble.durable import write_atomic
+from amble.errors import AmbleError, ConfigError
+from amble.report import RunWriter
+from amble.report.files import DEVICES_FILE, METRICS_FILE
+
+if TYPE_CHECKING:
+    from amble.models import ModelFactory
+    from amble.sim.driver import Experiment
+
+ROWS_DIR = "rows"
+"""Under a run's ``state/``: one folder of rows per strategy played in a process of its own."""
+ERROR_FILE = "error.json"
+POLL_S = 0.2
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def processes_for(config: ExperimentConfig, model_factory: ModelFactory | None) -> int:
+    """How many strategies of ``config`` to play at once (1: one after another, in this process)."""
+    wanted = config.run.parallel
+    if model_factory is not None and isinstance(wanted, int) and wanted > 1:
+        raise ConfigError(
+            f"run.parallel {wanted} plays strategies in separate processes, which a model factory passed in "
+            "memory cannot reach: name the model by an import path (model: 'package.module:function'), or set "
+            "run.parallel to 1 or auto"
+        )
+    if not embedded(config) or model_factory is not None:
+        return 1
+    if wanted == "auto":
+        wanted = usable_cores() // config.run.threads
+    return max(1, min(wanted, len(config.strategies)))
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Train and evaluate with ``threads`` torch threads inside the block (restored after it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_parallel(
+    experiment: Experiment,
+    writer: RunWriter,
+    processes: int,
+    progress: bool,
+    namespace: str,
+    state_dir: Path,
+    resume: bool,
+) -> dict[str, dict[str, Any]]:
+    """Play every strategy of ``experiment`` in its own process, ``processes`` at a time; their rows
+    are appended to ``writer``'s files in strategy order once all have finished."""
+    config = experiment.config
+    labels = [strategy_label(s) for s in config.strategies]
+    queue = [i for i, label in enumerate(labels) if not (resume and _summary_file(state_dir, label).is_file())]
+    running: dict[int, subprocess.Popen[bytes]] = {}
+    base = {
+        "config": config_to_dict(config, with_secrets=True),  # on a pipe, never on disk
+        "namespace": namespace,
+        "state_dir": str(state_dir),
+        "resume": resume,
+        "progress": progress,
+        "t_ref": experiment.step_time.to_json(),
+        "parent_pid": os.getpid(),
+    }
+    try:
+        while queue or running:
+            while queue and len(running) < processes:
+                index = queue.pop(0)
+                running[index] = _spawn({**base, "index": index, "rows_dir": str(_rows_dir(state_dir, index))})
+            finished = [i for i, process in running.items() if process.poll() is not None]
+            for index in finished:
+                process = running.pop(index)
+                if process.returncode != 0:
+                    raise AmbleError(_failure(labels[index], _rows_dir(state_dir, index), process.returncode))
+            if not finished:
+                time.sleep(POLL_S)
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.wait()
+    for index in range(len(labels)):
+        _append_rows(writer, _rows_dir(state_dir, index))
+    return {label: json.loads(_summary_file(state_dir, label).read_text()) for label in labels}
+
+
+def gather_rows(out_dir: Path, labels: list[str]) -> None:
+    """Before resuming: fold the rows (and models) that strategies played in their own processes left
+    under ``state/rows/`` into the run's files, replacing any copy of those rounds already there."""
+    for index, label in enumerate(labels):
+        rows_dir = _rows_dir(out_dir / "state", index)
+        if not rows_dir.is_dir():
+            continue
+        for name in (METRICS_FILE, DEVICES_FILE):
+            part = _read_rows(rows_dir / name)
+            if not part:
+                continue
+            first = min(row["round"] for row in part)
+            main = [row for row in _read_rows(out_dir / name) if row.get("strategy") != label or row["round"] < first]
+            lines = "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n" for row in main + part)
+            write_atomic(out_dir / name, lines.encode("utf-8"))
+        _move_models(rows_dir, out_dir)
+        shutil.rmtree(rows_dir)
+
+
+def _append_rows(writer: RunWriter, rows_dir: Path) -> None:
+    if not rows_dir.is_dir():  # a strategy finished by an earlier attempt
+        return
+    for row in _read_rows(rows_dir / METRICS_FILE):
+        writer.write_round(row)
+    writer.write_devices(_read_rows(rows_dir / DEVICES_FILE))
+    _move_models(rows_dir, writer.run_dir)
+    shutil.rmtree(rows_dir)
+
+
+def _move_models(rows_dir: Path, out_dir: Path) -> None:
+    for model in rows_dir.glob("model_*.safetensors"):
+        model.replace(out_dir / model.name)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines file's rows (a line torn by a crash is dropped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+    return rows
+
+
+def _rows_dir(state_dir: Path, index: int) -> Path:
+    return state_dir / ROWS_DIR / str(index)
+
+
+def _summary_file(state_dir: Path, label: str) -> Path:
+    return state_dir / f"{label}.summary.json"
+
+
+def _spawn(job: dict[str, Any]) -> subprocess.Popen[bytes]:
+    Path(job["rows_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(job["rows_dir"]) / ERROR_FILE).unlink(missing_ok=True)
+    entry = "import sys; from amble.sim.parallel import main; sys.exit(main())"
+    process = subprocess.Popen([sys.executable, "-c", entry], stdin=subprocess.PIPE)
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(job).encode())
+    process.stdin.close()
+    return process
+
+
+def _failure(label: str, rows_dir: Path, status: int) -> str:
+    error = rows_dir / ERROR_FILE
+    if error.is_file():
+        return f"strategy {label}: {json.loads(error.read_text())['error']}"
+    return f"strategy {label} failed in its own process (exit status {status}); its error is printed above"
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the run's process is gone (killed before it could stop this one)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> int:
+    """One strategy of a run, in this process: the job comes as JSON on stdin (see the module's docstring)."""
+    from amble.fleet.steptime import StepTime
+    from amble.sim.driver import Experiment
+
+    job = json.loads(sys.stdin.read())
+    _watch_parent(job["parent_pid"])
+    rows_dir = Path(job["rows_dir"])
+    try:
+        config = config_from_dict(job["config"], "the run's strategy process")
+        torch.set_num_threads(config.run.threads)
+        experiment = Experiment(config, step_time=StepTime.from_mapping({int(b): t for b, t in job["t_ref"].items()}))
+        experiment.bar_position = job["index"]
+        try:
+            with RunWriter(rows_dir) as writer:
+                experiment.run_strategy(
+                    job["index"], writer, job["progress"], job["namespace"], Path(job["state_dir"]), job["resume"]
+                )
+        finally:
+            experiment.close()
+    except AmbleError as error:
+        write_atomic(rows_dir / ERROR_FILE, json.dumps({"error": str(error)}).encode())
+        return 1
+    return 0
