@@ -319,8 +319,9 @@ class EvalConfig(_Section):
     """Rounds before the last are scored on this many of the evaluation samples (drawn by the seed,
     the same for every round and strategy); the last round, and a round whose estimate comes near
     the target before it is reached, on all of them. ``null``: every evaluation on all of them."""
-    batch_size: int = Field(2000, ge=1)
-    """Samples per forward pass (inference mode: no autograd)."""
+    batch_size: int = Field(256, ge=1)
+    """Samples per forward pass (inference mode: no autograd). Moderate batches whose activations stay
+    in cache score fastest on CPU (BENCHMARKS.md: LeNet and the CIFAR CNN, 64 to 2000)."""
 
 
 class RunSection(_Section):

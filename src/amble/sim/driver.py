@@ -453,7 +453,7 @@ def run_experiment(
                 out_dir / RUN_FILE, json.dumps({"config": config_to_dict(config), "namespace": namespace}).encode()
             )
             if processes > 1:
-                results = run_parallel(experiment, writer, processes, progress, namespace, state_dir, resume)
+                results = run_parallel(experiment, processes, progress, namespace, state_dir, resume)
             else:
                 results = experiment.run(writer, progress, namespace, state_dir, resume)
             summary = {
@@ -462,6 +462,7 @@ def run_experiment(
                 "strategies": results,
             }
             writer.write_summary(summary)
+    gather_rows(out_dir, [strategy_label(s) for s in config.strategies])  # a parallel run's rows
     shutil.rmtree(state_dir, ignore_errors=True)
     build_report(out_dir)
     return summary

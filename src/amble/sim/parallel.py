@@ -78,7 +78,6 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def run_parallel(
     experiment: Experiment,
-    writer: RunWriter,
     processes: int,
     progress: bool,
     namespace: str,
@@ -86,7 +85,7 @@ def run_parallel(
     resume: bool,
 ) -> dict[str, dict[str, Any]]:
     """Play every strategy of ``experiment`` in its own process, ``processes`` at a time; their rows
-    are appended to ``writer``'s files in strategy order once all have finished."""
+    stay under ``state/rows/`` for :func:`gather_rows`."""
     config = experiment.config
     labels = [strategy_label(s) for s in config.strategies]
     queue = [i for i, label in enumerate(labels) if not (resume and _summary_file(state_dir, label).is_file())]
@@ -117,43 +116,35 @@ def run_parallel(
             process.terminate()
         for process in running.values():
             process.wait()
-    for index in range(len(labels)):
-        _append_rows(writer, _rows_dir(state_dir, index))
     return {label: json.loads(_summary_file(state_dir, label).read_text()) for label in labels}
 
 
 def gather_rows(out_dir: Path, labels: list[str]) -> None:
-    """Before resuming: fold the rows (and models) that strategies played in their own processes left
-    under ``state/rows/`` into the run's files, replacing any copy of those rounds already there."""
-    for index, label in enumerate(labels):
-        rows_dir = _rows_dir(out_dir / "state", index)
-        if not rows_dir.is_dir():
-            continue
-        for name in (METRICS_FILE, DEVICES_FILE):
-            part = _read_rows(rows_dir / name)
-            if not part:
-                continue
-            first = min(row["round"] for row in part)
-            main = [row for row in _read_rows(out_dir / name) if row.get("strategy") != label or row["round"] < first]
-            lines = "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n" for row in main + part)
-            write_atomic(out_dir / name, lines.encode("utf-8"))
-        _move_models(rows_dir, out_dir)
-        shutil.rmtree(rows_dir)
-
-
-def _append_rows(writer: RunWriter, rows_dir: Path) -> None:
-    if not rows_dir.is_dir():  # a strategy finished by an earlier attempt
+    """Fold the rows (and models) that strategies played in their own processes left under
+    ``state/rows/`` into the run's files (a row of a round already there is replaced), grouped by
+    strategy in the config's order as a sequential run writes them. After a parallel run, and before
+    resuming any run (an interrupted parallel run's rows are there)."""
+    parts = [(label, _rows_dir(out_dir / "state", index)) for index, label in enumerate(labels)]
+    parts = [(label, rows_dir) for label, rows_dir in parts if rows_dir.is_dir()]
+    if not parts:
         return
-    for row in _read_rows(rows_dir / METRICS_FILE):
-        writer.write_round(row)
-    writer.write_devices(_read_rows(rows_dir / DEVICES_FILE))
-    _move_models(rows_dir, writer.run_dir)
-    shutil.rmtree(rows_dir)
-
-
-def _move_models(rows_dir: Path, out_dir: Path) -> None:
-    for model in rows_dir.glob("model_*.safetensors"):
-        model.replace(out_dir / model.name)
+    for name in (METRICS_FILE, DEVICES_FILE):
+        by_label: dict[str, list[dict[str, Any]]] = {}
+        for row in _read_rows(out_dir / name):
+            by_label.setdefault(row.get("strategy", ""), []).append(row)
+        for label, rows_dir in parts:
+            part = _read_rows(rows_dir / name)
+            if part:
+                first = min(row["round"] for row in part)
+                by_label[label] = [row for row in by_label.get(label, []) if row["round"] < first] + part
+        ordered = [*labels, *(label for label in by_label if label not in labels)]
+        rows = [row for label in ordered for row in by_label.get(label, [])]
+        text = "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n" for row in rows)
+        write_atomic(out_dir / name, text.encode("utf-8"))
+    for _, rows_dir in parts:
+        for model in rows_dir.glob("model_*.safetensors"):
+            model.replace(out_dir / model.name)
+        shutil.rmtree(rows_dir)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
