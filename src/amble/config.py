@@ -335,6 +335,13 @@ class RunSection(_Section):
     """Torch threads of each strategy's training and evaluation. Part of what a run computes: float
     sums are split by thread, so results are bit-for-bit reproducible for a given ``threads``."""
 
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError("run.parallel must be auto or a whole number of processes >= 1")
+        return value
+
 
 class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
