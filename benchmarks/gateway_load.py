@@ -59,7 +59,7 @@ from provenance import commit, cpu_name
 from amble.config import ExperimentConfig, config_from_dict
 from amble.live.serve import Served, http_config, prepare
 from amble.server.factory import release_server
-from amble.server.reports import num_samples
+from amble.server.records.reports import num_samples
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import encode
 from amble.strategies.base import Params, Plan, Report

@@ -9,7 +9,7 @@ import pytest
 from amble.config import config_from_dict
 from amble.fleet.clock import RoundTiming
 from amble.sim import run_experiment
-from amble.sim.driver import apply_deadline
+from amble.sim.common import apply_deadline
 from amble.strategies import (
     AdaBatch,
     AdaBatchSettings,

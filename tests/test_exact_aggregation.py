@@ -27,7 +27,7 @@ from amble.server import (
     RunSettings,
     ServerFunctions,
 )
-from amble.server.partialsum import FoldRecord, PartialSum
+from amble.server.records.partialsum import FoldRecord, PartialSum
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
 from amble.server.tensors import TensorSpec, encode, l2_norm
 from amble.strategies import BaseWork, DeviceState, FedAvg, FedNova, Plan, Report, Strategy

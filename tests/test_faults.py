@@ -85,7 +85,7 @@ def embedded_model(raw: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     """Bit for bit: the sums do not depend on which worker folded which update in which order
-    (``amble.server.partialsum``), so any difference is a lost, repeated or foreign update."""
+    (``amble.server.records.partialsum``), so any difference is a lost, repeated or foreign update."""
     assert a.keys() == b.keys()
     differing = {name: int((a[name] != b[name]).sum()) for name in a if not torch.equal(a[name], b[name])}
     assert not differing, f"weights differing from the reference, by tensor: {differing}"

@@ -26,8 +26,8 @@ from amble.server import (
     keys,
     select_devices,
 )
+from amble.server.records.state import RoundState
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
-from amble.server.state import RoundState
 from amble.server.tensors import encode
 from amble.strategies import Amble, AmbleSettings, BaseWork, FedAvg, FedAvgAggregator, Report, Strategy
 from amble.strategies.base import Contribution, Params

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from amble.client.device import DeviceAgent
 from amble.config import config_from_dict
 from amble.live.serve import Served, http_config, prepare
-from amble.server.reports import num_samples
+from amble.server.records.reports import num_samples
 from amble.server.tensors import decode, encode
 from amble.strategies.base import Plan, Report
 from tests.conftest import free_port

@@ -29,8 +29,8 @@ from amble.server import (
     ServerFunctions,
     keys,
 )
-from amble.server.reports import as_observed, bound_by_elapsed, check_report
-from amble.server.state import RoundState
+from amble.server.records.reports import as_observed, bound_by_elapsed, check_report
+from amble.server.records.state import RoundState
 from amble.server.tensors import encode
 from amble.strategies import (
     Amble,

@@ -16,7 +16,7 @@ from amble.errors import ConfigError
 from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import Event, EventLog
 from amble.server.events.redis import RedisEventLog
-from amble.server.partialsum import FoldRecord, PartialSum, shard_size_bound
+from amble.server.records.partialsum import FoldRecord, PartialSum, shard_size_bound
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
 from amble.server.runtime.local import LocalRuntime
 from amble.server.runtime.workers import FunctionWorker, WorkerRuntime

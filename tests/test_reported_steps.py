@@ -3,7 +3,7 @@
 FedNova weights an update by ``n / steps`` and SCAFFOLD divides it by the sum of its steps' learning
 rates, so a device that runs all its planned steps and reports one would count many times over. The
 server holds a report's steps to what the plan, the device's own speed and the time it had make
-plausible (``amble.server.reports.hold_steps``): one lying report moves the model, its control variate
+plausible (``amble.server.records.reports.hold_steps``): one lying report moves the model, its control variate
 and the planner at most 2x, and honest partial work keeps its weight. Every figure below goes through
 the real functions (embedded store, real folds).
 
@@ -21,7 +21,7 @@ from amble.server import (
     controlvariates,
     keys,
 )
-from amble.server.reports import expected_steps, hold_steps
+from amble.server.records.reports import expected_steps, hold_steps
 from amble.server.tensors import encode, template_from_json
 from amble.strategies import Amble, AmbleSettings, BaseWork, FedNova, FedNovaSettings, Plan, Report, Strategy
 from amble.strategies.scaffold import Scaffold

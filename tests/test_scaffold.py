@@ -16,7 +16,8 @@ from amble.config import config_from_dict
 from amble.data import make_synthetic
 from amble.errors import ConfigError
 from amble.models import build_model
-from amble.server import Invocation, MemoryStore, ParameterServer, ServerFunctions, controlvariates, keys
+from amble.server import Invocation, MemoryStore, ParameterServer, ServerFunctions, keys
+from amble.server.functions import controlvariates
 from amble.server.runtime.base import FUNCTIONS_GROUP, FUNCTIONS_TOPIC
 from amble.server.tensors import encode, template_of
 from amble.sim import run_experiment

@@ -21,7 +21,7 @@ from amble.config import ExperimentConfig
 from amble.data import Dataset
 from amble.models import ModelFactory
 from amble.problem import load_data, make_model, partition
-from amble.server.functions import RunSettings
+from amble.server.records.settings import RunSettings
 from amble.strategies.base import Params
 
 DeviceData = list[tuple[torch.Tensor, torch.Tensor]]

@@ -54,6 +54,28 @@ class EventLogContract(ABC):
         assert log.ack("t", "g", events[0].id) is False
         assert log.pending("t", "g") == 1
 
+    def test_events_every_group_acked_are_dropped_up_to_the_oldest_still_needed(self) -> None:
+        log = self.make()
+        for i in range(150):
+            log.publish("t", "e", {"i": i})
+        events = log.read("t", "g1", "c", count=200)
+        log.read("t", "g2", "c", count=200)  # g2 reads, acks nothing: every event stays pending for it
+        for event in events:
+            log.ack("t", "g1", event.id)
+        log.trim("t")
+        assert log.retained("t") == 150
+        for event in events[:-1]:
+            log.ack("t", "g2", event.id)
+        log.trim("t")
+        assert log.retained("t") == 1  # the one still pending for g2 (a log may keep all from the oldest needed)
+        (kept,) = log.claim_stale("t", "g2", "other", min_idle_s=0.0)
+        assert kept.payload == {"i": 149}
+        log.ack("t", "g2", kept.id)
+        log.publish("t", "e", {"i": 150})
+        log.trim("t")
+        assert log.retained("t") == 1  # only the event nobody has read yet
+        assert [e.payload["i"] for e in log.read("t", "g1", "c")] == [150]
+
     def test_stale_pending_events_are_redelivered_with_a_delivery_count(self) -> None:
         log = self.make()
         log.publish("t", "e", {"i": 7})

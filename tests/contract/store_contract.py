@@ -106,6 +106,16 @@ class StoreContract(ABC):
         assert store.set_members("s") == {"a", "b"}
         assert store.set_members("empty") == set()
 
+    def test_a_deleted_set_is_empty_and_absent_ones_are_ignored(self) -> None:
+        store = self.make()
+        store.add_to_set("s", "a")
+        store.put("s", b"value")  # sets and values are separate namespaces
+        store.delete_set("s")
+        store.delete_set("never")
+        assert store.set_members("s") == set()
+        assert store.get("s") == b"value"
+        assert store.add_to_set("s", "a") is True
+
     def test_keys_by_prefix_are_sorted(self) -> None:
         store = self.make()
         for key in ("round/2", "round/1", "model/0"):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amble.strategies.base import Params, Plan
+from amble.strategies.base import Params, Plan, step_lr
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,6 @@ def batch_indices(num_samples: int, batch_size: int, steps: int, generator: torc
     epochs = -(-needed // num_samples)
     stream = torch.cat([torch.randperm(num_samples, generator=generator) for _ in range(epochs)])
     return stream[:needed].view(steps, batch_size)
-
-
-def step_lr(plan: Plan, step: int) -> float:
-    """The learning rate of ``step``: a linear warm-up from ``lr_warmup_from`` over ``lr_warmup_steps``
-    (step 0 runs at ``lr_warmup_from``), then ``lr``."""
-    if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
-        ramp = step / plan.lr_warmup_steps
-        return plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * ramp
-    return plan.lr
 
 
 class LocalTrainer:

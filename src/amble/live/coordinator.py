@@ -27,7 +27,7 @@ from amble.errors import AmbleError
 from amble.redaction import redact
 from amble.server import keys
 from amble.server.paramserver import ParameterServer, RoundOutcome
-from amble.server.reports import as_observed, bound_by_elapsed
+from amble.server.records.reports import as_observed, bound_by_elapsed
 from amble.server.store.base import Store, read_json
 from amble.strategies.base import Params, Report
 

@@ -39,8 +39,8 @@ from starlette.concurrency import run_in_threadpool
 from amble.errors import REJECTION_REASONS, AmbleError, UpdateRejected
 from amble.live.coordinator import Coordinator, device_of, token_hash
 from amble.server import keys
-from amble.server.functions import RunSettings
-from amble.server.reports import check_report, parse_report
+from amble.server.records.reports import check_report, parse_report
+from amble.server.records.settings import RunSettings
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import TensorSpec, template_from_json, validate_update
 from amble.strategies.base import Report
@@ -131,7 +131,7 @@ def update_limit_bytes(template: Mapping[str, TensorSpec]) -> int:
 def report_header(raw: str | None) -> Any:
     """The report header as JSON, refused before parsing when absent or too long, and refused when
     it does not parse (including nesting deep enough to exhaust the parser's recursion). What the
-    JSON must be is :func:`amble.server.reports.parse_report`'s part."""
+    JSON must be is :func:`amble.server.records.reports.parse_report`'s part."""
     if raw is None:
         raise UpdateRejected("malformed_report", "send the update's JSON report in the X-Amble-Report header")
     if len(raw) > MAX_REPORT_BYTES:

@@ -1,10 +1,12 @@
 """The serverless parameter server: Store, EventLog and Runtime interfaces, and the functions."""
 
 from amble.server.events import Event, EventLog, MemoryEventLog
-from amble.server.functions import RunSettings, ServerFunctions, select_devices
-from amble.server.paramserver import ParameterServer, RoundOutcome
+from amble.server.functions import ServerFunctions, controlvariates
+from amble.server.functions.planning import select_devices
+from amble.server.paramserver import ParameterServer, Published, RoundOutcome
+from amble.server.records.settings import RunSettings
+from amble.server.records.state import RoundState
 from amble.server.runtime import Invocation, LocalRuntime, PoolSettings, Runtime, RuntimeStats
-from amble.server.state import RoundState
 from amble.server.store import MemoryStore, Store, Versioned
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "MemoryStore",
     "ParameterServer",
     "PoolSettings",
+    "Published",
     "RoundOutcome",
     "RoundState",
     "RunSettings",
@@ -24,5 +27,6 @@ __all__ = [
     "ServerFunctions",
     "Store",
     "Versioned",
+    "controlvariates",
     "select_devices",
 ]

@@ -89,6 +89,11 @@ def build_server(
     return ParameterServer(store, events, runtime)
 
 
+def discard_snapshot(snapshot: Path) -> None:
+    """Remove an embedded store's snapshot (and its journal) once its run is done."""
+    MemoryStore.discard(snapshot)
+
+
 def saved_checkpoint(config: ExperimentConfig, namespace: str, snapshot: Path) -> dict[str, Any] | None:
     """The driver checkpoint a run left in its store (Redis namespace or embedded snapshot file)."""
     if config.server.store == "memory":

@@ -76,6 +76,12 @@ def task_update(task_id: int, upload: str) -> str:
     return f"task/{task_id:08d}/update/{upload}"
 
 
+COMPACTED = "run/compacted"
+"""JSON ``{"below": n}``: every round (or buffer) below ``n`` was compacted away; events for one are
+stale (a redelivered ``round_start`` must not plan it again)."""
+TASKS_COMPACTED = "run/tasks_compacted"
+"""JSON ``{"below": n}``: the task records below task ``n`` were compacted away (none can count any more)."""
+
 UPLOAD_COUNTER = "uploads"
 """Counter: uploads stored so far (each gets the next number as its upload id)."""
 

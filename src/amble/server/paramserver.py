@@ -1,8 +1,9 @@
-"""The parameter server as its callers see it: set up a run, start rounds, accept uploads.
+"""The parameter server as its callers see it: set up a run, start rounds or tasks, accept uploads.
 
-Devices (simulated or real) only download models and plans and upload updates; everything else
-happens in functions triggered by events. In simulation this object is also the gateway: devices
-call :meth:`ParameterServer.upload` directly instead of over HTTP.
+The one door of ``sim/`` and ``live/`` into the server: they go through :class:`ParameterServer`'s
+typed methods, never through Store keys. Devices (simulated or real) only download models and plans
+and upload updates; everything else happens in functions triggered by events. In simulation this
+object is also the gateway: devices call :meth:`ParameterServer.upload` directly instead of over HTTP.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from amble.errors import AmbleError, ConfigError
 from amble.server import keys
 from amble.server.events.base import EventLog
-from amble.server.functions import RunSettings, load_model
-from amble.server.partialsum import shard_size_bound
+from amble.server.functions import controlvariates
+from amble.server.functions.buffered import Task, read_task
+from amble.server.records.partialsum import shard_size_bound
+from amble.server.records.settings import RunSettings, load_model
+from amble.server.records.state import RoundState
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
-from amble.server.state import RoundState
 from amble.server.store.base import Store, read_json
+from amble.server.store.memory import MemoryStore
 from amble.server.tensors import TensorSpec, encode, template_of, template_to_json
 from amble.strategies.base import Params, Plan, Report
 
@@ -39,6 +44,17 @@ class RoundOutcome:
     """Devices whose updates were folded (and, when finalised, are in the published model)."""
     rejected: dict[int, str]
     """Devices with a rejected upload, and a reason (a device may also be counted via another upload)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """One buffer's outcome as announced: the model version it published, and when."""
+
+    buffer: int
+    version: int
+    at_s: float
+    status: str
+    counted: int
 
 
 def check_fits(store: Store, template: Mapping[str, TensorSpec], devices_per_round: int) -> None:
@@ -106,21 +122,79 @@ class ParameterServer:
         An update over the size limit is not stored; its event still goes out, so the aggregate
         function records the rejection through the same path as every other one.
         """
+        return self._store_upload("update_uploaded", report, update, at_s)
+
+    def _store_upload(self, event_type: str, report: Report, update: bytes, at_s: float) -> str:
+        """Store the update (unless over the size limit) and publish its event: one path for rounds and tasks."""
         upload = str(int(self.store.incr(keys.UPLOAD_COUNTER)))
-        too_large = len(update) > self._max_update_bytes()
-        update_key = None if too_large else keys.round_update(report.round, report.device, upload)
+        task = event_type == "task_uploaded"
+        key = keys.task_update(report.round, upload) if task else keys.round_update(report.round, report.device, upload)
+        update_key = None if len(update) > self._max_update_bytes() else key
         if update_key is not None:
             self.store.put(update_key, update)
         payload = {
-            "round": report.round,
+            "task" if task else "round": report.round,
             "device": report.device,
             "upload": upload,
             "update_key": update_key,
             "size": len(update),
             "report": report.to_dict(),
         }
-        self.events.publish(FUNCTIONS_TOPIC, "update_uploaded", payload, at_s)
+        self.events.publish(FUNCTIONS_TOPIC, event_type, payload, at_s)
         return upload
+
+    # -- tasks (asynchronous strategies: no rounds) -----------------------------------------------
+
+    def start_task(self, task_id: int, available: list[int], at_s: float) -> tuple[Task, list[Published]]:
+        """Trigger ``plan_task``; the task it wrote (started at the virtual time it was planned) and any
+        publishes announced meanwhile."""
+        self.events.publish(FUNCTIONS_TOPIC, "task_start", {"task": task_id, "available": available}, at_s)
+        self.runtime.drain()
+        announced, planned_at_s = self.take_announced()
+        task = read_task(self.store, task_id)
+        if task is None:
+            raise AmbleError(f"task {task_id} was not planned: {self._function_errors()}")
+        return replace(task, started_at_s=planned_at_s.get(task_id, task.started_at_s)), announced
+
+    def upload_task(self, report: Report, update: bytes, at_s: float) -> list[Published]:
+        """Store a task's update (``report.round`` is the task id), trigger ``fold_task`` and run the
+        functions; the publishes announced meanwhile, in order."""
+        self._store_upload("task_uploaded", report, update, at_s)
+        self.runtime.drain()
+        announced, _ = self.take_announced()
+        return announced
+
+    def task(self, task_id: int) -> Task | None:
+        return read_task(self.store, task_id)
+
+    def take_announced(self) -> tuple[list[Published], dict[int, float]]:
+        """Publishes, and tasks planned (task id -> virtual time), announced since the last call."""
+        published: list[Published] = []
+        planned: dict[int, float] = {}
+        for event in self.events.read(keys.PUBLISHED_TOPIC, DRIVER_GROUP, "driver", count=1_000_000):
+            payload = event.payload
+            if event.type in ("model_published", "round_failed") and "counted" in payload:
+                status = "finalized" if event.type == "model_published" else "failed"
+                version, counted = int(payload["version"]), int(payload["counted"])
+                published.append(Published(int(payload["round"]), version, event.at_s, status, counted))
+            elif event.type == "task_planned":
+                planned[int(payload["task"])] = event.at_s
+            self.events.ack(keys.PUBLISHED_TOPIC, DRIVER_GROUP, event.id)
+        unique = {p.buffer: p for p in published}  # a rerun announces the same outcome again
+        return sorted(unique.values(), key=lambda p: p.buffer), planned
+
+    # -- what the drivers read and keep ------------------------------------------------------------
+
+    def corrections(self, devices: list[int], version: int) -> dict[int, Params] | None:
+        """SCAFFOLD: each device's ``c - c_k`` for a round training from ``version`` (None: all zero)."""
+        return controlvariates.corrections(self.store, devices, version)
+
+    def save_checkpoint(self, state: dict[str, object], snapshot: Path | None = None) -> None:
+        """The driver's own state after a completed round (JSON), kept in the store with the run; an
+        embedded store (which dies with the process) is also saved to ``snapshot``."""
+        self.store.put(keys.CHECKPOINT, json.dumps(state).encode())
+        if snapshot is not None and isinstance(self.store, MemoryStore):
+            self.store.save(snapshot)
 
     def _max_update_bytes(self) -> int:
         if self._settings is None:

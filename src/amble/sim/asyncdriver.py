@@ -4,7 +4,7 @@
 hands it out; its virtual duration comes from the same fleet and :class:`VirtualClock` as a round's
 (``clock.timing`` keyed by the task id, availability, dropouts), and its upload is an event at its
 virtual arrival time, processed in virtual-time order by the buffered functions
-(:mod:`amble.server.buffered`). When a task ends (uploaded or dropped), a new one starts at once on a
+(:mod:`amble.server.functions.buffered`). When a task ends (uploaded or dropped), a new one starts at once on a
 device drawn, deterministically from the seed and the task id, from the idle available devices.
 
 Outputs are the synchronous driver's: a ``metrics.jsonl`` row per published model (``config.rounds``
@@ -21,7 +21,7 @@ import copy
 import heapq
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
@@ -31,17 +31,15 @@ from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
 from amble.fleet import RoundTiming
 from amble.report import RunWriter
-from amble.server import ParameterServer
-from amble.server.buffered import Published, Task, read_task, start_task, upload_task
+from amble.server import ParameterServer, Published
+from amble.server.functions.buffered import Task
 from amble.server.tensors import encode
+from amble.sim.common import ExperimentView, StrategyRun, Tally, apply_deadline, device_row
 from amble.sim.evaluation import Evaluator, score_fields
 from amble.sim.training import Trained, TrainJob
 from amble.strategies import Params, Report
 from amble.strategies.fedbuff import FedBuffSettings, is_asynchronous
 from amble.strategies.registry import strategy_class
-
-if TYPE_CHECKING:
-    from amble.sim.driver import Experiment, StrategyRun
 
 MAX_FRUITLESS_DRAWS = 1000
 """Availability draws in a row with no idle device available and none in flight before the run fails."""
@@ -66,10 +64,13 @@ class _BufferedRun:
     """One asynchronous strategy's run: the event loop over task ends, publishes and new tasks."""
 
     def __init__(
-        self, experiment: Experiment, server: ParameterServer, label: str, writer: RunWriter, settings: FedBuffSettings
+        self,
+        experiment: ExperimentView,
+        server: ParameterServer,
+        label: str,
+        writer: RunWriter,
+        settings: FedBuffSettings,
     ) -> None:
-        from amble.sim.driver import _Tally
-
         self.experiment, self.server, self.label, self.writer = experiment, server, label, writer
         config = experiment.config
         self.config = config
@@ -79,7 +80,7 @@ class _BufferedRun:
                 f"strategy '{label}': concurrency {self.concurrency} exceeds data.num_devices "
                 f"({config.data.num_devices}); lower concurrency (default: devices_per_round)"
             )
-        self.tally = _Tally()
+        self.tally = Tally()
         self.in_flight: dict[int, _InFlight] = {}
         self.busy: set[int] = set()
         self.queue: list[tuple[float, int]] = []
@@ -140,7 +141,7 @@ class _BufferedRun:
                 if self.in_flight or fruitless >= MAX_FRUITLESS_DRAWS:
                     return  # wait for a task to end (or fail above with no task left)
                 continue
-            task, announced = start_task(self.server, self.next_task, idle, at_s)
+            task, announced = self.server.start_task(self.next_task, idle, at_s)
             self.next_task += 1
             for outcome in announced:  # none in practice: publishes follow uploads
                 self._record_publish(outcome)
@@ -150,8 +151,6 @@ class _BufferedRun:
         experiment = self.experiment
         k, plan = task.device, task.plan
         timing = experiment.clock.timing(experiment.fleet[k], task.task, k, plan.batch_size, plan.local_steps)
-        from amble.sim.driver import apply_deadline, device_row
-
         plan, timing = apply_deadline(plan, timing)
         task = Task(task.task, k, plan, task.base_version, task.started_at_s)
         row = device_row(self.label, None, k, plan, timing, len(experiment.device_data[k][1]))
@@ -211,8 +210,8 @@ class _BufferedRun:
         self.tally.samples += result.samples
         self.tally.train_compute_s += result.compute_s
         self.last_arrival_s = job.finish_s
-        announced = upload_task(self.server, report, result.update, job.finish_s)
-        stored = read_task(self.server.store, task.task)
+        announced = self.server.upload_task(report, result.update, job.finish_s)
+        stored = self.server.task(task.task)
         if stored is not None and stored.buffer is not None:
             self.tally.updates_aggregated += 1
             cut = result.steps < task.plan.local_steps
@@ -260,11 +259,9 @@ class _BufferedRun:
 
 
 def run_buffered(
-    experiment: Experiment, server: ParameterServer, entry: StrategyEntry, writer: RunWriter, progress: bool
+    experiment: ExperimentView, server: ParameterServer, entry: StrategyEntry, writer: RunWriter, progress: bool
 ) -> StrategyRun:
     """Run one asynchronous strategy of ``experiment`` on ``server`` (already built for it)."""
-    from amble.sim.driver import StrategyRun
-
     label = strategy_label(entry)
     settings = entry.settings()
     if not isinstance(settings, FedBuffSettings):

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,28 +34,22 @@ from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
-from amble.server import ParameterServer, RoundOutcome, controlvariates, keys
-from amble.server.factory import build_server, release_server, saved_checkpoint, wipe_run
-from amble.server.store.memory import MemoryStore
+from amble.server import ParameterServer
+from amble.server.factory import build_server, discard_snapshot, release_server, saved_checkpoint, wipe_run
 from amble.server.tensors import encode
 from amble.sim.asyncdriver import asynchronous_entry, run_buffered
+from amble.sim.common import RoundRecord, StrategyRun, Tally, apply_deadline, device_row
 from amble.sim.evaluation import Evaluator, score_fields
 from amble.sim.parallel import gather_rows, processes_for, run_parallel, torch_threads
 from amble.sim.raytraining import RayDevices
 from amble.sim.training import DeviceTrainers, TrainJob, local_devices
-from amble.strategies import Params, Plan, Report
+from amble.strategies import Params, Report
 
 Progress = Callable[[str], None]
 UPLOAD_CHUNK = 256
 GLOBAL_RNG_STREAM = 0x6C0BA1
 """Seed part of a strategy's draws from torch's global RNG."""
 """Devices a round trains and uploads at a time (the rest of the round's updates are not yet in memory)."""
-
-
-@dataclass
-class StrategyRun:
-    label: str
-    summary: dict[str, Any]
 
 
 class Experiment:
@@ -161,7 +153,7 @@ class Experiment:
             release_server(server)
         if done is not None and snapshot is not None:
             write_atomic(done, json.dumps(to_json_value(outcome.summary)).encode())
-            snapshot.unlink(missing_ok=True)
+            discard_snapshot(snapshot)
         wipe_run(config, space)
         return outcome
 
@@ -182,7 +174,7 @@ class Experiment:
         if checkpoint is not None and checkpoint.get("pool") is not None:
             server.runtime.restore_pool(checkpoint["pool"])
         evaluator = Evaluator(config, copy.deepcopy(self.model), self.test)
-        tally = _Tally.from_json(checkpoint["tally"]) if checkpoint else _Tally()
+        tally = Tally.from_json(checkpoint["tally"]) if checkpoint else Tally()
         first = checkpoint["round"] + 1 if checkpoint else 0
         began = time.perf_counter() - (checkpoint["wall_time_s"] if checkpoint else 0.0)
         rounds = range(first, config.rounds)
@@ -221,15 +213,13 @@ class Experiment:
         return StrategyRun(label, tally.summary(server, config, time.perf_counter() - began))
 
     @staticmethod
-    def _checkpoint(server: ParameterServer, r: int, tally: _Tally, wall_time_s: float, snapshot: Path) -> None:
+    def _checkpoint(server: ParameterServer, r: int, tally: Tally, wall_time_s: float, snapshot: Path) -> None:
         """After round ``r``'s rows are written: what a resumed run continues from (with the simulated
         instance pool, so the resumed run's cold and warm starts, and its clock, are the same)."""
         state = {"round": r, "tally": asdict(tally), "wall_time_s": wall_time_s, "pool": server.runtime.pool_state()}
-        server.store.put(keys.CHECKPOINT, json.dumps(state).encode())
-        if isinstance(server.store, MemoryStore):
-            server.store.save(snapshot)
+        server.save_checkpoint(state, snapshot)
 
-    def _play_round(self, server: ParameterServer, label: str, r: int, tally: _Tally) -> _RoundRecord:
+    def _play_round(self, server: ParameterServer, label: str, r: int, tally: Tally) -> RoundRecord:
         """One round: plan, train every planned device, upload at virtual arrival times, finalise."""
         available = [k for k, p in enumerate(self.fleet) if self.clock.is_available(p, r, k)]
         plans, start_s = server.start_round(r, available, tally.now_s)
@@ -268,7 +258,7 @@ class Experiment:
         by_device = {row["device"]: row for row in rows}
         for begin in range(0, len(jobs), UPLOAD_CHUNK):
             chunk = jobs[begin : begin + UPLOAD_CHUNK]
-            shifts = controlvariates.corrections(server.store, [job.device for job in chunk], state.base_version)
+            shifts = server.corrections([job.device for job in chunk], state.base_version)
             if shifts is not None:  # SCAFFOLD: each device's c - c_k (None: no control variate yet, all zero)
                 chunk = [replace(job, correction=shifts[job.device]) for job in chunk]
             trained = self.devices().train(start_params, chunk)
@@ -310,105 +300,7 @@ class Experiment:
         tally.samples += samples
         tally.train_compute_s += train_compute_s
         tally.now_s = end_s
-        return _RoundRecord(outcome, rows, samples, train_compute_s)
-
-
-def device_row(
-    label: str, round_index: int | None, device: int, plan: Plan, timing: RoundTiming, num_samples: int
-) -> dict[str, Any]:
-    """A ``devices.jsonl`` row: the plan as the device ran it (cut at its deadline if it had to), its
-    compute and communication; idle and status are filled in when its round (or task) ends."""
-    return {
-        "strategy": label,
-        "round": round_index,
-        "device": device,
-        "batch_size": plan.batch_size,
-        "local_steps": plan.local_steps,
-        "epochs": plan.local_steps * plan.batch_size / num_samples,
-        "lr": plan.lr,
-        "compute_s": timing.compute_s,
-        "comm_s": timing.download_s + timing.upload_s,
-        "idle_s": 0.0,
-    }
-
-
-def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:
-    """A device whose work would run past its plan's deadline stops (partial work) or drops.
-
-    The device knows its own speed, so it stops after the last whole step that still lets its
-    upload arrive by the deadline; with no whole step possible it has nothing to send (``probe``: it
-    sends its one step, late).
-    """
-    if plan.deadline_s is None or plan.at_deadline == "continue" or timing.total_s <= plan.deadline_s:
-        return plan, timing
-    if timing.dropped_at_s is not None:  # it was going to drop out anyway: by the deadline at the latest
-        return plan, replace(timing, dropped_at_s=min(timing.dropped_at_s, plan.deadline_s))
-    step_s = timing.compute_s / plan.local_steps
-    steps = math.floor((plan.deadline_s - timing.download_s - timing.upload_s) / step_s + 1e-9)
-    if plan.at_deadline == "probe":
-        steps = max(steps, 1)
-    if plan.at_deadline == "drop" or steps < 1:
-        return plan, replace(timing, dropped_at_s=plan.deadline_s)
-    return replace(plan, local_steps=steps), replace(timing, compute_s=steps * step_s)
-
-
-@dataclass
-class _RoundRecord:
-    outcome: RoundOutcome
-    devices: list[dict[str, Any]]
-    samples: int
-    train_compute_s: float
-    """Seconds spent inside this round's local training (summed over devices, wherever they ran)."""
-
-
-@dataclass
-class _Tally:
-    """Running totals of one strategy's run."""
-
-    now_s: float = 0.0
-    train_compute_s: float = 0.0
-    samples: int = 0
-    updates_aggregated: int = 0
-    updates_rejected: int = 0
-    rounds_failed: int = 0
-    latencies: list[float] = field(default_factory=list)
-    accuracies: list[tuple[int, float, float]] = field(default_factory=list)
-    """(round, virtual time, accuracy) at each evaluation."""
-
-    def reached(self, target: float) -> bool:
-        """Whether an evaluation has reached ``target`` (only a full-set score can: see sim.evaluation)."""
-        return any(accuracy >= target for _, _, accuracy in self.accuracies)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> _Tally:
-        return cls(**{**data, "accuracies": [(int(r), t, a) for r, t, a in data["accuracies"]]})
-
-    def summary(self, server: ParameterServer, config: ExperimentConfig, wall_time_s: float) -> dict[str, Any]:
-        stats = server.runtime.stats()
-        target = config.eval.target_accuracy
-        reached = next(((r, t) for r, t, a in self.accuracies if a >= target), None)
-        return {
-            "final_accuracy": self.accuracies[-1][2] if self.accuracies else None,
-            "best_accuracy": max((a for _, _, a in self.accuracies), default=None),
-            "target_accuracy": target,
-            "time_to_target_s": reached[1] if reached else None,
-            "rounds_to_target": reached[0] + 1 if reached else None,
-            "virtual_time_s": self.now_s,
-            "wall_time_s": wall_time_s,
-            "train_compute_s": self.train_compute_s,
-            "rounds": config.rounds,
-            "rounds_failed": self.rounds_failed,
-            "samples_processed": self.samples,
-            "updates_aggregated": self.updates_aggregated,
-            "updates_rejected": self.updates_rejected,
-            "function_invocations": stats.invocations,
-            "cold_starts": stats.cold_starts,
-            "warm_starts": stats.warm_starts,
-            "function_busy_s": stats.busy_s,
-            "function_failures": stats.failures,
-            "aggregation_latency_s": float(np.mean(self.latencies)) if self.latencies else None,
-            "real_instances": server.runtime.real_instances(),
-        }
+        return RoundRecord(outcome, rows, samples, train_compute_s)
 
 
 RUN_FILE = "run.json"

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from amble.client.trainer import batch_indices, step_lr
+from amble.client.trainer import batch_indices
 from amble.strategies import Params, Plan
+from amble.strategies.base import step_lr
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,16 @@ class Plan:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+def step_lr(plan: Plan, step: int) -> float:
+    """The learning rate of ``step``: a linear warm-up from ``lr_warmup_from`` over ``lr_warmup_steps``
+    (step 0 runs at ``lr_warmup_from``), then ``lr``. The devices train with it and the server sums it
+    (SCAFFOLD's ``eta``), so it lives with the plan."""
+    if plan.lr_warmup_steps and step < plan.lr_warmup_steps and plan.lr_warmup_from is not None:
+        ramp = step / plan.lr_warmup_steps
+        return plan.lr_warmup_from + (plan.lr - plan.lr_warmup_from) * ramp
+    return plan.lr
+
+
 @dataclass(frozen=True)
 class Report:
     """What a device sends with its update: the measurements the planner learns from."""
@@ -119,6 +129,28 @@ class Aggregator(ABC):
         """The next global model from the current one and the folded sums; inputs are not mutated."""
 
 
+class FedAvgAggregator(Aggregator):
+    """``x_{r+1} = x_r + sum_k p_k Delta_k`` with ``p_k = n_k / sum n``: every strategy's default.
+
+    Here rather than in ``fedavg.py`` because :class:`Strategy` falls back on it.
+    """
+
+    name = "fedavg"
+
+    def contribution(self, report: Report) -> Contribution:
+        return Contribution(weight=float(report.num_samples), stats={"num_samples": float(report.num_samples)})
+
+    def apply(self, global_params: Params, weighted_sum: Params, stats: Mapping[str, float]) -> Params:
+        """Computed in float64 and rounded to each parameter's dtype once, at the end."""
+        total = stats["num_samples"]
+        return {
+            name: (value.double() + weighted_sum[name].double() / total).to(value.dtype)
+            if name in weighted_sum
+            else value.clone()
+            for name, value in global_params.items()
+        }
+
+
 class StrategySettings(BaseModel):
     """A strategy's own settings, declared once: the fields, defaults and checks of its config entry.
 
@@ -163,8 +195,6 @@ class Strategy(ABC):
 
     def own_aggregator(self) -> Aggregator:
         """The aggregator used unless the config names one: FedAvg's sample-weighted mean."""
-        from amble.strategies.fedavg import FedAvgAggregator  # fedavg.py builds on this module
-
         return FedAvgAggregator()
 
     @abstractmethod
@@ -174,6 +204,6 @@ class Strategy(ABC):
 
     def uses_control_variates(self) -> bool:
         """Whether devices train with SCAFFOLD's correction ``c - c_k`` and the server keeps the control
-        variates (``amble.server.controlvariates``): a strategy's ``control_variates`` setting, if any (a
+        variates (``amble.server.functions.controlvariates``): a strategy's ``control_variates`` setting, if any (a
         strategy of a user's own may not have called ``Strategy.__init__``: then none)."""
         return bool(getattr(getattr(self, "settings", None), "control_variates", False))

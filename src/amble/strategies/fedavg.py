@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from amble.strategies.base import Aggregator, Contribution, DeviceState, Params, Plan, Report, Strategy
+from amble.strategies.base import DeviceState, FedAvgAggregator, Plan, Strategy
 from amble.strategies.rounds import base_plan
 
-
-class FedAvgAggregator(Aggregator):
-    """``x_{r+1} = x_r + sum_k p_k Delta_k`` with ``p_k = n_k / sum n``."""
-
-    name = "fedavg"
-
-    def contribution(self, report: Report) -> Contribution:
-        return Contribution(weight=float(report.num_samples), stats={"num_samples": float(report.num_samples)})
-
-    def apply(self, global_params: Params, weighted_sum: Params, stats: Mapping[str, float]) -> Params:
-        """Computed in float64 and rounded to each parameter's dtype once, at the end."""
-        total = stats["num_samples"]
-        return {
-            name: (value.double() + weighted_sum[name].double() / total).to(value.dtype)
-            if name in weighted_sum
-            else value.clone()
-            for name, value in global_params.items()
-        }
+__all__ = ["FedAvg", "FedAvgAggregator"]
 
 
 class FedAvg(Strategy):

@@ -105,7 +105,7 @@ class FedBuff(Strategy):
 
     name = "fedbuff"
     asynchronous: ClassVar[bool] = True
-    """Run by the buffered functions (:mod:`amble.server.buffered`) and the simulator's asynchronous
+    """Run by the buffered functions (:mod:`amble.server.functions.buffered`) and the simulator's asynchronous
     clock (:mod:`amble.sim.asyncdriver`), not by rounds."""
     settings_model = FedBuffSettings
     settings: FedBuffSettings

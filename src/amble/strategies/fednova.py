@@ -21,7 +21,7 @@ class FedNovaAggregator(Aggregator):
     Folded as two running sums: ``S = sum n_k Delta_k / tau_k`` and the scalars ``N = sum n_k``,
     ``T = sum n_k tau_k``; then ``x_{r+1} = x_r + (T / N) * S / N``. ``tau_k`` is the report's steps,
     which the parameter server holds to what is plausible before they get here
-    (``amble.server.reports.hold_steps``): a device cannot raise its weight by under-reporting them.
+    (``amble.server.records.reports.hold_steps``): a device cannot raise its weight by under-reporting them.
     """
 
     name = "fednova"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from amble.errors import ConfigError
 from amble.imports import import_module_of, is_import_path
@@ -29,8 +29,37 @@ from amble.strategies.fedprox import FedProx
 from amble.strategies.scaffold import Scaffold
 from amble.strategies.serveropt import ServerOptimizerSettings
 
-if TYPE_CHECKING:
-    from amble.config import ExperimentConfig, StrategyEntry
+
+class StrategyEntry(Protocol):
+    """What :func:`build_strategy` reads of a config's strategy entry (``amble.config.StrategyEntry``:
+    declared here by shape, since the config builds its entries from this module)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def aggregator(self) -> str | None: ...
+    @property
+    def server_optimizer(self) -> ServerOptimizerSettings | None: ...
+    def settings(self) -> StrategySettings: ...
+
+
+class _Train(Protocol):
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def local_epochs(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+
+
+class ExperimentConfig(Protocol):
+    """What :func:`build_strategy` reads of a run's config (``amble.config.ExperimentConfig``)."""
+
+    @property
+    def train(self) -> _Train: ...
+    @property
+    def aggregator(self) -> str | None: ...
+
 
 STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s for s in (FedAvg, Amble, DeadlineFedAvg, FedProx, FedNova, AdaBatch, Scaffold, FedAvgM, FedAdam, FedBuff)

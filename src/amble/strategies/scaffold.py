@@ -2,7 +2,7 @@
 
 Every device runs FedAvg's base plan (``E0`` epochs at ``B0`` with ``lr0``) and corrects each
 gradient by ``c - c_k``; the server keeps ``c`` and every ``c_k`` (option II, computed server-side
-from the usual delta: :mod:`amble.server.controlvariates`) and aggregates like FedAvg, so the model
+from the usual delta: :mod:`amble.server.functions.controlvariates`) and aggregates like FedAvg, so the model
 moves by the sample-weighted mean delta (a global step size of 1; server-side optimizers apply on
 top as for any strategy). AMBLE gets the same correction with ``control_variates: true``.
 """

@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:  # base.py imports this module (every strategy carries a server optimizer)
-    from amble.strategies.base import Params
+if TYPE_CHECKING:  # at run time only a name: the config validates these settings without torch
+    import torch
+
+Params = dict[str, "torch.Tensor"]
+"""Tensors by name (as ``amble.strategies.base.Params``; declared here too, since base.py imports this
+module: every strategy carries a server optimizer)."""
 
 ServerOptimizerKind = Literal["none", "momentum", "adam", "yogi"]
 

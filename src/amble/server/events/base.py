@@ -65,5 +65,13 @@ class EventLog(ABC):
     def backlog(self, topic: str, group: str) -> int:
         """Events the group has not yet been given."""
 
+    @abstractmethod
+    def retained(self, topic: str) -> int:
+        """Events of ``topic`` the log still holds: at most those some group has not read and acked
+        (after :meth:`trim`), so a long run's log does not grow with its history."""
+
+    def trim(self, topic: str) -> None:  # noqa: B027 - a log that drops events as they are acked has nothing to do
+        """Drop now what every group of ``topic`` is done with (a log may also do it on its own)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook; the embedded log holds nothing to release
         """Release connections."""

@@ -1,4 +1,8 @@
-"""The embedded EventLog: in-process lists with consumer-group bookkeeping."""
+"""The embedded EventLog: in-process logs with consumer-group bookkeeping.
+
+An event every group of its topic has read and acknowledged is dropped, so a long run's log holds only
+what is still in flight (a topic nobody reads yet keeps everything: a group starts at the beginning).
+"""
 
 from __future__ import annotations
 
@@ -28,24 +32,29 @@ class MemoryEventLog(EventLog):
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._topics: dict[str, list[str]] = {}
+        self._topics: dict[str, dict[int, str]] = {}
+        self._published: dict[str, int] = {}
+        """Events ever published per topic: the next event's index."""
         self._groups: dict[tuple[str, str], _Group] = {}
 
     def publish(self, topic: str, type_: str, payload: Mapping[str, Any], at_s: float = 0.0) -> str:
         body = encode_event(type_, payload, at_s)
         with self._lock:
-            log = self._topics.setdefault(topic, [])
-            log.append(body)
-            return str(len(log) - 1)
+            index = self._published.get(topic, 0)
+            self._topics.setdefault(topic, {})[index] = body
+            self._published[topic] = index + 1
+            return str(index)
 
     def _group(self, topic: str, group: str) -> _Group:
         return self._groups.setdefault((topic, group), _Group())
 
     def read(self, topic: str, group: str, consumer: str, count: int = 64) -> list[Event]:
         with self._lock:
-            log = self._topics.get(topic, [])
+            log = self._topics.get(topic, {})
             state = self._group(topic, group)
-            end = min(len(log), state.next_index + count)
+            if state.next_index == 0 and 0 not in log:  # a new group: from the first event still held
+                state.next_index = min(log, default=self._published.get(topic, 0))
+            end = min(self._published.get(topic, 0), state.next_index + count)
             events = []
             now = self._clock()
             for index in range(state.next_index, end):
@@ -56,7 +65,7 @@ class MemoryEventLog(EventLog):
 
     def claim_stale(self, topic: str, group: str, consumer: str, min_idle_s: float, count: int = 64) -> list[Event]:
         with self._lock:
-            log = self._topics.get(topic, [])
+            log = self._topics.get(topic, {})
             state = self._group(topic, group)
             now = self._clock()
             events = []
@@ -72,7 +81,17 @@ class MemoryEventLog(EventLog):
 
     def ack(self, topic: str, group: str, event_id: str) -> bool:
         with self._lock:
-            return self._group(topic, group).pending.pop(int(event_id), None) is not None
+            index = int(event_id)
+            acked = self._group(topic, group).pending.pop(index, None) is not None
+            groups = [state for (name, _), state in self._groups.items() if name == topic]
+            if acked and all(index < state.next_index and index not in state.pending for state in groups):
+                self._topics.get(topic, {}).pop(index, None)  # every group is done with it
+            return acked
+
+    def retained(self, topic: str) -> int:
+        """Events of ``topic`` still held (not yet done by every group)."""
+        with self._lock:
+            return len(self._topics.get(topic, {}))
 
     def pending(self, topic: str, group: str) -> int:
         with self._lock:
@@ -80,4 +99,4 @@ class MemoryEventLog(EventLog):
 
     def backlog(self, topic: str, group: str) -> int:
         with self._lock:
-            return len(self._topics.get(topic, [])) - self._group(topic, group).next_index
+            return self._published.get(topic, 0) - self._group(topic, group).next_index

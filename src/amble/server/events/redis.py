@@ -4,7 +4,9 @@ A topic is the stream ``amble:{namespace}:t:{topic}``; each entry has one field,
 the event as JSON. Groups are created on first read at id 0, so a group that starts late still sees
 every event. A consumer that dies leaves its events pending; ``claim_stale`` hands them to another
 consumer once they have been idle for the visibility timeout (``XPENDING`` + ``XCLAIM``, whose
-min-idle check makes sure only one claimer wins).
+min-idle check makes sure only one claimer wins). Every :data:`TRIM_EVERY` acknowledgements of a topic
+the stream is trimmed (``XTRIM MINID``) below the oldest entry some group still needs: its first
+pending one, or the one after its last delivered; a long run's streams hold what is in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ return 1
 """
 
 
+TRIM_EVERY = 64
+"""Acknowledgements of a topic (by this client) between two trims of its stream."""
+
+
+def _id_key(event_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = event_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
 class RedisEventLog(EventLog):
     def __init__(self, url: str, namespace: str, client: redis.Redis | None = None) -> None:
         self.url = url
@@ -34,6 +45,7 @@ class RedisEventLog(EventLog):
         self._prefix = prefix_of(namespace)
         self._groups: set[tuple[str, str]] = set()
         self._keep_claimed = self.client.register_script(_KEEP_CLAIMED)
+        self._acks: dict[str, int] = {}
 
     def stream(self, topic: str) -> str:
         return f"{self._prefix}t:{topic}"
@@ -101,7 +113,31 @@ class RedisEventLog(EventLog):
 
     def ack(self, topic: str, group: str, event_id: str) -> bool:
         self.ensure_group(topic, group)
-        return bool(self.client.xack(self.stream(topic), group, event_id))
+        acked = bool(self.client.xack(self.stream(topic), group, event_id))
+        self._acks[topic] = self._acks.get(topic, 0) + 1
+        if self._acks[topic] % TRIM_EVERY == 0:
+            self.trim(topic)
+        return acked
+
+    def trim(self, topic: str) -> None:
+        """Drop the entries every group of ``topic`` is done with (read and acknowledged)."""
+        stream = self.stream(topic)
+        groups: Any = self.client.xinfo_groups(stream)
+        floor: tuple[int, int] | None = None
+        for info in groups:
+            summary: Any = self.client.xpending(stream, info["name"])
+            if summary["pending"]:
+                needed = _id_key(_text(summary["min"]))
+            else:
+                milliseconds, sequence = _id_key(_text(info["last-delivered-id"]))
+                needed = (milliseconds, sequence + 1)
+            floor = needed if floor is None else min(floor, needed)
+        if floor is not None:
+            self.client.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+
+    def retained(self, topic: str) -> int:
+        """Entries of ``topic``'s stream still held."""
+        return int(self.client.xlen(self.stream(topic)))
 
     def pending(self, topic: str, group: str) -> int:
         self.ensure_group(topic, group)
@@ -131,3 +167,7 @@ class RedisEventLog(EventLog):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

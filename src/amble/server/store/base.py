@@ -66,6 +66,10 @@ class Store(ABC):
         """All members of a set (empty when absent)."""
 
     @abstractmethod
+    def delete_set(self, key: str) -> None:
+        """Remove a set; an absent one is ignored."""
+
+    @abstractmethod
     def keys(self, prefix: str) -> list[str]:
         """Sorted value keys starting with ``prefix`` (counters and sets are separate namespaces)."""
 

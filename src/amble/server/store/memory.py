@@ -1,12 +1,23 @@
 """The embedded Store: a dict behind a lock. Nothing to install; it lives with the process, and
-:meth:`MemoryStore.save` / :meth:`MemoryStore.load` keep it in one file so a run can resume."""
+:meth:`MemoryStore.save` / :meth:`MemoryStore.load` keep it on disk so a run can resume.
+
+A save costs what changed since the last one, not the store's size: the first writes a whole snapshot
+(one safetensors file), later ones append the changed values, deletions, counters and sets to a
+journal beside it (``<snapshot>.journal``), each batch framed with its length and a CRC so a batch
+torn by a crash is ignored. Once the journal outgrows the live data the next save writes a whole
+snapshot again, under a new generation: batches of an older generation are never replayed.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+import uuid
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load, save
@@ -15,6 +26,13 @@ from amble.durable import write_atomic
 from amble.server.store.base import Store, Versioned
 from amble.server.tensors import read_metadata
 
+_FRAME = 8
+"""Bytes of each length field of a journal batch (little-endian), and of its CRC field."""
+
+
+def journal_path(snapshot: Path) -> Path:
+    return snapshot.with_name(snapshot.name + ".journal")
+
 
 class MemoryStore(Store):
     def __init__(self) -> None:
@@ -22,6 +40,12 @@ class MemoryStore(Store):
         self._values: dict[str, Versioned] = {}
         self._counters: dict[str, float] = {}
         self._sets: dict[str, set[str]] = {}
+        self._changed: set[str] = set()
+        """Value keys written or deleted since the last save."""
+        self._changed_sets: set[str] = set()
+        self._generation: str | None = None
+        """The snapshot the journal extends (None: the next save writes a whole one)."""
+        self._journal_bytes = 0
 
     def get(self, key: str) -> bytes | None:
         item = self._values.get(key)
@@ -38,6 +62,7 @@ class MemoryStore(Store):
         previous = self._values.get(key)
         version = 1 if previous is None else previous.version + 1
         self._values[key] = Versioned(bytes(value), version)
+        self._changed.add(key)
         return version
 
     def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
@@ -62,7 +87,8 @@ class MemoryStore(Store):
 
     def delete(self, key: str) -> None:
         with self._lock:
-            self._values.pop(key, None)
+            if self._values.pop(key, None) is not None:
+                self._changed.add(key)
 
     def incr(self, key: str, amount: float = 1.0) -> float:
         with self._lock:
@@ -79,34 +105,81 @@ class MemoryStore(Store):
             if member in members:
                 return False
             members.add(member)
+            self._changed_sets.add(key)
             return True
 
     def set_members(self, key: str) -> set[str]:
         with self._lock:
             return set(self._sets.get(key, ()))
 
+    def delete_set(self, key: str) -> None:
+        with self._lock:
+            if self._sets.pop(key, None) is not None:
+                self._changed_sets.add(key)
+
     def keys(self, prefix: str) -> list[str]:
         with self._lock:
             return sorted(k for k in self._values if k.startswith(prefix))
 
-    def save(self, path: Path) -> None:
-        """Write everything to one safetensors file (values as byte tensors, the rest as JSON metadata),
-        atomically: a crash while saving leaves the previous file."""
+    def footprint(self) -> dict[str, int]:
+        """What the store holds: value keys, their bytes, set members and counters."""
         with self._lock:
-            names = sorted(self._values)
-            tensors = {str(i): np.frombuffer(self._values[k].value, dtype=np.uint8) for i, k in enumerate(names)}
-            metadata = {
-                "keys": json.dumps(names),
-                "versions": json.dumps([self._values[k].version for k in names]),
-                "counters": json.dumps(self._counters),
-                "sets": json.dumps({k: sorted(v) for k, v in self._sets.items()}),
+            return {
+                "keys": len(self._values),
+                "bytes": sum(len(v.value) for v in self._values.values()),
+                "set_members": sum(len(m) for m in self._sets.values()),
+                "counters": len(self._counters),
             }
-            blob = save(tensors, metadata)
-        write_atomic(path, blob)
+
+    def save(self, path: Path) -> None:
+        """Keep everything on disk: a batch of what changed appended to the journal, or a whole snapshot
+        (see the module's docstring); either way a crash while saving leaves the previous state."""
+        with self._lock:
+            live = sum(len(v.value) for v in self._values.values())
+            if self._generation is None or not path.is_file() or self._journal_bytes > max(live, 1 << 20):
+                self._save_whole(path)
+            else:
+                self._append_batch(journal_path(path))
+            self._changed.clear()
+            self._changed_sets.clear()
+
+    def _save_whole(self, path: Path) -> None:
+        generation = uuid.uuid4().hex
+        names = sorted(self._values)
+        tensors = {str(i): np.frombuffer(self._values[k].value, dtype=np.uint8) for i, k in enumerate(names)}
+        metadata = {
+            "keys": json.dumps(names),
+            "versions": json.dumps([self._values[k].version for k in names]),
+            "counters": json.dumps(self._counters),
+            "sets": json.dumps({k: sorted(v) for k, v in self._sets.items()}),
+            "generation": generation,
+        }
+        write_atomic(path, save(tensors, metadata))
+        journal_path(path).unlink(missing_ok=True)  # batches of the old generation would be skipped anyway
+        self._generation, self._journal_bytes = generation, 0
+
+    def _append_batch(self, journal: Path) -> None:
+        changed = sorted(self._changed)
+        present = [k for k in changed if k in self._values]
+        header = {
+            "generation": self._generation,
+            "values": [[k, self._values[k].version, len(self._values[k].value)] for k in present],
+            "deleted": [k for k in changed if k not in self._values],
+            "counters": self._counters,
+            "sets": {k: sorted(self._sets[k]) if k in self._sets else None for k in sorted(self._changed_sets)},
+        }
+        text = json.dumps(header).encode()
+        body = b"".join([len(text).to_bytes(_FRAME, "little"), text, *(self._values[k].value for k in present)])
+        frame = len(body).to_bytes(_FRAME, "little") + body + zlib.crc32(body).to_bytes(_FRAME, "little")
+        with open(journal, "ab") as file:
+            file.write(frame)
+            file.flush()
+            os.fsync(file.fileno())
+        self._journal_bytes += len(frame)
 
     @classmethod
     def load(cls, path: Path) -> MemoryStore:
-        """A store with the contents :meth:`save` wrote to ``path``."""
+        """A store with the contents :meth:`save` kept at ``path``: the snapshot, then its journal."""
         blob = path.read_bytes()
         tensors = load(blob)
         metadata = read_metadata(blob)
@@ -117,4 +190,47 @@ class MemoryStore(Store):
             store._values[key] = Versioned(tensors[str(i)].tobytes(), int(version))
         store._counters = {k: float(v) for k, v in json.loads(metadata["counters"]).items()}
         store._sets = {k: set(v) for k, v in json.loads(metadata["sets"]).items()}
+        store._generation = metadata.get("generation")
+        journal = journal_path(path)
+        if store._generation is not None and journal.is_file():
+            store._replay(journal.read_bytes())
+        store._generation = None  # the next save starts a new generation: nothing appends after a torn batch
         return store
+
+    def _replay(self, journal: bytes) -> None:
+        """Apply the journal's whole batches of this snapshot's generation, up to the first torn one."""
+        offset = 0
+        while offset + _FRAME <= len(journal):
+            size = int.from_bytes(journal[offset : offset + _FRAME], "little")
+            end = offset + _FRAME + size
+            if end + _FRAME > len(journal):
+                break  # torn by a crash while appending: the state is the one before this batch
+            body = journal[offset + _FRAME : end]
+            if zlib.crc32(body) != int.from_bytes(journal[end : end + _FRAME], "little"):
+                break
+            self._apply(body)
+            offset = end + _FRAME
+
+    def _apply(self, body: bytes) -> None:
+        length = int.from_bytes(body[:_FRAME], "little")
+        header: dict[str, Any] = json.loads(body[_FRAME : _FRAME + length])
+        if header["generation"] != self._generation:
+            return
+        position = _FRAME + length
+        for key, version, size in header["values"]:
+            self._values[key] = Versioned(body[position : position + size], int(version))
+            position += size
+        for key in header["deleted"]:
+            self._values.pop(key, None)
+        self._counters = {k: float(v) for k, v in header["counters"].items()}
+        for key, members in header["sets"].items():
+            if members is None:
+                self._sets.pop(key, None)
+            else:
+                self._sets[key] = set(members)
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Remove what :meth:`save` kept at ``path`` (the snapshot and its journal)."""
+        path.unlink(missing_ok=True)
+        journal_path(path).unlink(missing_ok=True)

@@ -266,6 +266,9 @@ class RedisStore(Store):
     def set_members(self, key: str) -> set[str]:
         return {m.decode() for m in cast(set[bytes], self.client.smembers(f"{self._prefix}s:{key}"))}
 
+    def delete_set(self, key: str) -> None:
+        self.client.delete(f"{self._prefix}s:{key}")
+
     def keys(self, prefix: str) -> list[str]:
         found = cast(
             list[bytes], self.client.zrangebylex(self._index, b"[" + prefix.encode(), b"[" + prefix.encode() + b"\xff")

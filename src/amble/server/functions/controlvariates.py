@@ -8,7 +8,7 @@ steps from ``x`` to ``y_k = x + delta_k``:
 - ``c_k+ = c_k - c - delta_k / eta_k`` with ``eta_k`` the sum of the learning rates of its ``K_k`` steps
   (``K_k * lr_k`` without a warm-up), so devices with their own steps and learning rates (AMBLE's
   plans) each estimate their mean corrected gradient; ``K_k`` is the reported steps as the server
-  holds them (``amble.server.reports.hold_steps``), so one report under-stating them moves ``c_k+``
+  holds them (``amble.server.records.reports.hold_steps``), so one report under-stating them moves ``c_k+``
   at most 2x;
 - ``c+ = c + (1/N) * sum_k (c_k+ - c_k)`` over the round's counted devices, ``N`` all devices of the run.
 
@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 
-from amble.client.trainer import step_lr
 from amble.errors import UpdateRejected
 from amble.server import keys
+from amble.server.functions.common import update_json
 from amble.server.store.base import Store, read_json
 from amble.server.tensors import TensorSpec, all_finite, decode, encode, template_from_json
-from amble.strategies.base import Params, Plan
+from amble.strategies.base import Params, Plan, step_lr
 
 
 def _dtype(spec: TensorSpec) -> torch.dtype:
@@ -189,7 +189,6 @@ def settle_round(store: Store, round_index: int, uploads: Mapping[int, str], dev
     """After the round is decided (idempotent): point each counted device at its counted candidate
     (``uploads`` is empty for a failed round), then delete the candidates of ``devices`` from this
     round or earlier that no pointer names (rejected uploads', and the devices' previous ``c_k``)."""
-    from amble.server.functions import update_json  # functions.py imports this module
 
     for device, upload in sorted(uploads.items()):
 

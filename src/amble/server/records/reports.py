@@ -18,7 +18,7 @@ from typing import Any
 
 from amble.errors import UpdateRejected
 from amble.server import keys
-from amble.server.state import RoundState
+from amble.server.records.state import RoundState
 from amble.server.store.base import Store, read_json
 from amble.strategies.base import Plan, Report
 from amble.strategies.rounds import steps_within
