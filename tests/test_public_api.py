@@ -24,8 +24,8 @@ def test_public_names() -> None:
     assert sorted(amble.server.__all__) == sorted(
         [
             "Event", "EventLog", "Invocation", "LocalRuntime", "MemoryEventLog", "MemoryStore", "ParameterServer",
-            "PoolSettings", "RoundOutcome", "RoundState", "RunSettings", "Runtime", "RuntimeStats", "ServerFunctions",
-            "Store", "Versioned", "select_devices",
+            "PoolSettings", "Published", "RoundOutcome", "RoundState", "RunSettings", "Runtime", "RuntimeStats",
+            "ServerFunctions", "Store", "Versioned", "select_devices",
         ]
     )  # fmt: skip
     assert sorted(amble.fleet.__all__) == sorted(

@@ -1,7 +1,8 @@
 """The serverless parameter server: Store, EventLog and Runtime interfaces, and the functions."""
 
 from amble.server.events import Event, EventLog, MemoryEventLog
-from amble.server.functions import ServerFunctions, controlvariates
+from amble.server.functions import ServerFunctions
+from amble.server.functions import controlvariates as controlvariates
 from amble.server.functions.planning import select_devices
 from amble.server.paramserver import ParameterServer, Published, RoundOutcome
 from amble.server.records.settings import RunSettings
@@ -27,6 +28,5 @@ __all__ = [
     "ServerFunctions",
     "Store",
     "Versioned",
-    "controlvariates",
     "select_devices",
 ]
