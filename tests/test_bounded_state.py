@@ -143,7 +143,8 @@ def test_the_journal_is_folded_into_a_whole_snapshot_once_it_outgrows_the_store(
     for i in range(40):
         store.put("big", bytes([i]) * 100_000)  # 4 MB of changes to a 100 kB store
         store.save(path)
-    assert journal_path(path).stat().st_size <= 2 * (1 << 20) + 200_000
+    journal = journal_path(path)
+    assert (journal.stat().st_size if journal.is_file() else 0) <= 2 * 100_000 + 1_000  # about the store's size
     assert MemoryStore.load(path).get("big") == bytes([39]) * 100_000
 
 

@@ -16,7 +16,7 @@ from amble.errors import ConfigError
 from amble.server import ParameterServer, RunSettings, keys
 from amble.server.events.base import Event, EventLog
 from amble.server.events.redis import RedisEventLog
-from amble.server.records.partialsum import FoldRecord, PartialSum, shard_size_bound
+from amble.server.records.partialsum import BYTES_PER_WEIGHT, MAX_BLOCKS, FoldRecord, PartialSum, shard_size_bound
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Handler, Invocation, PoolSettings, Runtime
 from amble.server.runtime.local import LocalRuntime
 from amble.server.runtime.workers import FunctionWorker, WorkerRuntime
@@ -164,9 +164,12 @@ def test_the_shard_size_bound_covers_real_shards() -> None:
     # Execute
     actual, bound = len(sums.to_blob()), shard_size_bound(template, 7)
 
-    # Assert: an upper bound, and within the header and record allowances of it
-    payload = 16 * (12 + 150 + 11)  # two float64 per weight
-    assert payload < actual <= bound <= payload + 8 * 1024
+    # Assert: an upper bound, and within the header and record allowances of it (these folds are
+    # all in one block: a shard can hold up to MAX_BLOCKS)
+    weights = 12 + 150 + 11
+    assert len(sums.blocks) == 1
+    assert 8 * weights < actual <= bound <= BYTES_PER_WEIGHT * weights + 8 * 1024
+    assert MAX_BLOCKS * 8 == BYTES_PER_WEIGHT
 
 
 @pytest.fixture(scope="module")
@@ -179,16 +182,17 @@ def small_values_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Red
 
 
 def test_a_model_whose_shard_exceeds_a_redis_value_is_refused_up_front(small_values_redis: RedisServer) -> None:
-    # Prepare: 1 MiB values hold the float64 pairs of 65,536 weights, less the header: 60,000 fit, 70,000 do not.
+    # Prepare: 1 MiB values hold the MAX_BLOCKS (4) int64 blocks of 32,768 weights, less the header:
+    # 30,000 fit, 35,000 do not.
     store = RedisStore(small_values_redis.url, f"limits-{uuid.uuid4().hex}")
     events = RedisEventLog(small_values_redis.url, store.namespace, store.client)
     server = ParameterServer(store, events, LocalRuntime(store, events, {}))
     settings = RunSettings(seed=0, devices_per_round=4, quorum=1.0, max_update_bytes=256 * 2**20)
-    fits, too_large = {"w": torch.zeros(60_000)}, {"w": torch.zeros(70_000)}
+    fits, too_large = {"w": torch.zeros(30_000)}, {"w": torch.zeros(35_000)}
 
     # Execute / Assert: the limit is the server's own, and the refusal says what to do
     assert store.max_value_bytes() == 2**20
-    with pytest.raises(ConfigError, match=r"70,000 weights.*proto-max-bulk-len.*server\.store: memory"):
+    with pytest.raises(ConfigError, match=r"35,000 weights.*proto-max-bulk-len.*server\.store: memory"):
         server.initialize(too_large, {0: 10}, settings)
     assert store.get(keys.LATEST) is None  # nothing was published
     server.initialize(fits, {0: 10}, settings)
@@ -197,9 +201,12 @@ def test_a_model_whose_shard_exceeds_a_redis_value_is_refused_up_front(small_val
     # Assert: the check matches what this Redis accepts: the largest shard of the model that fits is
     # stored, one of the refused model is refused by Redis itself.
     def shard(params: Mapping[str, torch.Tensor]) -> bytes:
+        """The largest shard of the model: weights 2**20 apart put each fold in a block of its own."""
         sums = PartialSum.zeros(template_of(params))
-        for device in range(4):
-            sums.add(device, params, 1.0, FoldRecord(0.0, {"samples": 10.0}))
+        ones = {name: torch.ones_like(t) for name, t in params.items()}
+        for device in range(MAX_BLOCKS):
+            assert sums.add(device, ones, 2.0 ** (20 * device), FoldRecord(1.0, {"samples": 10.0}))
+        assert len(sums.blocks) == MAX_BLOCKS
         return sums.to_blob()
 
     store.put("shard-that-fits", shard(fits))

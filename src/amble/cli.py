@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from amble.errors import AmbleError, ConfigError
 
@@ -12,7 +13,12 @@ from amble.errors import AmbleError, ConfigError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amble", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_worker, _add_serve, _add_device, _add_report):
+        add(commands)
+    return parser
 
+
+def _add_run(commands: Any) -> None:
     run = commands.add_parser("run", help="run every strategy of a config on the same data, fleet and seed")
     run.add_argument("config", type=Path, nargs="?", help="experiment YAML, e.g. examples/quickstart.yaml")
     run.add_argument("--out", type=Path, default=None, help="output directory (default runs/<name>)")
@@ -33,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_worker(commands: Any) -> None:
     worker = commands.add_parser(
         "worker", help="run parameter-server functions for runs kept in Redis (one function instance per process)"
     )
@@ -55,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         "--spawned-at", type=float, default=None, help="Unix time the process was started (set by the run's pool)"
     )
 
+
+def _add_serve(commands: Any) -> None:
     serve = commands.add_parser("serve", help="serve one strategy of a config to real devices over HTTP")
     serve.add_argument("config", type=Path, help="experiment YAML (data, model, rounds, the strategy)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -91,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         help="with --local-devices: how long devices have to exit after the run before they count as failed",
     )
 
+
+def _add_device(commands: Any) -> None:
     device = commands.add_parser("device", help="run one real device against `amble serve`")
     device.add_argument("--server", required=True, help="the gateway's URL, e.g. http://127.0.0.1:8000")
     device.add_argument("--token", default=None, help="this device's token (default: $AMBLE_TOKEN)")
@@ -113,9 +125,10 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch threads (default: one per core; 1 if devices share a machine)"
     )
 
+
+def _add_report(commands: Any) -> None:
     report = commands.add_parser("report", help="rebuild plots and report.html from a run's output files")
     report.add_argument("run_dir", type=Path)
-    return parser
 
 
 def _run(args: argparse.Namespace) -> int:

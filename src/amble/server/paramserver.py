@@ -19,7 +19,8 @@ from amble.server import keys
 from amble.server.events.base import EventLog
 from amble.server.functions import controlvariates
 from amble.server.functions.buffered import Task, read_task
-from amble.server.records.partialsum import shard_size_bound
+from amble.server.records.live import LiveRecords
+from amble.server.records.partialsum import BYTES_PER_WEIGHT, shard_size_bound
 from amble.server.records.settings import RunSettings, load_model
 from amble.server.records.state import RoundState
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
@@ -59,7 +60,7 @@ class Published:
 
 def check_fits(store: Store, template: Mapping[str, TensorSpec], devices_per_round: int) -> None:
     """Refuse, before anything runs, a model whose largest value (a shard of a round's partial sums:
-    two float64 per weight) is over what one value of ``store`` may hold."""
+    up to ``BYTES_PER_WEIGHT`` per weight) is over what one value of ``store`` may hold."""
     limit = store.max_value_bytes()
     size = shard_size_bound(template, devices_per_round)
     if limit is None or size <= limit:
@@ -67,9 +68,9 @@ def check_fits(store: Store, template: Mapping[str, TensorSpec], devices_per_rou
     weights = sum(math.prod(spec.shape) for spec in template.values())
     mib = 2**20
     raise ConfigError(
-        f"the model has {weights:,} weights: the server keeps a round's sums in float64 pairs, up to "
+        f"the model has {weights:,} weights: the server keeps a round's sums in int64 fixed point, up to "
         f"{size / mib:,.1f} MiB in one value, over the {limit / mib:,.1f} MiB one value may hold in this "
-        f"store (Redis' proto-max-bulk-len; about {limit // 16:,} weights): raise it (redis-server "
+        f"store (Redis' proto-max-bulk-len; about {limit // BYTES_PER_WEIGHT:,} weights): raise it (redis-server "
         f"--proto-max-bulk-len {math.ceil(size / mib)}mb, or CONFIG SET), use the embedded store "
         "(server.store: memory), or a smaller model"
     )
@@ -80,6 +81,8 @@ class ParameterServer:
         self.store = store
         self.events = events
         self.runtime = runtime
+        self.live = LiveRecords(store)
+        """What ``amble serve`` keeps besides rounds: tokens, registrations, the replay guard, counters."""
         self._settings: RunSettings | None = None
 
     def initialize(self, params: Params, num_samples: Mapping[int, int], settings: RunSettings) -> None:

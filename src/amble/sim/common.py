@@ -107,6 +107,19 @@ class Tally:
         """Whether an evaluation has reached ``target`` (only a full-set score can: see sim.evaluation)."""
         return any(accuracy >= target for _, _, accuracy in self.accuracies)
 
+    def count(self, record: RoundRecord, last_arrival_s: float | None, end_s: float) -> None:
+        """Add a decided round: ``last_arrival_s`` its last upload's arrival (None: none arrived)."""
+        outcome = record.outcome
+        finalized = outcome.status == "finalized"
+        if last_arrival_s is not None:
+            self.latencies.append(outcome.ended_at_s - last_arrival_s)
+        self.updates_aggregated += len(outcome.counted) if finalized else 0
+        self.updates_rejected += len(outcome.rejected)
+        self.rounds_failed += not finalized
+        self.samples += record.samples
+        self.train_compute_s += record.train_compute_s
+        self.now_s = end_s
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tally:
         return cls(**{**data, "accuracies": [(int(r), t, a) for r, t, a in data["accuracies"]]})

@@ -292,15 +292,9 @@ class Experiment:
                 row["idle_s"] = end_s - finished_s[k]
                 if not finalized or k not in outcome.counted:
                     row["status"] = "failed"  # rejected, or received by a round that failed
-        if finished_s:
-            tally.latencies.append(outcome.ended_at_s - max(finished_s.values()))
-        tally.updates_aggregated += len(outcome.counted) if finalized else 0
-        tally.updates_rejected += len(outcome.rejected)
-        tally.rounds_failed += not finalized
-        tally.samples += samples
-        tally.train_compute_s += train_compute_s
-        tally.now_s = end_s
-        return RoundRecord(outcome, rows, samples, train_compute_s)
+        record = RoundRecord(outcome, rows, samples, train_compute_s)
+        tally.count(record, max(finished_s.values(), default=None), end_s)
+        return record
 
 
 RUN_FILE = "run.json"

@@ -35,7 +35,7 @@ from amble.server.functions.planning import PEER_ROUNDS, Planner
 from amble.server.records.partialsum import FoldRecord, PartialSum
 from amble.server.records.settings import RunSettings, load_model, norm_reference, read_settings
 from amble.server.runtime.base import Invocation
-from amble.server.store.base import Store, read_json
+from amble.server.store.base import Store, Value, read_json
 from amble.server.tensors import TensorSpec, all_finite, encode, l2_norm, template_from_json, validate_update
 from amble.strategies.base import Aggregator, Contribution, Params, Report, Strategy
 
@@ -146,7 +146,7 @@ class _Folded:
     shard_key: str
     shard_version: int
     sums: PartialSum
-    blob: bytes
+    blob: Value
 
 
 class FunctionsBase:
@@ -284,7 +284,7 @@ class FunctionsBase:
                 f"update (L2 norm {norm:.4g}, weight {weight:g}) would make the sum of {target.what} non-finite: "
                 "it was not counted; lower server.max_update_norm to refuse such updates",
             )
-        return _Folded(target.shard_key, shard_version, sums, sums.to_blob())
+        return _Folded(target.shard_key, shard_version, sums, sums.to_value())
 
     def _shard_sums(self, inv: Invocation, key: str) -> tuple[PartialSum, int]:
         """This instance's shard of the partial sums and its version (zeros at version 0 when new).
@@ -298,10 +298,10 @@ class FunctionsBase:
             return sums, version
         if version == 0:
             return PartialSum.zeros(self.template(inv)), 0
-        current = self.store.get_versioned(key)
+        current = self.store.get_stored(key)
         if current is None:  # deleted in between (the round was compacted): the commit will fail and retry
             return self._shard_sums(inv, key)
-        return PartialSum.from_blob(current.value), current.version
+        return PartialSum.from_value(current.value), current.version
 
     def _drop_update(self, update_key: str | None) -> None:
         if update_key:
@@ -314,10 +314,10 @@ class FunctionsBase:
         a rerun computes the same bytes."""
         total: PartialSum | None = None
         for key in sorted(meta["shards"]):
-            blob = self.store.get(key)
-            if blob is None:
+            stored = self.store.get_stored(key)
+            if stored is None:
                 raise LookupError(f"shard {key} of a sealed round is missing from the store")
-            part = PartialSum.from_blob(blob)
+            part = PartialSum.from_value(stored.value)
             total = part if total is None else total.merged(part)
         if total is None:
             raise LookupError("a round with counted updates has no shards")

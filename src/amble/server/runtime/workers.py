@@ -55,6 +55,7 @@ from amble.server.runtime.base import (
     invoke,
 )
 from amble.server.runtime.pool import ScalingPolicy, WorkerPool
+from amble.server.store.base import Value
 from amble.server.store.redis import PASSWORD_ENV, RedisStore, connect, prefix_of, server_time
 
 NAMESPACES = "amble:namespaces"
@@ -304,7 +305,7 @@ class PausingStore(RedisStore):
     pause_s = 0.0
     consumer = ""
 
-    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+    def commit(self, writes: Mapping[str, tuple[Value, int]]) -> bool:
         if not any("/shard/" in key for key in writes):
             return super().commit(writes)
         self.client.hset(FOLDING, self.consumer, os.getpid())

@@ -14,9 +14,37 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class Encodable(ABC):
+    """A value an in-process store may keep as the object it is, encoded to bytes only when it must
+    cross a process boundary (Redis, a checkpoint file) or a caller asks for bytes.
+
+    Such a value must never change once written: a store hands the same object to every reader.
+    """
+
+    @abstractmethod
+    def __bytes__(self) -> bytes:
+        """The value's bytes: what :meth:`Store.get` returns for it."""
+
+
+Value = bytes | Encodable
+"""What a store's writes take: bytes, or an :class:`Encodable` object."""
+
+
+def as_bytes(value: Value) -> bytes:
+    return value if isinstance(value, bytes) else bytes(value)
+
+
 @dataclass(frozen=True)
 class Versioned:
     value: bytes
+    version: int
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A value as the store holds it (bytes, or the object an in-process store kept) and its version."""
+
+    value: Value
     version: int
 
 
@@ -30,11 +58,11 @@ class Store(ABC):
         """The value and its version (versions start at 1 and grow on every write)."""
 
     @abstractmethod
-    def put(self, key: str, value: bytes) -> int:
+    def put(self, key: str, value: Value) -> int:
         """Write unconditionally; returns the new version."""
 
     @abstractmethod
-    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+    def compare_and_set(self, key: str, value: Value, expected_version: int) -> bool:
         """Write only if the key's version is still ``expected_version`` (0 means: absent)."""
 
     @abstractmethod
@@ -42,8 +70,14 @@ class Store(ABC):
         """The key's version without its value (0 when absent): a cheap check of a cached copy."""
 
     @abstractmethod
-    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+    def commit(self, writes: Mapping[str, tuple[Value, int]]) -> bool:
         """Compare-and-set several keys at once: ``{key: (value, expected_version)}``, all or nothing."""
+
+    def get_stored(self, key: str) -> Stored | None:
+        """The value as stored and its version: an in-process store returns an :class:`Encodable` it
+        was given as that object, without encoding it (the default reads bytes)."""
+        current = self.get_versioned(key)
+        return None if current is None else Stored(current.value, current.version)
 
     @abstractmethod
     def delete(self, key: str) -> None:

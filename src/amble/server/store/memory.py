@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from amble.durable import write_atomic
-from amble.server.store.base import Store, Versioned
+from amble.server.store.base import Encodable, Store, Stored, Value, Versioned, as_bytes
 from amble.server.tensors import read_metadata
 
 _FRAME = 8
@@ -35,9 +35,13 @@ def journal_path(snapshot: Path) -> Path:
 
 
 class MemoryStore(Store):
+    """Values are kept as written: bytes, or an :class:`Encodable` object (a shard of partial sums)
+    that is encoded only when bytes are asked for (``get``, ``save``), so a fold in this process
+    never serialises the shard it commits."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, Versioned] = {}
+        self._values: dict[str, Stored] = {}
         self._counters: dict[str, float] = {}
         self._sets: dict[str, set[str]] = {}
         self._changed: set[str] = set()
@@ -49,23 +53,27 @@ class MemoryStore(Store):
 
     def get(self, key: str) -> bytes | None:
         item = self._values.get(key)
-        return None if item is None else item.value
+        return None if item is None else as_bytes(item.value)
 
     def get_versioned(self, key: str) -> Versioned | None:
+        item = self._values.get(key)
+        return None if item is None else Versioned(as_bytes(item.value), item.version)
+
+    def get_stored(self, key: str) -> Stored | None:
         return self._values.get(key)
 
-    def put(self, key: str, value: bytes) -> int:
+    def put(self, key: str, value: Value) -> int:
         with self._lock:
             return self._write(key, value)
 
-    def _write(self, key: str, value: bytes) -> int:
+    def _write(self, key: str, value: Value) -> int:
         previous = self._values.get(key)
         version = 1 if previous is None else previous.version + 1
-        self._values[key] = Versioned(bytes(value), version)
+        self._values[key] = Stored(value if isinstance(value, Encodable) else bytes(value), version)
         self._changed.add(key)
         return version
 
-    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
+    def compare_and_set(self, key: str, value: Value, expected_version: int) -> bool:
         with self._lock:
             current = self._values.get(key)
             if (0 if current is None else current.version) != expected_version:
@@ -77,7 +85,7 @@ class MemoryStore(Store):
         item = self._values.get(key)
         return 0 if item is None else item.version
 
-    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+    def commit(self, writes: Mapping[str, tuple[Value, int]]) -> bool:
         with self._lock:
             if any(self.version(key) != expected for key, (_, expected) in writes.items()):
                 return False
@@ -126,7 +134,7 @@ class MemoryStore(Store):
         with self._lock:
             return {
                 "keys": len(self._values),
-                "bytes": sum(len(v.value) for v in self._values.values()),
+                "bytes": sum(len(as_bytes(v.value)) for v in self._values.values()),
                 "set_members": sum(len(m) for m in self._sets.values()),
                 "counters": len(self._counters),
             }
@@ -135,8 +143,8 @@ class MemoryStore(Store):
         """Keep everything on disk: a batch of what changed appended to the journal, or a whole snapshot
         (see the module's docstring); either way a crash while saving leaves the previous state."""
         with self._lock:
-            live = sum(len(v.value) for v in self._values.values())
-            if self._generation is None or not path.is_file() or self._journal_bytes > max(live, 1 << 20):
+            live = sum(len(v.value) for v in self._values.values() if isinstance(v.value, bytes))  # no shard is open
+            if self._generation is None or not path.is_file() or self._journal_bytes > max(live, 1 << 16):
                 self._save_whole(path)
             else:
                 self._append_batch(journal_path(path))
@@ -146,7 +154,7 @@ class MemoryStore(Store):
     def _save_whole(self, path: Path) -> None:
         generation = uuid.uuid4().hex
         names = sorted(self._values)
-        tensors = {str(i): np.frombuffer(self._values[k].value, dtype=np.uint8) for i, k in enumerate(names)}
+        tensors = {str(i): np.frombuffer(as_bytes(self._values[k].value), dtype=np.uint8) for i, k in enumerate(names)}
         metadata = {
             "keys": json.dumps(names),
             "versions": json.dumps([self._values[k].version for k in names]),
@@ -160,16 +168,16 @@ class MemoryStore(Store):
 
     def _append_batch(self, journal: Path) -> None:
         changed = sorted(self._changed)
-        present = [k for k in changed if k in self._values]
+        present = {k: as_bytes(self._values[k].value) for k in changed if k in self._values}
         header = {
             "generation": self._generation,
-            "values": [[k, self._values[k].version, len(self._values[k].value)] for k in present],
+            "values": [[k, self._values[k].version, len(value)] for k, value in present.items()],
             "deleted": [k for k in changed if k not in self._values],
             "counters": self._counters,
             "sets": {k: sorted(self._sets[k]) if k in self._sets else None for k in sorted(self._changed_sets)},
         }
         text = json.dumps(header).encode()
-        body = b"".join([len(text).to_bytes(_FRAME, "little"), text, *(self._values[k].value for k in present)])
+        body = b"".join([len(text).to_bytes(_FRAME, "little"), text, *present.values()])
         frame = len(body).to_bytes(_FRAME, "little") + body + zlib.crc32(body).to_bytes(_FRAME, "little")
         with open(journal, "ab") as file:
             file.write(frame)
@@ -187,7 +195,7 @@ class MemoryStore(Store):
         for i, (key, version) in enumerate(
             zip(json.loads(metadata["keys"]), json.loads(metadata["versions"]), strict=True)
         ):
-            store._values[key] = Versioned(tensors[str(i)].tobytes(), int(version))
+            store._values[key] = Stored(tensors[str(i)].tobytes(), int(version))
         store._counters = {k: float(v) for k, v in json.loads(metadata["counters"]).items()}
         store._sets = {k: set(v) for k, v in json.loads(metadata["sets"]).items()}
         store._generation = metadata.get("generation")
@@ -218,7 +226,7 @@ class MemoryStore(Store):
             return
         position = _FRAME + length
         for key, version, size in header["values"]:
-            self._values[key] = Versioned(body[position : position + size], int(version))
+            self._values[key] = Stored(body[position : position + size], int(version))
             position += size
         for key in header["deleted"]:
             self._values.pop(key, None)

@@ -37,7 +37,7 @@ from redis.retry import Retry
 
 from amble.errors import ConfigError
 from amble.redaction import REDACTED, redact, split_password
-from amble.server.store.base import Store, Versioned
+from amble.server.store.base import Store, Value, Versioned, as_bytes
 
 _CAS = """
 local current = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
@@ -217,28 +217,29 @@ class RedisStore(Store):
             return None
         return Versioned(value, int(version))
 
-    def put(self, key: str, value: bytes) -> int:
+    def put(self, key: str, value: Value) -> int:
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self._value_key(key), value)
+            pipe.set(self._value_key(key), as_bytes(value))
             pipe.hincrby(self._versions, key, 1)
             pipe.zadd(self._index, {key: 0})
             _, version, _ = pipe.execute()
         return int(version)
 
-    def compare_and_set(self, key: str, value: bytes, expected_version: int) -> bool:
-        done = self._cas(keys=[self._value_key(key), self._versions, self._index], args=[value, key, expected_version])
+    def compare_and_set(self, key: str, value: Value, expected_version: int) -> bool:
+        args: list[bytes | str | int] = [as_bytes(value), key, expected_version]
+        done = self._cas(keys=[self._value_key(key), self._versions, self._index], args=args)
         return bool(int(done))
 
     def version(self, key: str) -> int:
         version = self.client.hget(self._versions, key)
         return 0 if version is None else int(cast(bytes, version))
 
-    def commit(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+    def commit(self, writes: Mapping[str, tuple[Value, int]]) -> bool:
         names = list(writes)
         staged = [f"{self._prefix}staging:{uuid.uuid4().hex}" for _ in names]
         with self.client.pipeline(transaction=False) as pipe:
             for stage, name in zip(staged, names, strict=True):
-                pipe.set(stage, writes[name][0], px=STAGING_TTL_MS)
+                pipe.set(stage, as_bytes(writes[name][0]), px=STAGING_TTL_MS)
             pipe.execute()
         keys = [*(self._value_key(k) for k in names), *staged, self._versions, self._index]
         done = self._commit(keys=keys, args=[*names, *(writes[k][1] for k in names)])
