@@ -47,9 +47,9 @@ from amble.strategies import Params, Report
 
 Progress = Callable[[str], None]
 UPLOAD_CHUNK = 256
+"""Devices a round trains and uploads at a time (the rest of the round's updates are not yet in memory)."""
 GLOBAL_RNG_STREAM = 0x6C0BA1
 """Seed part of a strategy's draws from torch's global RNG."""
-"""Devices a round trains and uploads at a time (the rest of the round's updates are not yet in memory)."""
 
 
 class Experiment:
