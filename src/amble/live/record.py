@@ -47,6 +47,7 @@ from amble.fleet.profiles import TRACE_FORMAT
 from amble.live.coordinator import RoundRecord
 from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
+from amble.report.rows import device_row, finished_status
 from amble.report.writer import to_json_value
 from amble.runsetup import RunSetup
 from amble.server.runtime.base import RuntimeStats
@@ -78,31 +79,20 @@ def device_rows(
         steps = int(arrival["local_steps"]) if arrival else int(plan["local_steps"])
         batch_size = int(plan["batch_size"])
         samples = int(arrival["num_samples"]) if arrival else num_samples.get(device, 1)  # own data: its count
-        epochs = steps * batch_size / max(samples, 1)
-        row: dict[str, Any] = {
-            "strategy": label,
-            "round": record.round,
-            "device": device,
-            "batch_size": batch_size,
-            "local_steps": steps,
-            "epochs": epochs,
-            "lr": plan["lr"],
-            "compute_s": None,
-            "comm_s": None,
-            "idle_s": None,
-            "status": "dropped",
-        }
+        row = device_row(
+            label, record.round, device, batch_size, steps, plan["lr"], samples, None, None, None, "dropped"
+        )
         if arrival is not None:
             elapsed_s = min(max(arrival["at_s"] - record.started_s, 0.0), round_s)
             compute_s = min(float(arrival["compute_s"]), elapsed_s)
-            cut = steps < int(plan["local_steps"]) or epochs < local_epochs
+            done = finished_status(steps, int(plan["local_steps"]), row["epochs"], local_epochs)
             row.update(
                 compute_s=compute_s,
                 comm_s=elapsed_s - compute_s,
                 idle_s=round_s - elapsed_s,
                 download_s=float(arrival["download_s"]),
                 arrived_s=elapsed_s,
-                status=("partial" if cut else "ok") if finalized and arrival["counted"] else "failed",
+                status=done if finalized and arrival["counted"] else "failed",
             )
         rows.append(row)
     return rows

@@ -31,6 +31,7 @@ from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
 from amble.fleet import RoundTiming
 from amble.report import RunWriter
+from amble.report.rows import finished_status
 from amble.server import ParameterServer, Published
 from amble.server.functions.buffered import Task
 from amble.server.tensors import encode
@@ -214,8 +215,8 @@ class _BufferedRun:
         stored = self.server.task(task.task)
         if stored is not None and stored.buffer is not None:
             self.tally.updates_aggregated += 1
-            cut = result.steps < task.plan.local_steps
-            row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
+            local_epochs = self.config.train.local_epochs
+            row["status"] = finished_status(result.steps, task.plan.local_steps, row["epochs"], local_epochs)
         else:
             self.tally.updates_rejected += 1
             row["status"] = "failed"

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from amble.config import ExperimentConfig
 from amble.fleet import DeviceProfile, RoundTiming, VirtualClock
+from amble.report import rows
 from amble.runsetup import DeviceData, RunSetup
 from amble.server import ParameterServer, RoundOutcome
 from amble.sim.training import DeviceTrainers
@@ -44,20 +45,21 @@ class ExperimentView(Protocol):
 def device_row(
     label: str, round_index: int | None, device: int, plan: Plan, timing: RoundTiming, num_samples: int
 ) -> dict[str, Any]:
-    """A ``devices.jsonl`` row: the plan as the device ran it (cut at its deadline if it had to), its
-    compute and communication; idle and status are filled in when its round (or task) ends."""
-    return {
-        "strategy": label,
-        "round": round_index,
-        "device": device,
-        "batch_size": plan.batch_size,
-        "local_steps": plan.local_steps,
-        "epochs": plan.local_steps * plan.batch_size / num_samples,
-        "lr": plan.lr,
-        "compute_s": timing.compute_s,
-        "comm_s": timing.download_s + timing.upload_s,
-        "idle_s": 0.0,
-    }
+    """A simulated device's row (``report.rows.device_row``): the plan as it ran it, its compute and
+    communication; idle and status are filled in when its round (or task) ends."""
+    comm_s = timing.download_s + timing.upload_s
+    return rows.device_row(
+        label,
+        round_index,
+        device,
+        plan.batch_size,
+        plan.local_steps,
+        plan.lr,
+        num_samples,
+        timing.compute_s,
+        comm_s,
+        0.0,
+    )
 
 
 def apply_deadline(plan: Plan, timing: RoundTiming) -> tuple[Plan, RoundTiming]:

@@ -32,6 +32,7 @@ from amble.fleet.steptime import StepTime
 from amble.models import ModelFactory
 from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
+from amble.report.rows import finished_status
 from amble.report.writer import to_json_value
 from amble.runsetup import prepare_run, run_namespace
 from amble.server import ParameterServer
@@ -277,8 +278,8 @@ class Experiment:
                     timing.download_s,
                     timing.upload_s,
                 )
-                cut = result.steps < planned_steps[k]
-                row["status"] = "partial" if cut or row["epochs"] < self.config.train.local_epochs else "ok"
+                local_epochs = self.config.train.local_epochs
+                row["status"] = finished_status(result.steps, planned_steps[k], row["epochs"], local_epochs)
                 if not decided:
                     server.upload(report, result.update, finished_s[k])
             server.run_functions()
