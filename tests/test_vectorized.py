@@ -16,7 +16,7 @@ from amble.runsetup import device_shards
 from amble.server.tensors import decode
 from amble.sim.driver import run_experiment
 from amble.sim.training import LocalDevices, TrainJob, local_devices
-from amble.sim.vectorized import VectorizedTrainer, why_not_vectorized
+from amble.sim.vectorized import VectorizedTrainer, slower_vectorized, why_not_vectorized
 from amble.strategies import Plan
 from tests.test_sim import SMALL, read_jsonl
 
@@ -164,6 +164,10 @@ def test_devices_with_their_own_plan_or_a_batchnorm_model_train_per_device() -> 
     with pytest.raises(ValueError, match="buffers"):
         VectorizedTrainer(build_model("resnet20", (3, 32, 32), 10))
     assert local_devices(resnet, dataset, shards).vectorized is None  # falls back to per-device training
+    lenet = config_from_dict({**config.model_dump(), "model": "lenet"})
+    assert local_devices(lenet, dataset, shards).vectorized is None  # convolutions: faster per device
+    assert slower_vectorized(build_model("lenet", (1, 28, 28), 10)) is not None
+    assert slower_vectorized(build_model("mlp", (1, 28, 28), 10)) is None
 
 
 def test_devices_whose_data_is_smaller_than_the_batch_group_by_their_effective_batch() -> None:

@@ -25,7 +25,7 @@ from amble.data import Dataset
 from amble.problem import make_model
 from amble.runsetup import DeviceData
 from amble.server.tensors import encode
-from amble.sim.vectorized import VectorizedTrainer, group_key, why_not_vectorized
+from amble.sim.vectorized import VectorizedTrainer, group_key, slower_vectorized, why_not_vectorized
 from amble.strategies import Params, Plan
 
 TRAIN_THREADS = 1
@@ -143,9 +143,11 @@ class LocalDevices(DeviceTrainers):
 def local_devices(
     config: ExperimentConfig, dataset: Dataset, shards: DeviceData, model: nn.Module | None = None
 ) -> LocalDevices:
-    """In-process training as the config asks: vectorised (``train.vectorize``) where the model allows."""
+    """In-process training as the config asks: vectorised (``train.vectorize``) where the model allows it
+    and it is faster (not for convolutional models)."""
     trainer = local_trainer(config, dataset, model)
     vectorized = None
-    if config.train.vectorize and why_not_vectorized(trainer.model) is None:
+    net = trainer.model
+    if config.train.vectorize and why_not_vectorized(net) is None and slower_vectorized(net) is None:
         vectorized = VectorizedTrainer(trainer.model, config.train.momentum, config.train.weight_decay)
     return LocalDevices(trainer, shards, vectorized)

@@ -48,6 +48,17 @@ def why_not_vectorized(model: nn.Module) -> str | None:
     return None
 
 
+def slower_vectorized(model: nn.Module) -> str | None:
+    """Why vectorising this model's devices would be slower than training them one by one, or None.
+
+    vmap turns a convolution over stacked weights into one grouped convolution, which oneDNN runs
+    slower than the per-device channels-last convolutions: LeNet-5, 20 devices, one thread, 1.17x
+    the per-device time with one plan and 1.70x with AMBLE-like plans (BENCHMARKS.md)."""
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        return "the model has convolutions, which train faster per device than as one grouped convolution"
+    return None
+
+
 def group_key(plan: Plan, num_samples: int) -> tuple[object, ...]:
     """Devices with equal keys can train in one vectorised group (their step counts may differ)."""
     batch = min(plan.batch_size, num_samples)
