@@ -3,12 +3,15 @@
 One SGD step (forward, cross-entropy, backward, ``torch.optim.SGD`` step) of LeNet-5 on (1, 28, 28)
 and the CIFAR CNN on (3, 32, 32), random data, at batch 32 and 64, under each configuration:
 
-- ``eager-1t``: eager mode, one torch thread, NCHW (what AMBLE's local training runs);
-- ``eager-2t``: two threads;
-- ``channels_last``: model and batches in channels-last memory format, one thread;
-- ``no-onednn``: ``torch.backends.mkldnn`` disabled (ATen's own convolution kernels), one thread;
-- ``compile``: ``torch.compile`` (inductor, CPU) of the whole step, one thread; its compile time is
-  reported apart.
+- ``channels_last``: eager mode, weights and activations channels-last (the models' default, what
+  AMBLE's local training runs);
+- ``nchw``: eager mode, weights and activations in the contiguous NCHW format;
+- ``no-onednn``: channels-last with ``torch.backends.mkldnn`` disabled (ATen's own kernels);
+- ``compile``: ``torch.compile`` (inductor, CPU) of the whole step; its compile time is reported apart.
+
+All run on ``--threads`` torch threads (default 1, as the simulator trains). Thread counts are compared
+by separate invocations, not within one: a block on two threads was measured to slow the one-thread
+block after it (by 1.1-2.4x), which would charge one configuration for another's threads.
 
 The configurations alternate block by block (``--blocks`` blocks of ``--steps`` steps each, the
 process-wide settings made before each block and one untimed step after), so a loaded machine slows
@@ -37,7 +40,7 @@ from amble.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"lenet": (1, 28, 28), "cifar-cnn": (3, 32, 32)}
-CONFIGS = ("eager-1t", "eager-2t", "channels_last", "no-onednn", "compile")
+CONFIGS = ("channels_last", "nchw", "no-onednn", "compile")
 
 Step = Callable[[], None]
 
@@ -47,9 +50,9 @@ def make_step(name: str, batch: int, config: str) -> tuple[Step, float]:
     torch.manual_seed(0)
     model = build_model(name, SHAPES[name], 10)
     x, y = torch.randn(batch, *SHAPES[name]), torch.randint(0, 10, (batch,))
-    if config == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    if config == "nchw":
+        model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        model.nhwc = lambda batch: batch  # the models' own input conversion, bypassed
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step() -> None:
@@ -65,9 +68,8 @@ def make_step(name: str, batch: int, config: str) -> tuple[Step, float]:
 
 
 def configure(config: str) -> None:
-    """Set the process-wide part of ``config`` (threads, oneDNN), once per block of steps: setting the
+    """Set the process-wide part of ``config`` (oneDNN on or off), once per block of steps: setting the
     oneDNN flag around every step was measured to slow the steps themselves."""
-    torch.set_num_threads(2 if config == "eager-2t" else 1)
     torch.backends.mkldnn.enabled = config != "no-onednn"
 
 
@@ -101,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every configuration")
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_training.json")
     args = parser.parse_args(argv)
     began = time.perf_counter()
+    torch.set_num_threads(args.threads)
     results = {}
     for name in args.models:
         for batch in args.batches:
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "cpu_training",
         "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "provenance": provenance(command, torch=torch.__version__, wall_s=time.perf_counter() - began),
+        "threads": args.threads,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
