@@ -16,7 +16,7 @@ from amble.runsetup import device_shards
 from amble.server.tensors import decode
 from amble.sim.driver import run_experiment
 from amble.sim.training import LocalDevices, TrainJob, local_devices
-from amble.sim.vectorized import VectorizedTrainer, why_not_vectorized
+from amble.sim.vectorized import VectorizedTrainer, slower_vectorized, why_not_vectorized
 from amble.strategies import Plan
 from tests.test_sim import SMALL, read_jsonl
 
@@ -102,6 +102,38 @@ def test_vectorized_matches_per_device_training(
         assert max(float(d.abs().max()) for d in want.delta.values()) > 1e-3  # it did train
 
 
+@pytest.mark.parametrize("model_name", ["mlp-small", "lenet"])
+def test_devices_with_different_step_counts_train_in_one_group(model_name: str) -> None:
+    # Setup: AMBLE-like plans: one batch and lr, 1 to 6 steps; momentum, weight decay and SCAFFOLD
+    # corrections (one device without), so each device's velocity and shift must follow its own rows
+    torch.manual_seed(0)
+    model = build_model(model_name, (1, 28, 28), 10)
+    shards = in_float64(model, _devices(6))
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    steps = [3, 6, 1, 4, 6, 2]
+    plans = [Plan(batch_size=16, local_steps=n, lr=0.05, lr_warmup_steps=2, lr_warmup_from=0.01) for n in steps]
+    seeds = [21, 22, 23, 24, 25, 26]
+    corrections: list[dict[str, torch.Tensor] | None] = [
+        None if k == 2 else {n: torch.randn_like(v) * 0.01 for n, v in start.items()} for k in range(6)
+    ]
+    trainer = VectorizedTrainer(model, momentum=0.9, weight_decay=1e-3)
+
+    # Execute
+    grouped = trainer.train(start, shards, plans, seeds, corrections)
+    looped = [
+        LocalTrainer(model, 0.9, 1e-3).train(start, x, y, plan, seed, correction=c)
+        for (x, y), plan, seed, c in zip(shards, plans, seeds, corrections, strict=True)
+    ]
+
+    # Assert: each device took its own steps (in the order given, not the longest-first of the group)
+    assert [(r.steps, r.samples) for r in grouped] == [(n, 16 * n) for n in steps]
+    for got, want, plan in zip(grouped, looped, plans, strict=True):
+        for name in want.delta:
+            torch.testing.assert_close(got.delta[name], want.delta[name], rtol=0, atol=order_bound(plan, 0.9))
+    with pytest.raises(ValueError, match="share batch, lr"):
+        trainer.train(start, shards[:2], [plans[0], replace(plans[1], lr=0.2)], seeds[:2])
+
+
 def test_devices_with_their_own_plan_or_a_batchnorm_model_train_per_device() -> None:
     # Setup: five devices, two plans shared by two devices each and one plan of its own
     config = config_from_dict({**SMALL, "model": "mlp-small", "train": {**SMALL["train"], "vectorize": True}})
@@ -132,6 +164,10 @@ def test_devices_with_their_own_plan_or_a_batchnorm_model_train_per_device() -> 
     with pytest.raises(ValueError, match="buffers"):
         VectorizedTrainer(build_model("resnet20", (3, 32, 32), 10))
     assert local_devices(resnet, dataset, shards).vectorized is None  # falls back to per-device training
+    lenet = config_from_dict({**config.model_dump(), "model": "lenet"})
+    assert local_devices(lenet, dataset, shards).vectorized is None  # convolutions: faster per device
+    assert slower_vectorized(build_model("lenet", (1, 28, 28), 10)) is not None
+    assert slower_vectorized(build_model("mlp", (1, 28, 28), 10)) is None
 
 
 def test_devices_whose_data_is_smaller_than_the_batch_group_by_their_effective_batch() -> None:
@@ -162,16 +198,19 @@ def test_a_vectorized_run_matches_the_per_device_run(
     raw = {**SMALL, "model": "mlp-small"}
     vectorized = {**raw, "train": {**raw["train"], "vectorize": True}}
     groups: list[int] = []
+    step_counts: list[set[int]] = []
     original = VectorizedTrainer.train
 
     def counted(self: VectorizedTrainer, *args: Any, **kwargs: Any) -> Any:
         groups.append(len(args[1]))
+        step_counts.append({plan.local_steps for plan in args[2]})
         return original(self, *args, **kwargs)
 
     run_experiment(config_from_dict(raw), tmp_path / "loop", progress=False)  # type: ignore[operator]
     monkeypatch.setattr(VectorizedTrainer, "train", counted)
     run_experiment(config_from_dict(vectorized), tmp_path / "vmap", progress=False)  # type: ignore[operator]
     assert groups and max(groups) >= 2  # devices did train stacked (FedAvg: one plan per round)
+    assert max(len(counts) for counts in step_counts) >= 2  # AMBLE's plans: different steps in one group
     keys = ("strategy", "round", "device", "batch_size", "local_steps", "lr", "status")
     rows = {name: read_jsonl(tmp_path / name / "devices.jsonl") for name in ("loop", "vmap")}  # type: ignore[operator]
     assert [tuple(r[k] for k in keys) for r in rows["loop"]] == [tuple(r[k] for k in keys) for r in rows["vmap"]]
@@ -181,3 +220,29 @@ def test_a_vectorized_run_matches_the_per_device_run(
     # rounding of a decision boundary; up to 5 of the 1,000 test samples may (0 measured).
     for a, b in zip(metrics["loop"], metrics["vmap"], strict=True):
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.005)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_training_gives_the_same_bits_whatever_threads_the_process_had(vectorize: bool) -> None:
+    # Setup: two threads sum a gradient's reduction in another order than one, so unpinned, a run's
+    # bits depended on what the process (a test, a benchmark, the CLI) had set before it trained
+    config = config_from_dict({**SMALL, "train": {**SMALL["train"], "vectorize": vectorize}})
+    dataset, shards = device_shards(config)
+    torch.manual_seed(0)
+    devices = local_devices(config, dataset, shards)
+    start = {k: v.detach().clone() for k, v in devices.trainer.model.state_dict().items()}
+    jobs = [TrainJob(k, Plan(batch_size=32, local_steps=2 + k, lr=0.05), 50 + k) for k in range(4)]
+    before = torch.get_num_threads()
+
+    # Execute
+    runs = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            runs.append(({k: t.update for k, t in devices.train(start, jobs).items()}, torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+
+    # Assert: the same bytes; the process keeps its own thread count
+    assert runs[0][0] == runs[1][0] == runs[2][0]
+    assert [threads for _, threads in runs] == [1, 2, 1]

@@ -153,8 +153,10 @@ class TrainConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     vectorize: bool = False
-    """Simulation: train devices that share a plan as one vectorised computation (``torch.func.vmap``);
-    the same results up to float rounding, faster for small models. Models with BatchNorm train per device."""
+    """Simulation: train devices that share a batch size, lr schedule and FedProx term (their step counts
+    may differ: AMBLE's plans) as one vectorised computation (``torch.func.vmap``); the same results up
+    to float rounding. Off by default: measured faster only for the smallest MLP; convolutional models
+    and models with BatchNorm always train per device."""
 
 
 def _known_aggregator(name: str) -> str:

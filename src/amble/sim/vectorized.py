@@ -1,17 +1,21 @@
 """Training many simulated devices at once: one vectorised computation over stacked parameters.
 
-Devices of a round that run the same plan (batch size, steps, learning rate and its warm-up, FedProx
-term) on the same model differ only in their data and batch order, so their local SGD can run as
-one computation: the parameters of ``n`` devices stacked along a new first axis, each step's ``n``
-mini-batches gathered into one ``(n, B, ...)`` tensor, and the per-device gradients taken at once
-with ``torch.func.vmap(grad(loss))`` (batched matrix products instead of ``n`` small ones). The
-update is SGD exactly as :class:`~amble.client.trainer.LocalTrainer` runs it (weight decay, then
-momentum, the same batch order from the same seeds), so the results equal the per-device path up to
-floating-point summation order.
+Devices of a round that train with the same effective batch size, learning-rate schedule and FedProx
+term on the same model differ only in their data, their batch order and how many steps they take, so
+their local SGD can run as one computation: the parameters of ``n`` devices stacked along a new first
+axis, each step's mini-batches gathered into one ``(k, B, ...)`` tensor, and the per-device gradients
+taken at once with ``torch.func.vmap(grad(loss))`` (batched matrix products instead of ``k`` small
+ones). Step counts may differ (AMBLE's plans give every device its own): the group is sorted by steps,
+longest first, and step ``s`` runs on the leading ``k`` devices that still have a step ``s`` (a prefix
+of the stacked tensors, so nothing is padded and no device computes a step it does not take).
+
+The update is SGD exactly as :class:`~amble.client.trainer.LocalTrainer` runs it (weight decay, then
+momentum, the same scalar learning rate per step, the same batch order from the same seeds), so the
+results equal the per-device path up to floating-point summation order inside each gradient.
 
 It applies to models whose state is their parameters (no buffers: BatchNorm keeps running
-statistics, which a vectorised step would share); other models, and plans no other device shares,
-take the per-device path.
+statistics, which a vectorised step would share); other models, and devices whose group would be
+a single device, take the per-device path.
 """
 
 from __future__ import annotations
@@ -45,10 +49,21 @@ def why_not_vectorized(model: nn.Module) -> str | None:
     return None
 
 
+def slower_vectorized(model: nn.Module) -> str | None:
+    """Why vectorising this model's devices would be slower than training them one by one, or None.
+
+    vmap turns a convolution over stacked weights into one grouped convolution, which oneDNN runs
+    slower than the per-device channels-last convolutions: LeNet-5, 20 devices, one thread, 1.17x
+    the per-device time with one plan and 1.70x with AMBLE-like plans (BENCHMARKS.md)."""
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        return "the model has convolutions, which train faster per device than as one grouped convolution"
+    return None
+
+
 def group_key(plan: Plan, num_samples: int) -> tuple[object, ...]:
-    """Devices with equal keys can train in one vectorised group."""
+    """Devices with equal keys can train in one vectorised group (their step counts may differ)."""
     batch = min(plan.batch_size, num_samples)
-    return (batch, plan.local_steps, plan.lr, plan.prox_mu, plan.lr_warmup_steps, plan.lr_warmup_from)
+    return (batch, plan.lr, plan.prox_mu, plan.lr_warmup_steps, plan.lr_warmup_from)
 
 
 class VectorizedTrainer:
@@ -71,57 +86,77 @@ class VectorizedTrainer:
         self,
         start: Params,
         data: list[tuple[torch.Tensor, torch.Tensor]],
-        plan: Plan,
+        plans: Plan | list[Plan],
         seeds: list[int],
         corrections: list[Params | None] | None = None,
     ) -> list[GroupResult]:
-        """Train ``len(data)`` devices from ``start`` on one plan; the i-th uses ``data[i]`` and ``seeds[i]``,
-        and adds ``corrections[i]`` (SCAFFOLD's ``c - c_k``; None: zero) to its every gradient."""
+        """Train ``len(data)`` devices from ``start``; the i-th uses ``data[i]``, ``plans[i]`` (one plan: all)
+        and ``seeds[i]``, and adds ``corrections[i]`` (SCAFFOLD's ``c - c_k``; None: zero) to its every
+        gradient. The plans must share a :func:`group_key` (given each device's data); steps may differ."""
         count = len(data)
-        batch = min(plan.batch_size, *(len(y) for _, y in data))
-        steps = plan.local_steps
-        # Every device's batch order, exactly as LocalTrainer draws it, as rows of one gather index.
-        offsets, orders = 0, []
-        for (_, y), seed in zip(data, seeds, strict=True):
-            order = batch_indices(len(y), batch, steps, torch.Generator().manual_seed(seed))  # (steps, B)
-            orders.append(order + offsets)
-            offsets += len(y)
-        index = torch.stack(orders)  # (n, steps, B)
-        xs = torch.cat([x for x, _ in data])
-        ys = torch.cat([y for _, y in data])
+        plan_of = [plans] * count if isinstance(plans, Plan) else list(plans)
+        keys = {group_key(plan, len(y)) for plan, (_, y) in zip(plan_of, data, strict=True)}
+        if len(keys) != 1:
+            raise ValueError(f"devices of one vectorised group must share batch, lr and FedProx term; got {keys}")
+        plan, batch = plan_of[0], min(plan_of[0].batch_size, len(data[0][1]))
+        # Longest first: step s runs on the devices [0, active[s]) of the stacked tensors.
+        rank = sorted(range(count), key=lambda i: -plan_of[i].local_steps)
+        steps = [plan_of[i].local_steps for i in rank]
+        index, xs, ys = self._batches([data[i] for i in rank], steps, [seeds[i] for i in rank], batch)
+        active = [sum(1 for n in steps if n > step) for step in range(steps[0])]
 
         base = {name: start[name] for name in self.names}
         params = {name: value.unsqueeze(0).repeat(count, *[1] * value.dim()) for name, value in base.items()}
+        shift = self._shifts(base, None if corrections is None else [corrections[i] for i in rank])
         velocity: dict[str, torch.Tensor] = {}
-        shift: dict[str, torch.Tensor] = {}
-        if corrections is not None and any(c is not None for c in corrections):
-            shift = {
-                name: torch.stack(
-                    [torch.zeros_like(base[name]) if c is None else c[name].to(base[name].dtype) for c in corrections]
-                )
-                for name in self.names
-            }
         with torch.no_grad():
-            for step in range(steps):
-                taken = index[:, step]  # (n, B)
-                grads = self._grads(params, xs[taken], ys[taken])
+            for step, k in enumerate(active):
+                taken = index[:k, step]  # (k, B)
+                live = {name: value[:k] for name, value in params.items()}
+                grads = self._grads(live, xs[taken], ys[taken])
                 lr = step_lr(plan, step)
                 for name in self.names:
                     d = grads[name]
                     if shift:  # SCAFFOLD: grad + c - c_k, per device
-                        d = d + shift[name]
+                        d = d + shift[name][:k]
                     if plan.prox_mu > 0:  # FedProx: the gradient of mu/2 ||w - w_start||^2
-                        d = d + plan.prox_mu * (params[name] - base[name])
+                        d = d + plan.prox_mu * (live[name] - base[name])
                     if self.weight_decay:
-                        d = d.add(params[name], alpha=self.weight_decay)
+                        d = d.add(live[name], alpha=self.weight_decay)
                     if self.momentum:
                         if name in velocity:
-                            velocity[name].mul_(self.momentum).add_(d)
+                            d = velocity[name][:k].mul_(self.momentum).add_(d)
                         else:
                             velocity[name] = d.clone()
-                        d = velocity[name]
-                    params[name].add_(d, alpha=-lr)
-        return [
-            GroupResult({name: params[name][i] - base[name] for name in self.names}, steps, steps * batch)
-            for i in range(count)
-        ]
+                            d = velocity[name]
+                    live[name].add_(d, alpha=-lr)
+        results: list[GroupResult | None] = [None] * count
+        for row, i in enumerate(rank):
+            delta = {name: params[name][row] - base[name] for name in self.names}
+            results[i] = GroupResult(delta, steps[row], steps[row] * batch)
+        return [result for result in results if result is not None]
+
+    @staticmethod
+    def _batches(
+        data: list[tuple[torch.Tensor, torch.Tensor]], steps: list[int], seeds: list[int], batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every device's batch order, exactly as LocalTrainer draws it, as rows of one gather index
+        ``(n, max steps, B)`` into the devices' concatenated samples (a device's rows past its own
+        steps are never read)."""
+        index = torch.zeros((len(data), steps[0], batch), dtype=torch.long)
+        offset = 0
+        for row, ((_, y), n, seed) in enumerate(zip(data, steps, seeds, strict=True)):
+            index[row, :n] = batch_indices(len(y), batch, n, torch.Generator().manual_seed(seed)) + offset
+            offset += len(y)
+        return index, torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+
+    def _shifts(self, base: Params, corrections: list[Params | None] | None) -> dict[str, torch.Tensor]:
+        """SCAFFOLD's per-device corrections stacked like the parameters (empty: none)."""
+        if corrections is None or all(c is None for c in corrections):
+            return {}
+        return {
+            name: torch.stack(
+                [torch.zeros_like(base[name]) if c is None else c[name].to(base[name].dtype) for c in corrections]
+            )
+            for name in self.names
+        }
