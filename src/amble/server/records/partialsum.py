@@ -134,14 +134,25 @@ class PartialSum:
     def zeros(cls, template: Mapping[str, TensorSpec]) -> PartialSum:
         return cls({name: tuple(spec.shape) for name, spec in template.items()})
 
-    def add(self, device: int, update: Mapping[str, torch.Tensor], weight: float, record: FoldRecord) -> bool:
+    def add(
+        self,
+        device: int,
+        update: Mapping[str, torch.Tensor],
+        weight: float,
+        record: FoldRecord,
+        largest: float | None = None,
+    ) -> bool:
         """Fold ``weight * update``; False (and this sum must be discarded) if it would overflow.
 
-        The fold's scale is ``|weight|`` times the update's largest element (one read of the update,
-        which also refuses a NaN); ``record`` is kept for the statistics and the norms. The blocks are
-        replaced by new ones, never changed in place (see the module's docstring).
+        The fold's scale is ``|weight|`` times the update's largest element: ``largest`` when the
+        caller has it (:func:`~amble.server.tensors.update_stats`, which refuses NaN), else one read of
+        the update (a NaN makes the scale infinite: refused). ``record`` is kept for the statistics
+        and the norms. The blocks are replaced by new ones, never changed in place (see the module's
+        docstring).
         """
-        scale = abs(weight) * max((_max_abs(update[name]) for name in self.template), default=0.0)
+        if largest is None:
+            largest = max((_max_abs(update[name]) for name in self.template), default=0.0)
+        scale = abs(weight) * largest
         if not math.isfinite(scale):
             return False
         self.folds[device] = record
