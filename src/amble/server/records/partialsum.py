@@ -339,9 +339,14 @@ def _fold_into(acc: torch.Tensor | None, widen: int, update: torch.Tensor, facto
     """``acc * 2**widen + trunc(update * factor) * 2**shift`` as a new int64 tensor, in cache-sized passes.
 
     ``update * factor`` is formed in float64 (the update converted exactly) and truncated toward zero
-    when converted to int64; with a ``shift``, truncated first and then scaled by the power of two,
-    so the integer a fold adds never depends on the block it lands in.
+    when converted to int64; then scaled by ``2**shift`` as an integer (exact: the bound keeps it
+    below ``2**62``), so the integer a fold adds never depends on the block it lands in. Per element:
+    one conversion and one product in float64, one conversion to int64 and one integer
+    multiply-add. At most one of ``widen`` and ``shift`` is nonzero (the finer of the block and
+    the fold sets the exponent).
     """
+    if widen and shift:
+        raise ValueError(f"a fold widens its block ({widen}) or is shifted into it ({shift}), not both")
     out = torch.empty(update.shape, dtype=torch.int64)
     flat_out, flat_update = out.view(-1), update.reshape(-1)
     flat_acc = None if acc is None else acc.view(-1)
@@ -352,15 +357,15 @@ def _fold_into(acc: torch.Tensor | None, widen: int, update: torch.Tensor, facto
         end = min(start + _CHUNK, count)
         r = real[: end - start]
         r.copy_(flat_update[start:end]).mul_(factor)
-        if shift:
-            r.trunc_().mul_(2.0**shift)
         if flat_acc is None:
             flat_out[start:end].copy_(r)
+            if shift:
+                flat_out[start:end].mul_(1 << shift)
             continue
         w = whole[: end - start]
         w.copy_(r)
         if widen:
             torch.add(w, flat_acc[start:end], alpha=1 << widen, out=flat_out[start:end])
         else:
-            torch.add(flat_acc[start:end], w, out=flat_out[start:end])
+            torch.add(flat_acc[start:end], w, alpha=1 << shift, out=flat_out[start:end])
     return out
