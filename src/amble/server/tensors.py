@@ -150,13 +150,13 @@ def _views(blob: bytes) -> Tensors | None:
         entries.append((spec[2], spec[3], name, spec[0], spec[1]))
     entries.sort()
     base, end = 8 + header_len, 0
-    tensors: Tensors = {}
-    for start, stop, name, dtype, shape in entries:
+    for start, stop, _, dtype, shape in entries:
         if start != end or stop - start != math.prod(shape) * dtype.itemsize:
             return None
         end = stop
-        tensors[name] = _view(blob, base + start, dtype, shape)
-    return tensors if base + end == len(blob) else None
+    if base + end != len(blob):
+        return None
+    return {name: _view(blob, base + start, dtype, shape) for start, _, name, dtype, shape in entries}
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
