@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,8 @@ SAFETENSORS_DTYPES = {
 _KNOWN_DTYPES = tuple(SAFETENSORS_DTYPES.values())
 """The safetensors dtypes :func:`encode` writes and :func:`decode` reads; any other is refused."""
 _TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+_STATS_CHUNK = 1 << 16
+"""Elements per chunk of :func:`update_stats`: a chunk and its float64 copy (768 KiB) stay in cache."""
 _MAX_HEADER = 100_000_000
 """The largest header the safetensors library reads: a larger one takes the library's path (and its error)."""
 
@@ -269,33 +271,50 @@ class UpdateStats:
 
 
 def update_stats(tensors: Mapping[str, torch.Tensor]) -> UpdateStats:
-    """The update's L2 norm and largest element, refusing NaN and infinities as ``non_finite``, in two
-    reads of each floating-point tensor instead of three (a finiteness sum, the norm, its min and max).
+    """The update's L2 norm and largest element, refusing NaN and infinities as ``non_finite``, in one
+    read of the update: the norm and ``aminmax`` read each chunk (:func:`_chunks`) while it is in cache.
 
-    A tensor's float64 norm is finite exactly when the tensor is, except when the squares of finite
-    float64 values overflow: only a non-finite norm needs the element-wise check. ``aminmax`` gives
-    the largest element of every tensor, integers too (the fold scales by it).
+    A chunk's float64 sum of squares is finite exactly when the chunk is, except when the squares of
+    finite float64 values overflow: only then is it checked element by element.
     """
     squares, largest = [], 0.0
     for name, tensor in tensors.items():
-        if tensor.is_floating_point():
-            square = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
-            if not math.isfinite(square) and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            parts: Iterator[tuple[torch.Tensor, float]] = iter([(tensor, 0.0)] if tensor.numel() else [])
+        else:
+            parts = _chunks(tensor)
+        for chunk, square in parts:
+            if not math.isfinite(square) and not bool(torch.isfinite(chunk).all()):
                 raise _non_finite(name)
             squares.append(square)
-        if tensor.numel():
-            low, high = (float(v) for v in torch.aminmax(tensor))
+            low, high = torch.aminmax(chunk)
             largest = max(largest, -float(low), float(high))
     return UpdateStats(math.sqrt(math.fsum(squares)), largest)
 
 
 def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of all the floating-point tensors together, computed in float64 (so the squares of
-    float32 values cannot overflow)."""
-    squares = [
-        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values() if t.is_floating_point()
-    ]
+    float32 values cannot overflow): the exact sum (``math.fsum``) of the chunks' float64 sums of
+    squares (:func:`_chunks`), so the same float for the same tensors whatever their order."""
+    squares = [square for t in tensors.values() if t.is_floating_point() for _, square in _chunks(t)]
     return math.sqrt(math.fsum(squares))
+
+
+def _chunks(tensor: torch.Tensor) -> Iterator[tuple[torch.Tensor, float]]:
+    """A floating-point tensor in chunks of :data:`_STATS_CHUNK` elements, each with its sum of squares
+    in float64 (as the square of its float64 norm).
+
+    In chunks rather than whole: the norm of a whole float32 tensor in float64 converts it into a
+    fresh buffer twice its size, and in the aggregation benchmark (cProfile, CNN, embedded) that norm
+    cost as much as the fold itself, the chunks a sixth of it. A chunk is converted into one reused
+    buffer that stays in cache while ``aminmax`` reads it too.
+    """
+    flat = tensor.reshape(-1)
+    wide = torch.empty(min(_STATS_CHUNK, flat.numel()), dtype=torch.float64)
+    for start in range(0, flat.numel(), _STATS_CHUNK):
+        chunk = flat[start : start + _STATS_CHUNK]
+        part = chunk if chunk.dtype == torch.float64 else wide[: chunk.numel()].copy_(chunk)
+        yield chunk, float(torch.linalg.vector_norm(part)) ** 2
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
