@@ -9,7 +9,8 @@ flight. It measures on the wall clock:
 
 - **throughput**: uploads/s and MB/s of update bodies, over the burst's wall time (first upload sent
   -> last response received; the last one returns after the round's aggregation is finalised);
-- **latency** of each upload request (sent -> response), p50/p90/p99/max.
+- **latency** of each upload request (sent -> response), p50/p90/p99/max;
+- **server CPU** per upload: the server process's CPU time over the burst (every thread), divided by N.
 
 and then checks that every upload was accepted exactly once: all answered 202, round 0 counted N,
 ``amble_updates_accepted_total`` is N, no rejection was counted, and the published model moved by
@@ -22,7 +23,8 @@ originals and sent again after them, each answered 409, while the round still co
     python benchmarks/gateway_load.py --devices 1000 --concurrency 1000 128 16 --model lenet
 
 Each ``--concurrency`` value is a fresh server (a new run). Results go to
-``benchmarks/results/gateway_load.md``.
+``benchmarks/results/gateway_load.md`` (and, with ``--json``, as JSON: ``gateway_compare.py`` runs this
+script side by side against another checkout's code).
 """
 
 from __future__ import annotations
@@ -35,16 +37,13 @@ import math
 import multiprocessing
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,31 +53,42 @@ import fastapi
 import httpx
 import torch
 import uvicorn
+from gateway_loadgen import (
+    DISTINCT_UPDATES,
+    Burst,
+    BurstSpec,
+    Sent,
+    Shapes,
+    UploadJob,
+    await_plans,
+    burst_process,
+    make_deltas,
+    post_updates,
+    register_all,
+    running_gateway,
+    scrape,
+    upload_job,
+    wait_round_closed,
+)
 from provenance import commit, cpu_name
 
+import amble
 from amble.config import ExperimentConfig, config_from_dict
-from amble.live.serve import Served, http_config, prepare
-from amble.server.factory import release_server
+from amble.live.serve import Served, prepare
 from amble.server.records.reports import num_samples
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import encode
-from amble.strategies.base import Params, Plan, Report
+from amble.strategies.base import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MB = 1e6
-DISTINCT_UPDATES = 16
-"""Random deltas built per run; device ``d`` uploads number ``d % 16`` (the server cannot tell)."""
 REPLAYS = 5
 """Devices whose uploads are replayed in the exactly-once checks."""
 WARMUP_DEVICES = 20
 """An untimed run first, so the first measured one does not pay for first calls (torch, FastAPI, the client)."""
-HTTP_TIMEOUT_S = 300.0
-WAIT_S = 300.0
 ROUND_TIMEOUT_S = 900.0
 """The coordinator's round deadline: far beyond any burst, so a round closes only when all N are in."""
-
-Shapes = dict[str, tuple[tuple[int, ...], str]]
 
 
 # -- the workload ----------------------------------------------------------------------------------
@@ -101,213 +111,6 @@ def experiment_config(devices: int, model: str, seed: int) -> ExperimentConfig:
     return config_from_dict(raw, source="the gateway load benchmark")
 
 
-def make_deltas(shapes: Shapes, seed: int, count: int) -> list[Params]:
-    """``count`` random small deltas with the model's floating tensors (the same for the same seed)."""
-    generator = torch.Generator().manual_seed(seed)
-    deltas = []
-    for _ in range(count):
-        delta = {}
-        for name in sorted(shapes):
-            shape, dtype = shapes[name]
-            delta[name] = (0.01 * torch.randn(shape, generator=generator)).to(getattr(torch, dtype))
-        deltas.append(delta)
-    return deltas
-
-
-@dataclass(frozen=True)
-class UploadJob:
-    device: int
-    token: str
-    report: str
-    """The JSON of the update's :class:`Report`, matching the device's plan and registration."""
-
-    @property
-    def body_index(self) -> int:
-        return self.device % DISTINCT_UPDATES
-
-
-def upload_job(device: int, token: str, round_index: int, plan: Plan, samples: int) -> UploadJob:
-    report = Report(round_index, device, samples, plan.local_steps, plan.batch_size, 0.5, 0.05, 0.05)
-    return UploadJob(device, token, json.dumps(report.to_dict()))
-
-
-# -- the load generator ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sent:
-    device: int
-    began_s: float
-    """Seconds after the burst started."""
-    latency_s: float
-    status: int
-    """The HTTP status; 0 when the request failed without a response."""
-    reason: str
-    """The gateway's error code (or the transport error); empty for a 202."""
-
-
-@dataclass(frozen=True)
-class Burst:
-    sent: list[Sent]
-    wall_s: float
-    body_bytes: int
-
-
-@dataclass(frozen=True)
-class BurstSpec:
-    url: str
-    round: int
-    jobs: list[UploadJob]
-    shapes: Shapes
-    seed: int
-    concurrency: int
-
-
-async def post_updates(
-    url: str, round_index: int, jobs: Sequence[UploadJob], bodies: Sequence[bytes], concurrency: int
-) -> Burst:
-    """Upload every job's update, at most ``concurrency`` at a time (in job order), timing each request.
-
-    The connections are opened first (``concurrency`` concurrent health checks), so the measured
-    requests use warm keep-alive connections, as devices that polled for their task would.
-    """
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=HTTP_TIMEOUT_S) as client:
-        await asyncio.gather(*(client.get("/v1/health") for _ in range(min(concurrency, len(jobs)))))
-        origin = time.perf_counter()
-
-        async def send(job: UploadJob) -> Sent:
-            headers = {
-                "Authorization": f"Bearer {job.token}",
-                "X-Amble-Report": job.report,
-                "Content-Type": "application/octet-stream",
-            }
-            async with gate:
-                began = time.perf_counter()
-                try:
-                    response = await client.post(
-                        f"/v1/rounds/{round_index}/update", content=bodies[job.body_index], headers=headers
-                    )
-                    status, reason = response.status_code, error_code(response)
-                except httpx.HTTPError as exc:
-                    status, reason = 0, type(exc).__name__
-                ended = time.perf_counter()
-            return Sent(job.device, began - origin, ended - began, status, reason)
-
-        sent = await asyncio.gather(*(send(job) for job in jobs))
-        wall_s = time.perf_counter() - origin
-    return Burst(list(sent), wall_s, sum(len(bodies[job.body_index]) for job in jobs))
-
-
-def error_code(response: httpx.Response) -> str:
-    if response.status_code < 400:
-        return ""
-    try:
-        return str(response.json().get("error"))
-    except ValueError:
-        return response.text[:80]
-
-
-def burst_process(spec: BurstSpec) -> Burst:
-    """The load generator's process: build the updates, then time the burst."""
-    torch.set_num_threads(1)
-    bodies = [encode(delta) for delta in make_deltas(spec.shapes, spec.seed, DISTINCT_UPDATES)]
-    return asyncio.run(post_updates(spec.url, spec.round, spec.jobs, bodies, spec.concurrency))
-
-
-# -- the gateway -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def running_gateway(served: Served) -> Iterator[str]:
-    """uvicorn serving ``served.app`` on a free loopback port and the coordinator's rounds; yields the URL."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = int(listener.getsockname()[1])
-    server = uvicorn.Server(http_config(served.app, "127.0.0.1", port))
-    http = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    rounds = threading.Thread(target=served.coordinator.run, daemon=True)
-    http.start()
-    try:
-        deadline = time.monotonic() + 30.0
-        while not server.started:
-            if not http.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on port {port}")
-            time.sleep(0.02)
-        rounds.start()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        served.coordinator.stop()
-        server.should_exit = True
-        http.join(timeout=30)
-        if rounds.is_alive():
-            rounds.join(timeout=30)
-        listener.close()
-        release_server(served.coordinator.server)
-
-
-async def register_all(url: str, tokens: Mapping[int, str], samples: Mapping[int, int], concurrency: int) -> None:
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=HTTP_TIMEOUT_S) as client:
-        responses = await asyncio.gather(
-            *(
-                client.post("/v1/register", json={"num_samples": samples[d]}, headers={"Authorization": f"Bearer {t}"})
-                for d, t in tokens.items()
-            )
-        )
-    failed = [r for r in responses if r.status_code != 200]
-    if failed:
-        raise RuntimeError(f"{len(failed)} registrations failed, first: {failed[0].status_code} {failed[0].text}")
-
-
-async def await_plans(url: str, tokens: Mapping[int, str], round_index: int, concurrency: int) -> dict[int, Plan]:
-    """Poll ``GET /v1/task`` for every device until each is told to train in ``round_index``; their plans."""
-    plans: dict[int, Plan] = {}
-    limits = httpx.Limits(max_connections=concurrency)
-    deadline = time.monotonic() + WAIT_S
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=HTTP_TIMEOUT_S) as client:
-        while len(plans) < len(tokens):
-            waiting = [d for d in tokens if d not in plans]
-            tasks = await asyncio.gather(
-                *(client.get("/v1/task", headers={"Authorization": f"Bearer {tokens[d]}"}) for d in waiting)
-            )
-            for device, response in zip(waiting, tasks, strict=True):
-                task = response.raise_for_status().json()
-                if task["state"] == "train" and task["round"] == round_index:
-                    plans[device] = Plan.from_dict(task["plan"])
-            if len(plans) < len(tokens):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"round {round_index}: only {len(plans)} of {len(tokens)} devices got a plan")
-                await asyncio.sleep(0.1)
-    return plans
-
-
-def wait_round_closed(served: Served, round_index: int) -> dict[str, Any]:
-    """The coordinator's record of ``round_index`` (``status()["history"]``), once it has closed."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        history: list[dict[str, Any]] = served.coordinator.status()["history"]
-        if len(history) > round_index:
-            return history[round_index]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"round {round_index} did not close within {WAIT_S:.0f} s")
-        time.sleep(0.02)
-
-
-def scrape(url: str, operator_token: str) -> dict[str, float]:
-    """``GET /metrics`` (with the operator token) as ``{'name{labels}': value}``."""
-    auth = {"Authorization": f"Bearer {operator_token}"}
-    text = httpx.get(f"{url}/metrics", headers=auth, timeout=HTTP_TIMEOUT_S).raise_for_status().text
-    metrics = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            metrics[name] = float(value)
-    return metrics
-
-
 # -- one run ---------------------------------------------------------------------------------------
 
 
@@ -326,6 +129,9 @@ class Run:
     burst: Burst
     function_s: float
     """Busy function-seconds (aggregate + finalize) during round 0."""
+    server_cpu_s: float
+    """CPU seconds of the server's process (every thread) during the burst: less sensitive than the
+    wall time to what else the machine runs."""
     checks: list[Check] = field(default_factory=list)
 
     def latencies_ms(self) -> list[float]:
@@ -362,6 +168,39 @@ def fedavg_step(deltas: Sequence[Params], devices: Sequence[int], samples: Mappi
     return step
 
 
+@dataclass(frozen=True)
+class Load:
+    """A served run under load: the gateway's URL and what the checks compare against."""
+
+    served: Served
+    url: str
+    devices: list[int]
+    samples: dict[int, int]
+    """Each device's partition size (the synthetic data split by the config): its registration and weight."""
+    deltas: list[Params]
+    bodies: list[bytes]
+    initial: Params
+
+    @property
+    def setup_concurrency(self) -> int:
+        return min(len(self.devices), 64)
+
+    def jobs(self, round_index: int) -> dict[int, UploadJob]:
+        """Each device's upload for the round, once the round has planned them all."""
+        tokens = self.served.tokens
+        plans = asyncio.run(await_plans(self.url, tokens, round_index, self.setup_concurrency))
+        return {d: upload_job(d, tokens[d], round_index, plans[d], self.samples[d]) for d in self.devices}
+
+    def post(self, round_index: int, jobs: Sequence[UploadJob], concurrency: int = 1) -> list[Sent]:
+        return asyncio.run(post_updates(self.url, round_index, jobs, self.bodies, concurrency)).sent
+
+    def rejected(self) -> tuple[float, dict[str, float]]:
+        """``amble_updates_accepted_total`` and the non-zero ``amble_updates_rejected_total`` series."""
+        metrics = scrape(self.url, self.served.operator_token)
+        rejected = {k: v for k, v in metrics.items() if k.startswith("amble_updates_rejected_total") and v}
+        return metrics["amble_updates_accepted_total"], rejected
+
+
 def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoolExecutor) -> Run:
     """One fresh server: the timed burst in round 0, then the exactly-once and replay checks."""
     n = config.data.num_devices
@@ -372,95 +211,101 @@ def play(config: ExperimentConfig, concurrency: int, seed: int, pool: ProcessPoo
         shapes: Shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in floating.items()}
         update_mb = sum(t.numel() * t.element_size() for t in floating.values()) / MB
         deltas = make_deltas(shapes, seed, DISTINCT_UPDATES)
-        bodies = [encode(delta) for delta in deltas]
-        tokens, devices = served.tokens, sorted(served.tokens)
-        # Each device's partition size (the synthetic data split by the config): its registration and weight.
-        samples = {d: num_samples(served.coordinator.store, d) for d in devices}
+        devices = sorted(served.tokens)
+        samples = {d: num_samples(served.coordinator.server.store, d) for d in devices}
         with running_gateway(served) as url:
-            setup_concurrency = min(n, 64)
-            asyncio.run(register_all(url, tokens, samples, setup_concurrency))
-            plans = asyncio.run(await_plans(url, tokens, 0, setup_concurrency))
-            jobs = {d: upload_job(d, tokens[d], 0, plans[d], samples[d]) for d in devices}
-            busy_before = RuntimeStats.from_store(served.coordinator.store).busy_s
+            load = Load(served, url, devices, samples, deltas, [encode(d) for d in deltas], initial)
+            asyncio.run(register_all(url, served.tokens, samples, load.setup_concurrency))
+            jobs = load.jobs(0)
+            busy_before = RuntimeStats.from_store(served.coordinator.server.store).busy_s
             spec = BurstSpec(url, 0, list(jobs.values()), shapes, seed, concurrency)
+            cpu_before = time.process_time()
             burst = pool.submit(burst_process, spec).result()
+            server_cpu_s = time.process_time() - cpu_before
             record = wait_round_closed(served, 0)
-            function_s = RuntimeStats.from_store(served.coordinator.store).busy_s - busy_before
-            run = Run(n, concurrency, update_mb, burst, function_s)
-            checks = run.checks
-
-            def check(what: str, ok: bool, detail: str) -> None:
-                checks.append(Check(what, ok, detail))
-
-            # Round 0: each of the N uploads accepted, and counted, exactly once.
-            check("burst: every upload answered 202", all(s.status == 202 for s in burst.sent), outcome(burst.sent))
-            check("burst: one 202 per device", *counted_once(burst.sent, devices))
-            check(
-                "round 0 finalized, `status()['history'][0]['counted']` = N",
-                record["status"] == "finalized" and record["counted"] == n and record["expected"] == n,
-                f"status {record['status']}, counted {record['counted']} of {record['expected']} expected",
-            )
-            metrics = scrape(url, served.operator_token)
-            rejected = {k: v for k, v in metrics.items() if k.startswith("amble_updates_rejected_total") and v}
-            check(
-                "`amble_updates_accepted_total` = N, no rejection counted",
-                metrics["amble_updates_accepted_total"] == n and not rejected,
-                f"accepted {metrics['amble_updates_accepted_total']:.0f}, rejected {rejected or 'none'}",
-            )
-            published = served.coordinator.server.model(1)
-            step = fedavg_step(deltas, devices, samples)
-            error = max(float((published[k].double() - initial[k].double() - step[k]).abs().max()) for k in step)
-            check(
-                "model v1 = v0 + FedAvg of the N updates (none lost or folded twice)",
-                error < 1e-5,
-                f"max abs error {error:.1e}",
-            )
-
-            # Replays after the round closed.
-            replayed = devices[:REPLAYS]
-            late = asyncio.run(post_updates(url, 0, [jobs[d] for d in replayed], bodies, 1)).sent
-            check(
-                f"round 0 closed: {len(replayed)} replays answered 409 replayed",
-                all(s.status == 409 and s.reason == "replayed" for s in late),
-                outcome(late),
-            )
-
-            # Round 1: duplicates racing their originals, then replays, while the round is still open.
-            plans = asyncio.run(await_plans(url, tokens, 1, setup_concurrency))
-            jobs = {d: upload_job(d, tokens[d], 1, plans[d], samples[d]) for d in devices}
-            held = devices[-1]
-            order = [d for d in replayed for _ in range(2)] + [d for d in devices[len(replayed) : -1]]
-            racing = asyncio.run(post_updates(url, 1, [jobs[d] for d in order], bodies, concurrency)).sent
-            ok, detail = counted_once(racing, devices[:-1])
-            duplicates_refused = sum(s.status == 409 and s.reason == "replayed" for s in racing) == len(replayed)
-            check(
-                f"round 1: N-1 uploads + {len(replayed)} racing duplicates: one 202 per device, "
-                f"the duplicates 409 replayed",
-                ok and duplicates_refused,
-                f"{outcome(racing)}; {detail}",
-            )
-            again = asyncio.run(post_updates(url, 1, [jobs[d] for d in replayed], bodies, 1)).sent
-            check(
-                f"round 1 open: {len(replayed)} replays answered 409 replayed",
-                all(s.status == 409 and s.reason == "replayed" for s in again),
-                outcome(again),
-            )
-            last = asyncio.run(post_updates(url, 1, [jobs[held]], bodies, 1)).sent
-            record = wait_round_closed(served, 1)
-            metrics = scrape(url, served.operator_token)
-            expected_rejections = {'amble_updates_rejected_total{reason="replayed"}': 3.0 * len(replayed)}
-            rejected = {k: v for k, v in metrics.items() if k.startswith("amble_updates_rejected_total") and v}
-            check(
-                "round 1 finalized with N counted; accepted total = 2N; rejections = the replays",
-                last[0].status == 202
-                and record["status"] == "finalized"
-                and record["counted"] == n
-                and metrics["amble_updates_accepted_total"] == 2 * n
-                and rejected == expected_rejections,
-                f"last upload {outcome(last)}; status {record['status']}, counted {record['counted']}; "
-                f"accepted {metrics['amble_updates_accepted_total']:.0f}; rejected {rejected}",
-            )
+            function_s = RuntimeStats.from_store(served.coordinator.server.store).busy_s - busy_before
+            run = Run(n, concurrency, update_mb, burst, function_s, server_cpu_s)
+            run.checks += check_burst(load, burst, record)
+            run.checks += check_replays(load, jobs, concurrency)
     return run
+
+
+def check_burst(load: Load, burst: Burst, record: dict[str, Any]) -> list[Check]:
+    """Round 0: each of the N uploads accepted, and counted, exactly once."""
+    n, devices = len(load.devices), load.devices
+    accepted, rejected = load.rejected()
+    published = load.served.coordinator.server.model(1)
+    step = fedavg_step(load.deltas, devices, load.samples)
+    error = max(float((published[k].double() - load.initial[k].double() - step[k]).abs().max()) for k in step)
+    return [
+        Check("burst: every upload answered 202", all(s.status == 202 for s in burst.sent), outcome(burst.sent)),
+        Check("burst: one 202 per device", *counted_once(burst.sent, devices)),
+        Check(
+            "round 0 finalized, `status()['history'][0]['counted']` = N",
+            record["status"] == "finalized" and record["counted"] == n and record["expected"] == n,
+            f"status {record['status']}, counted {record['counted']} of {record['expected']} expected",
+        ),
+        Check(
+            "`amble_updates_accepted_total` = N, no rejection counted",
+            accepted == n and not rejected,
+            f"accepted {accepted:.0f}, rejected {rejected or 'none'}",
+        ),
+        Check(
+            "model v1 = v0 + FedAvg of the N updates (none lost or folded twice)",
+            error < 1e-5,
+            f"max abs error {error:.1e}",
+        ),
+    ]
+
+
+def check_replays(load: Load, jobs: dict[int, UploadJob], concurrency: int) -> list[Check]:
+    """Replays of round 0 after it closed; in round 1, duplicates racing their originals, then replays
+    while the round is still open (its last device uploads only after them)."""
+    n, devices = len(load.devices), load.devices
+    replayed = devices[:REPLAYS]
+    late = load.post(0, [jobs[d] for d in replayed])
+    checks = [
+        Check(
+            f"round 0 closed: {len(replayed)} replays answered 409 replayed",
+            all(s.status == 409 and s.reason == "replayed" for s in late),
+            outcome(late),
+        )
+    ]
+    jobs = load.jobs(1)
+    held = devices[-1]
+    order = [d for d in replayed for _ in range(2)] + [d for d in devices[len(replayed) : -1]]
+    racing = load.post(1, [jobs[d] for d in order], concurrency)
+    ok, detail = counted_once(racing, devices[:-1])
+    duplicates_refused = sum(s.status == 409 and s.reason == "replayed" for s in racing) == len(replayed)
+    again = load.post(1, [jobs[d] for d in replayed])
+    last = load.post(1, [jobs[held]])
+    record = wait_round_closed(load.served, 1)
+    accepted, rejected = load.rejected()
+    expected_rejections = {'amble_updates_rejected_total{reason="replayed"}': 3.0 * len(replayed)}
+    checks += [
+        Check(
+            f"round 1: N-1 uploads + {len(replayed)} racing duplicates: one 202 per device, "
+            f"the duplicates 409 replayed",
+            ok and duplicates_refused,
+            f"{outcome(racing)}; {detail}",
+        ),
+        Check(
+            f"round 1 open: {len(replayed)} replays answered 409 replayed",
+            all(s.status == 409 and s.reason == "replayed" for s in again),
+            outcome(again),
+        ),
+        Check(
+            "round 1 finalized with N counted; accepted total = 2N; rejections = the replays",
+            last[0].status == 202
+            and record["status"] == "finalized"
+            and record["counted"] == n
+            and accepted == 2 * n
+            and rejected == expected_rejections,
+            f"last upload {outcome(last)}; status {record['status']}, counted {record['counted']}; "
+            f"accepted {accepted:.0f}; rejected {rejected}",
+        ),
+    ]
+    return checks
 
 
 # -- reporting -------------------------------------------------------------------------------------
@@ -472,11 +317,28 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def run_figures(run: Run) -> dict[str, Any]:
+    """One run's figures as JSON (what ``render_runs`` shows), and which ``amble`` served it."""
+    latency = run.latencies_ms()
+    return {
+        "amble": str(Path(amble.__file__).resolve().parents[1]),
+        "devices": run.devices,
+        "concurrency": run.concurrency,
+        "wall_s": run.burst.wall_s,
+        "uploads_per_s": run.devices / run.burst.wall_s,
+        "latency_ms": {f"p{q}": percentile(latency, q) for q in (50, 90, 99)} | {"max": max(latency)},
+        "function_ms_per_update": 1000 * run.function_s / run.devices,
+        "server_cpu_ms_per_upload": 1000 * run.server_cpu_s / run.devices,
+        "passed": run.passed,
+        "failed_checks": [c.what for c in run.checks if not c.ok],
+    }
+
+
 def render_runs(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| uploads | in flight | update MB | wall s | uploads/s | MB/s | latency ms p50 | p90 | p99 | max "
-        "| function ms/update | responses | exactly once |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| function ms/update | server CPU ms/upload | responses | exactly once |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         latency, burst = run.latencies_ms(), run.burst
@@ -492,6 +354,7 @@ def render_runs(runs: Sequence[Run]) -> list[str]:
             f"{percentile(latency, 99):,.0f}",
             f"{max(latency):,.0f}",
             f"{1000 * run.function_s / run.devices:.2f}",
+            f"{1000 * run.server_cpu_s / run.devices:.2f}",
             ", ".join(f"{n} × {what}" for what, n in sorted(run.statuses().items())),
             "yes" if run.passed else "**NO**",
         ]
@@ -514,17 +377,21 @@ How to read it:
 - One row per run, each on a fresh server (`amble.live.serve.prepare`: FedAvg, the synthetic dataset, the
   embedded store, every device selected), served by uvicorn on loopback. The devices register and poll
   `GET /v1/task` until round 0 planned them all (not timed); then a separate load-generator process
-  (`httpx.AsyncClient`, keep-alive connections opened beforehand) sends every device's update at once,
-  at most *in flight* requests at a time. Each update is a random delta of the model's tensors
-  (safetensors) with a report that matches the device's plan and registration.
+  sends every device's update at once, at most *in flight* requests at a time, over *in flight* lanes,
+  each an `httpx.AsyncClient` with one keep-alive connection opened beforehand (one client with a pool
+  of 500 connections spent most of its time scanning the pool, and the client set the pace). Each
+  update is a random delta of the model's tensors (safetensors) with a report that matches the
+  device's plan and registration.
 - **wall s**: first upload sent → last response received. The round closes inside the last accepted
-  upload (its aggregation runs in that request), so it includes the whole round's folding and the
-  finalisation; **uploads/s** and **MB/s** (update bodies) are over it.
+  upload (its aggregation runs in that request's pass), so it includes the whole round's folding and
+  the finalisation; **uploads/s** and **MB/s** (update bodies) are over it.
 - **latency**: one upload request, sent → response, once the load generator let it go (queueing behind the
   *in flight* limit is not in it; queueing in the server is). With all uploads in flight at once, the
-  latencies spread over the burst: the gateway folds one update at a time under the coordinator's lock.
-- **function ms/update**: busy function-seconds of round 0 (aggregate and finalize, run in the request
-  that accepted the upload) per update; the rest of a request's cost is HTTP, auth and validation.
+  latencies spread over the burst: the server folds the uploads waiting in passes, one pass at a time.
+- **function ms/update**: busy function-seconds of round 0 (aggregate and finalize, run in the pass
+  that folded the upload) per update; the rest of a request's cost is HTTP, auth and validation.
+- **server CPU ms/upload**: CPU time of the server's process (all its threads) during the burst, per
+  upload: what one upload costs the server, less sensitive than the wall time to other jobs on the machine.
 - The load generator, uvicorn and the functions share the machine's cores. An untimed warm-up run of
   20 devices comes first (first calls into torch, FastAPI and httpx are slow in both processes).
 - The checks after the burst: the replays of round 0 come after it closed (`stale_round`); round 1
@@ -560,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["mlp", "lenet"], default="mlp", help="the small model (default mlp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "gateway_load.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs' figures here, as JSON")
     args = parser.parse_args(argv)
 
     devices = args.devices or (50 if args.quick else 500)
@@ -601,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(body))
+    if args.json is not None:
+        args.json.write_text(json.dumps([run_figures(run) for run in runs], indent=1))
     print("\n".join(render_runs(runs)))
     print(f"wrote {args.out}")
     return 0 if all(run.passed for run in runs) else 1

@@ -48,6 +48,10 @@ def test_override_turns_a_shorthand_strategy_into_a_table() -> None:
         (["devices_per_round=1000"], "devices_per_round"),
         (["strategies.5.name=amble"], "not an index"),
         (["rounds"], "key=value"),
+        (["run.parallel=0"], "run.parallel must be auto or a whole number of processes >= 1 (got 0)"),
+        (["run.parallel=2", "server.store=redis://127.0.0.1:6379/0"], "only embedded runs"),
+        (["run.threads=0"], "key 'run.threads'"),
+        (["eval.subsample=0"], "key 'eval.subsample'"),
     ],
 )
 def test_invalid_configs_name_the_key(overrides: list[str], fragment: str) -> None:

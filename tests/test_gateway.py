@@ -109,7 +109,7 @@ def running(served: Served) -> Iterator[Gateway]:
 
 def samples_of(gw: Gateway, device: int) -> int:
     """The device's partition size, which the server knows from the config."""
-    return num_samples(gw.served.coordinator.store, device)
+    return num_samples(gw.served.coordinator.server.store, device)
 
 
 def register_all(gw: Gateway) -> dict[int, Any]:

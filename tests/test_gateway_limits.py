@@ -61,7 +61,7 @@ def test_500_requests_without_a_valid_token_add_no_key_to_redis(tmp_path: Path, 
     raw = small(rounds=1)
     raw["server"] = {"store": redis_server.url}
     served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=60)
-    store = served.coordinator.store
+    store = served.coordinator.server.store
     assert isinstance(store, RedisStore)
     client = connect(redis_server.url)
 
@@ -101,7 +101,7 @@ def resend(gw: Gateway, device: int, body: bytes, report: str, times: int) -> li
 
 
 def test_300_refused_uploads_of_one_device_are_capped_and_leave_no_value_key_each(run: Gateway) -> None:
-    gw, store = run, run.served.coordinator.store
+    gw, store = run, run.served.coordinator.server.store
     register(gw, range(4))
     body, report = refused_update(gw, 0)
     keys_before, model_before = len(store.keys("")), gw.model_bytes()
@@ -129,7 +129,7 @@ def test_300_refused_uploads_add_no_lasting_key_to_redis(tmp_path: Path, redis_s
     raw = small(rounds=1)
     raw["server"] = {"store": redis_server.url, "workers": 1}
     served = prepare(config_from_dict(raw), tmp_path, round_timeout_s=60)
-    store = served.coordinator.store
+    store = served.coordinator.server.store
     assert isinstance(store, RedisStore)
     client = connect(redis_server.url)
 

@@ -77,7 +77,7 @@ def register(gw: Gateway, devices: range | list[int]) -> None:
 
 
 def counted(gw: Gateway, r: int) -> list[int]:
-    meta = read_json(gw.served.coordinator.store, keys.round_meta(r)) or {}
+    meta = read_json(gw.served.coordinator.server.store, keys.round_meta(r)) or {}
     return list(meta.get("counted", []))
 
 
@@ -154,7 +154,7 @@ def test_own_data_registration_is_bounded_and_fixed_once_counted(tmp_path: Path)
         state = gw.wait_round(0)
         device = state["expected"][0]
         plan = Plan.from_dict(state["plans"][str(device)])
-        registered = read_json(served.coordinator.store, keys.device_info(device))["num_samples"]
+        registered = read_json(served.coordinator.server.store, keys.device_info(device))["num_samples"]
         delta = {k: torch.zeros_like(v) for k, v in decode(gw.model_bytes()).items() if v.is_floating_point()}
         report = Report(0, device, registered, plan.local_steps, plan.batch_size, 0.5, 0.1, 0.1)
         assert post_update(gw, device, 0, encode(delta), json.dumps(report.to_dict())).status_code == 202
@@ -186,7 +186,7 @@ def test_an_upload_whose_aggregation_is_dead_lettered_gets_503_and_its_retry_is_
     assert_error(lost, 503, "busy")
     assert lost.headers["Retry-After"] == "1"
     assert counted(hostile_run, 0) == []
-    assert "2" not in hostile_run.served.coordinator.store.set_members(keys.uploaded(0))
+    assert "2" not in hostile_run.served.coordinator.server.store.set_members(keys.uploaded(0))
     runtime.handlers["update_uploaded"] = aggregate  # type: ignore[attr-defined]
     assert post_update(hostile_run, 2, 0, body, report).status_code == 202  # not `replayed`: it was not counted
     assert counted(hostile_run, 0) == [2]
@@ -283,7 +283,7 @@ def test_token_files_are_created_readable_by_the_owner_only(hostile_run: Gateway
     for name in ("tokens.json", "operator.token"):
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600, name
     assert (out / "operator.token").read_text() == hostile_run.served.operator_token
-    stored = hostile_run.served.coordinator.store.get(keys.OPERATOR_TOKEN)
+    stored = hostile_run.served.coordinator.server.store.get(keys.OPERATOR_TOKEN)
     assert stored is not None and hostile_run.served.operator_token.encode() not in stored  # only its hash
 
 
@@ -338,7 +338,7 @@ def test_a_device_with_time_for_one_step_uploads_one_step_and_it_is_counted(host
 
     assert [(log.local_steps, log.status) for log in agent.rounds] == [(1, 202)]
     assert counted(hostile_run, 0) == [0]
-    reports = read_json(hostile_run.served.coordinator.store, keys.device_reports(0))
+    reports = read_json(hostile_run.served.coordinator.server.store, keys.device_reports(0))
     # The server's own plan for round 0 has no deadline (only the device's copy was changed), so the
     # one step reported is held to that plan's steps, which an honest device under it runs in full.
     assert reports[0]["local_steps"] == plan.local_steps
@@ -355,7 +355,9 @@ def test_a_device_with_drop_sends_nothing_when_it_cannot_finish(hostile_run: Gat
     agent._train(0, plan, deadline_at=time.monotonic() + 60)
 
     assert [(log.local_steps, log.status) for log in agent.rounds] == [(1, 0)]
-    assert counted(hostile_run, 0) == [] and hostile_run.served.coordinator.store.counter(keys.UPLOAD_COUNTER) == 0
+    assert (
+        counted(hostile_run, 0) == [] and hostile_run.served.coordinator.server.store.counter(keys.UPLOAD_COUNTER) == 0
+    )
 
 
 # -- a fuzz over valid-shaped updates ----------------------------------------------------------
@@ -388,7 +390,7 @@ def test_fuzz_valid_shaped_updates_never_a_5xx_refused_changes_nothing_accepted_
 ) -> None:
     gw = hostile_run
     coordinator = gw.served.coordinator
-    if not coordinator.store.set_members(keys.REGISTERED):
+    if not coordinator.server.store.set_members(keys.REGISTERED):
         register(gw, range(4))
     # The next device of the open round that has not uploaded yet.
     deadline = time.monotonic() + 20

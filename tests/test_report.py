@@ -161,6 +161,35 @@ def test_speedup_is_time_to_target_over_ambles(tmp_path: Path) -> None:
     assert re.findall(r"<td>([^<]*)</td>", speedup_row.group(1))[1:] == ["2.50×", "1.00×"]
 
 
+def test_accuracy_plots_leave_out_rounds_not_evaluated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: eval.every 2 leaves rounds 1 and 3 with accuracy and loss null
+    _write_run(tmp_path, NEVER_AND_REACHED)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["round"] % 2:
+            row["accuracy"] = row["loss"] = None
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    drawn: list[tuple[list[float], list[float]]] = []
+    plot = amble.report.plots.Axes.plot
+
+    def record(axes: object, *args: object, **kwargs: object) -> object:
+        if len(args) >= 2 and isinstance(args[0], list):
+            drawn.append((list(args[0]), list(args[1])))  # type: ignore[call-overload]
+        return plot(axes, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(amble.report.plots.Axes, "plot", record)
+
+    # Execute
+    build_report(tmp_path)
+
+    # Assert: one line per strategy per accuracy plot through rounds 2 and 4 only, no NaN; amble's star at round 4
+    lines = [(xs, ys) for xs, ys in drawn if len(xs) > 1]
+    assert lines and all(not any(math.isnan(v) for v in xs + ys) for xs, ys in lines)
+    by_round = [(xs, ys) for xs, ys in lines if xs == [2.0, 4.0]]
+    assert sorted(ys for _, ys in by_round) == [[0.55, 0.70], [0.70, 0.85]]
+    assert ([4.0], [0.85]) in drawn  # amble first reaches 0.75 at round 3, which was not evaluated
+
+
 def test_strategy_names_are_escaped_in_html_and_sanitised_in_file_names(tmp_path: Path) -> None:
     # Prepare
     hostile = "<script>alert(1)</script>"

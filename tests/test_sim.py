@@ -27,6 +27,7 @@ SMALL: dict[str, Any] = {
     "train": {"batch_size": 16, "local_epochs": 1, "lr": 0.05},
     "strategies": ["fedavg", {"name": "amble", "batch_max": 128}],
     "eval": {"target_accuracy": 0.3},
+    "run": {"parallel": 1},  # in this process, so tests can patch the driver (test_run_parallel plays them at once)
 }
 
 

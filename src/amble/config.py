@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from amble.config_run import EvalConfig as EvalConfig
+from amble.config_run import RunSection as RunSection
 from amble.config_server import RayConfig as RayConfig
 from amble.config_server import ServerConfig as ServerConfig
 from amble.errors import ConfigError
@@ -228,13 +230,6 @@ def _default_strategies() -> list[StrategyEntry]:
     return [_strategy_entry({"name": "fedavg"})]
 
 
-class EvalConfig(_Section):
-    every: int = Field(1, ge=1)
-    target_accuracy: float = Field(0.75, gt=0, le=1)
-    test_samples: int | None = Field(None, ge=1)
-    batch_size: int = Field(2000, ge=1)
-
-
 class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -254,6 +249,7 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    run: RunSection = RunSection()
 
     @field_validator("model")
     @classmethod
@@ -317,6 +313,12 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "server.workers starts `amble worker` processes, but with server.runtime 'ray' functions run on "
                 "Ray actors: set server.workers to 0"
+            )
+        if isinstance(self.run.parallel, int) and self.run.parallel > 1 and not embedded(self):
+            raise ValueError(
+                f"run.parallel {self.run.parallel} plays strategies in separate processes, which only embedded runs "
+                "do (server.store: memory, server.runtime: local, training in the run's process): set run.parallel "
+                "to 1 or auto"
             )
         if self.devices_per_round > self.data.num_devices:
             raise ValueError(
@@ -465,6 +467,11 @@ def config_to_dict(config: ExperimentConfig, with_secrets: bool = False) -> dict
     for a copy that stays in this process's memory."""
     dumped = config.model_dump(mode="json")
     return dumped if with_secrets else cast(dict[str, Any], redact_values(dumped))
+
+
+def embedded(config: ExperimentConfig) -> bool:
+    """Whether a simulation runs whole in its own process: the memory store, local functions and training."""
+    return config.server.store == "memory" and config.server.runtime == "local" and not trains_on_ray(config)
 
 
 def trains_on_ray(config: ExperimentConfig) -> bool:

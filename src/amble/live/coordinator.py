@@ -1,10 +1,16 @@
 """Rounds for real devices: the wall-clock counterpart of the simulation driver.
 
-The coordinator owns the parameter server and a lock around it (the embedded runtime runs functions
-in the caller's thread). It starts a round once enough devices have registered, lets uploads arrive
-through the gateway (each is an event, folded at once), and closes the round when every selected
-device's update is in or its deadline passes, whichever comes first; then it evaluates the new model
-when it can and starts the next round. Event times are seconds since the coordinator started.
+The coordinator owns the parameter server. It starts a round once enough devices have registered,
+lets uploads arrive through the gateway, and closes the round when every selected device's update is
+in or its deadline passes, whichever comes first; then it evaluates the new model when it can and
+starts the next round. Event times are seconds since the coordinator started.
+
+Two locks, never the other way round: ``runtime_lock`` is held while the server's functions run (the
+embedded runtime runs them in the caller's thread, one caller at a time): a pass over the uploads
+waiting to be folded (:class:`amble.live.batching.Batcher`: a burst of uploads is folded in a few
+passes, not one at a time), a round's start or its close. ``lock`` guards the round bookkeeping
+(current round, history, arrivals) and is only ever held briefly, never while a fold runs, so the
+gateway answers polls, model downloads and status while uploads are folded.
 
 Each round's record keeps what the server itself observed of every device (when its upload arrived,
 what it reported, whether it was counted), so a served run's files and its recorded fleet trace are
@@ -13,43 +19,37 @@ derived from facts, not from what a device claims alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from amble.errors import AmbleError
+from amble.live.batching import Batcher
 from amble.redaction import redact
-from amble.server import keys
 from amble.server.paramserver import ParameterServer, RoundOutcome
+from amble.server.records.live import LiveRecords
 from amble.server.records.reports import as_observed, bound_by_elapsed
-from amble.server.store.base import Store, read_json
+from amble.server.records.state import RoundState
 from amble.strategies.base import Params, Report
 
 log = logging.getLogger("amble.serve")
 
 
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def issue_tokens(store: Store, devices: int) -> dict[int, str]:
+def issue_tokens(records: LiveRecords, devices: int) -> dict[int, str]:
     """One fresh bearer token per device; only their hashes go into the store."""
     tokens = {device: secrets.token_urlsafe(32) for device in range(devices)}
     for device, token in tokens.items():
-        store.put(keys.device_token(token_hash(token)), str(device).encode())
+        records.add_device_token(token, device)
     return tokens
 
 
-def device_of(store: Store, token: str) -> int | None:
-    blob = store.get(keys.device_token(token_hash(token)))
-    return None if blob is None else int(blob)
-
+STATES_KEPT = 4
+"""Parsed round states a coordinator keeps (the latest rounds asked for)."""
 
 Evaluate = Callable[[Params], tuple[float, float]]
 """A published model's (accuracy, loss) on the evaluation samples."""
@@ -73,8 +73,34 @@ class UploadFate:
     upload: str
     counted: bool
     reason: str | None = None
-    """Why the functions rejected it (from REJECTION_REASONS); None if counted or not decided."""
+    """Why it was not counted (from REJECTION_REASONS): the functions rejected it, or it was refused
+    before reaching them (``stale_round``, ``replayed``: then ``upload`` is empty); None if counted or
+    not decided."""
     message: str = ""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A validated upload waiting to be folded: its report as the device sent it, and the update."""
+
+    report: Report
+    update: bytes
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(round, device): two uploads of one device for one round are never folded in one pass."""
+        return self.report.round, self.report.device
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """An upload of a pass handed to the functions: its place in the pass, its id, when it arrived and
+    what the device said (bounded by the time the server saw elapse, as the functions bound it)."""
+
+    index: int
+    upload: str
+    at_s: float
+    said: Report
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,9 @@ class Coordinator:
     error: str | None = None
     """Why the rounds stopped early (an exception in the round loop), None while all is well."""
     lock: threading.RLock = field(default_factory=threading.RLock)
+    """The round bookkeeping's (see the module docstring); ``changed`` is its condition."""
+    runtime_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while the server's functions run; never taken while holding ``lock``."""
     changed: threading.Condition = field(init=False)
     current: int | None = None
     finished: bool = False
@@ -141,46 +170,67 @@ class Coordinator:
     """Uploads that reached the functions, by round and device (see :class:`Arrival`)."""
     _started: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _uploads: Batcher[Upload, UploadFate] = field(init=False)
+    _states: dict[int, tuple[int, RoundState]] = field(default_factory=dict)
+    """Parsed round states by round, with the Store version they were parsed from."""
+    _states_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.changed = threading.Condition(self.lock)
+        self._uploads = Batcher(self._fold_pass, lambda upload: upload.key, self.runtime_lock)
 
     def now_s(self) -> float:
         return time.monotonic() - self._started
 
     @property
-    def store(self) -> Store:
-        return self.server.store
+    def records(self) -> LiveRecords:
+        return self.server.live
+
+    def round_state(self, round_index: int) -> RoundState | None:
+        """The round's state (None before it is planned), parsed once per change in the Store: it holds
+        every plan of the round, and every request of a device reads it."""
+        version = self.server.round_state_version(round_index)
+        with self._states_lock:
+            cached = self._states.get(round_index)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        state = self.server.round_state(round_index)  # as new as ``version`` or newer: never stale
+        if state is not None:
+            with self._states_lock:
+                self._states[round_index] = (version, state)
+                while len(self._states) > STATES_KEPT:
+                    del self._states[min(self._states)]
+        return state
 
     # -- called by the gateway --------------------------------------------------------------------
 
     def register(self, device: int, num_samples: int) -> None:
         """Record a device's sample count (its FedAvg weight), or raise AmbleError saying why not."""
         with self.lock:
-            known = read_json(self.store, keys.device_info(device))
+            known = self.records.registered_samples(device)
             if self.limits.device_data == "partition":
                 self._check_partition(device, num_samples, known)
-            elif known is None or int(known["num_samples"]) != num_samples:
+            elif known != num_samples:
                 self._check_own(device, num_samples, known)
-                self.store.put(keys.device_info(device), json.dumps({"num_samples": num_samples}).encode())
-            self.store.add_to_set(keys.REGISTERED, str(device))
+                self.records.set_samples(device, num_samples)
+            self.records.mark_registered(device)
             self.changed.notify_all()
 
-    def _check_partition(self, device: int, num_samples: int, known: dict[str, Any] | None) -> None:
+    def _check_partition(self, device: int, num_samples: int, known: int | None) -> None:
         if known is None:
             raise AmbleError(f"device {device} has no partition in this run's config (data.num_devices)")
-        if int(known["num_samples"]) != num_samples:
+        if known != num_samples:
             raise AmbleError(
-                f"device {device} has {known['num_samples']} training samples in this run's partition "
+                f"device {device} has {known} training samples in this run's partition "
                 f"(data.partition with the config's seed), not {num_samples}: register the size of your "
                 "partition, or serve with server.device_data: own for devices with data of their own"
             )
 
-    def _check_own(self, device: int, num_samples: int, known: dict[str, Any] | None) -> None:
+    def _check_own(self, device: int, num_samples: int, known: int | None) -> None:
         """A count of the device's own: bounded, and fixed once an update of it was counted."""
-        if known is not None and read_json(self.store, keys.device_reports(device)):
+        if known is not None and self.records.has_counted_update(device):
             raise AmbleError(
-                f"device {device} registered {known['num_samples']} samples and an update of it was counted "
+                f"device {device} registered {known} samples and an update of it was counted "
                 f"with that weight; it cannot change to {num_samples}"
             )
         if num_samples > self.limits.max_samples:
@@ -188,7 +238,7 @@ class Coordinator:
                 f"device {device} registered {num_samples:,} samples, over server.max_samples "
                 f"({self.limits.max_samples:,}): register at most that many, or ask the operator to raise it"
             )
-        others = [int(d) for d in self.store.set_members(keys.REGISTERED) if int(d) != device]
+        others = sorted(self.records.registered() - {device})
         if len(others) >= self.limits.others_needed:
             problem = self._share_problem(num_samples, num_samples + sum(map(self._registered, others)))
             if problem is not None:
@@ -196,7 +246,7 @@ class Coordinator:
 
     def _registered(self, device: int) -> int:
         """The sample count ``device`` registered (0 if none is stored)."""
-        return int((read_json(self.store, keys.device_info(device)) or {"num_samples": 0})["num_samples"])
+        return self.records.registered_samples(device) or 0
 
     def _share_problem(self, num_samples: int, total: int) -> str | None:
         """What is wrong with ``num_samples`` of ``total`` registered samples (None: within the share)."""
@@ -233,39 +283,91 @@ class Coordinator:
         return [d for d in registered if d not in excluded], excluded
 
     def accept(self, report: Report, update: bytes) -> UploadFate:
-        """Store an already validated update, run the functions it triggers, and say what became of it.
+        """Fold an already validated update into its round, and say what became of it.
+
+        The update waits for the next pass over the uploads (:meth:`_fold_pass`), which this thread
+        may run itself. It is refused unfolded when its round is no longer open (``stale_round``) or
+        the device's update for the round was already counted (``replayed``: a racing duplicate lost).
+        Counted means it is in the round's sums (it will be in the published model if the round is
+        finalised); otherwise it was rejected by the functions, or its event failed (dead-lettered) or
+        is still pending: then nothing was counted yet and the device may send it again. A fault of
+        the store or the runtime is raised; nothing was marked, so the device may send it again too.
+        """
+        return self._uploads.submit(Upload(report, update))
+
+    def _fold_pass(self, uploads: Sequence[Upload]) -> list[UploadFate | Exception]:
+        """One pass, under ``runtime_lock``: store each upload and emit its event, run the functions
+        once for all of them, then read what became of each (one per device and round: the
+        :class:`Batcher` keeps a device's second upload for a later pass).
 
         The report the functions (and so the planner) get is :func:`as_observed`: its link time is
         everything between the round's start and this arrival that the device did not report as
         compute (its wait for the task, HTTP, TLS), so ``T_r`` covers what a device cannot avoid.
-        With the embedded runtime the update's ``aggregate`` has run when ``drain`` returns; with
-        workers, ``drain`` waits for them. Counted means it is in the round's sums (it will be in the
-        published model if the round is finalised); otherwise it was rejected by the functions, or
-        its event failed (dead-lettered) or is still pending: then nothing was counted yet and the
-        device may send it again (a repeat is counted once). The arrival is kept for the round's
-        record, with the device's own report.
+        With the embedded runtime every update's ``aggregate`` has run when ``run_functions``
+        returns; with workers, it waits for them (which fold the pass's updates in parallel). The
+        arrivals are kept for the round's record, with each device's own report.
         """
-        round_index, device = report.round, report.device
+        fates: list[UploadFate | Exception] = []
+        sent: list[_Sent] = []
+        for index, upload in enumerate(uploads):
+            try:
+                state = self.round_state(upload.report.round)
+                refusal = self._refusal(upload.report, state)
+                if refusal is None and state is not None:
+                    sent.append(self._send(index, upload, state))
+                fates.append(refusal or UploadFate("", False))  # the sent ones are decided below
+            except Exception as exc:  # a store fault: this upload is not counted; the device retries
+                fates.append(exc)
+        if not sent:
+            return fates
+        try:
+            self.server.run_functions()
+        except Exception as exc:  # a fault of the functions' run: none of the sent is known to be counted
+            for s in sent:
+                fates[s.index] = exc
+            return fates
+        counted = {r: self._counted(r) for r in {s.said.round for s in sent}}
+        for s in sent:
+            try:
+                fates[s.index] = self._fate(s, counted[s.said.round])
+            except Exception as exc:
+                fates[s.index] = exc
         with self.lock:
-            at_s = self.now_s()
-            state = self.server.round_state(round_index)
-            elapsed_s = None if state is None else at_s - state.started_at_s
-            observed = report if elapsed_s is None else as_observed(report, elapsed_s)
-            upload_id = self.server.upload(observed, update, at_s)
-            self.server.runtime.drain()
+            for s in sent:
+                self._arrived(s.said.round, s.said.device, s.said, s.at_s, s.said.device in counted[s.said.round])
             self.changed.notify_all()
-            meta = read_json(self.store, keys.round_meta(round_index)) or {}
-            counted = device in meta.get("counted", ())
-            # The record keeps what the device said, no longer than the server saw elapse (as the functions do).
-            said = report if elapsed_s is None else bound_by_elapsed(report, elapsed_s)
-            self._arrived(round_index, device, said, at_s, counted)
-            if counted:
-                return UploadFate(upload_id, True)
-            rejection = read_json(self.store, keys.round_rejection(round_index, device, upload_id))
-            if rejection is not None:  # answered now; the round's rejected set keeps the reason
-                self.store.delete(keys.round_rejection(round_index, device, upload_id))
-                return UploadFate(upload_id, False, str(rejection["reason"]), str(rejection["message"]))
-            return UploadFate(upload_id, False)
+        return fates
+
+    def _refusal(self, report: Report, state: RoundState | None) -> UploadFate | None:
+        """Why the upload cannot be folded now (the round closed, or the device's update is counted)."""
+        round_index, device = report.round, report.device
+        if state is None or not state.is_open:
+            return UploadFate("", False, "stale_round", f"round {round_index} closed before the update arrived")
+        if self.records.accepted_upload(round_index, device):
+            message = f"device {device} already uploaded its update for round {round_index}"
+            return UploadFate("", False, "replayed", message)
+        return None
+
+    def _send(self, index: int, upload: Upload, state: RoundState) -> _Sent:
+        """Store the update and emit its event, with the report as the server observed it."""
+        report, at_s = upload.report, self.now_s()
+        elapsed_s = at_s - state.started_at_s
+        upload_id = self.server.upload(as_observed(report, elapsed_s), upload.update, at_s)
+        # The record keeps what the device said, no longer than the server saw elapse (as the functions do).
+        return _Sent(index, upload_id, at_s, bound_by_elapsed(report, elapsed_s))
+
+    def _counted(self, round_index: int) -> set[int]:
+        return self.records.counted(round_index)
+
+    def _fate(self, sent: _Sent, counted: set[int]) -> UploadFate:
+        round_index, device = sent.said.round, sent.said.device
+        if device in counted:  # only now: a device whose update was not counted may send it again
+            self.records.mark_uploaded(round_index, device)
+            return UploadFate(sent.upload, True)
+        rejection = self.records.take_rejection(round_index, device, sent.upload)
+        if rejection is not None:  # answered now; the round's rejected set keeps the reason
+            return UploadFate(sent.upload, False, *rejection)
+        return UploadFate(sent.upload, False)
 
     def _arrived(self, round_index: int, device: int, report: Report, at_s: float, counted: bool) -> None:
         arrivals = self.arrivals.setdefault(round_index, {})
@@ -278,7 +380,7 @@ class Coordinator:
                 "round": self.current,
                 "rounds": self.rounds,
                 "model_version": self.server.latest_version(),
-                "registered": len(self.store.set_members(keys.REGISTERED)),
+                "registered": len(self.records.registered()),
                 "finished": self.finished,
                 "error": self.error,
                 "history": [r.__dict__ for r in self.history],
@@ -308,13 +410,15 @@ class Coordinator:
 
     def _play(self) -> None:
         for r in range(self.rounds):
-            if not self._wait(lambda: len(self.store.set_members(keys.REGISTERED)) >= self.min_devices, None):
+            if not self._wait(lambda: len(self.records.registered()) >= self.min_devices, None):
                 return
-            with self.lock:
-                registered = sorted(int(d) for d in self.store.set_members(keys.REGISTERED))
-                available, excluded = self._selectable(registered)
-                self.current = r
+            with self.runtime_lock:
+                with self.lock:
+                    registered = sorted(self.records.registered())
+                    available, excluded = self._selectable(registered)
+                    self.current = r
                 self.server.start_round(r, available, self.now_s())
+            with self.lock:
                 deadline = time.monotonic() + self.round_timeout_s
                 self.changed.notify_all()
             log.info(json.dumps({"event": "round_started", "round": r, "available": len(available)}))
@@ -323,9 +427,9 @@ class Coordinator:
             self._wait(lambda r=r: self._decided(r), deadline)  # type: ignore[misc]
             if self._stop.is_set():
                 return
-            with self.lock:
+            with self.runtime_lock:  # after the pass over the uploads under way, if any
                 outcome = self.server.close_round(r, self.now_s())
-                closed_s = self.now_s()
+            closed_s = self.now_s()
             self._record(outcome, available, closed_s, excluded)
         with self.lock:
             self.finished = True
@@ -333,7 +437,7 @@ class Coordinator:
             self.changed.notify_all()
 
     def _decided(self, r: int) -> bool:
-        state = self.server.round_state(r)
+        state = self.round_state(r)
         return state is not None and not state.is_open
 
     def _wait(self, condition: Callable[[], bool], deadline: float | None) -> bool:
@@ -352,7 +456,7 @@ class Coordinator:
         if outcome.status == "finalized" and self.evaluate is not None:
             accuracy, loss = self.evaluate(self.server.model(outcome.version))
         eval_s = self.now_s() - closed_s
-        state = self.server.round_state(outcome.round)
+        state = self.round_state(outcome.round)
         with self.lock:
             arrivals = self.arrivals.pop(outcome.round, {})
         record = RoundRecord(
@@ -375,7 +479,7 @@ class Coordinator:
         )
         with self.lock:
             self.history.append(record)
-            self.store.incr(keys.rounds_counter(outcome.status))
+            self.records.count_round(outcome.status)
         log.info(json.dumps({"event": "round_closed", **record.__dict__}))
         if self.on_round is not None:
             self.on_round(record)

@@ -35,11 +35,10 @@ from fastapi import FastAPI
 from amble.config import ExperimentConfig, config_to_dict, strategy_label
 from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
-from amble.live.coordinator import Coordinator, RoundRecord, SampleLimits, issue_tokens, token_hash
+from amble.live.coordinator import Coordinator, RoundRecord, SampleLimits, issue_tokens
 from amble.live.gateway import create_app
 from amble.live.record import ServedRunFiles
 from amble.runsetup import prepare_run, run_namespace
-from amble.server import keys
 from amble.server.factory import build_server, release_server, wipe_run
 from amble.server.tensors import encode
 from amble.strategies.base import Params
@@ -101,9 +100,9 @@ def prepare(
     # register theirs, within server.max_samples and server.max_weight_share.
     own = config.server.device_data == "own"
     server.initialize(setup.initial, {} if own else setup.num_samples, setup.settings)
-    tokens = issue_tokens(server.store, config.data.num_devices)
+    tokens = issue_tokens(server.live, config.data.num_devices)
     operator_token = secrets.token_urlsafe(32)
-    server.store.put(keys.OPERATOR_TOKEN, token_hash(operator_token).encode())
+    server.live.set_operator_token(operator_token)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens_file = out_dir / "tokens.json"
     write_atomic(tokens_file, json.dumps({str(d): t for d, t in tokens.items()}, indent=1).encode(), mode=0o600)

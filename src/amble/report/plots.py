@@ -167,14 +167,15 @@ def _plot_accuracy(run: RunData, path: Path, x_key: str) -> Path:
     colours = _strategy_colours(run.strategies)
     drew_star = False
     for strategy in run.strategies:
-        rows = _metrics_of(run, strategy)
+        # Rounds not evaluated (accuracy null: eval.every) are left out, not drawn as gaps in the line.
+        rows = [row for row in _metrics_of(run, strategy) if not math.isnan(_number(row["accuracy"]))]
         if not rows:
             continue
         xs = [_number(row[x_key]) for row in rows]
         ys = [_number(row["accuracy"]) for row in rows]
         target = target_accuracy(run, strategy)
         reached = next(
-            (row for row in rows if row["accuracy"] is not None and target is not None and row["accuracy"] >= target),
+            (row for row in rows if target is not None and row["accuracy"] >= target),
             None,
         )
         if target is None:

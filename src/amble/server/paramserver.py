@@ -19,6 +19,7 @@ from amble.server import keys
 from amble.server.events.base import EventLog
 from amble.server.functions import controlvariates
 from amble.server.functions.buffered import Task, read_task
+from amble.server.records.live import LiveRecords
 from amble.server.records.partialsum import BYTES_PER_WEIGHT, shard_size_bound
 from amble.server.records.settings import RunSettings, load_model
 from amble.server.records.state import RoundState
@@ -80,6 +81,8 @@ class ParameterServer:
         self.store = store
         self.events = events
         self.runtime = runtime
+        self.live = LiveRecords(store)
+        """What ``amble serve`` keeps besides rounds: tokens, registrations, the replay guard, counters."""
         self._settings: RunSettings | None = None
 
     def initialize(self, params: Params, num_samples: Mapping[int, int], settings: RunSettings) -> None:
@@ -105,6 +108,10 @@ class ParameterServer:
         """A round's state (None before it is planned)."""
         blob = self.store.get(keys.round_state(round_index))
         return None if blob is None else RoundState.from_json(blob)
+
+    def round_state_version(self, round_index: int) -> int:
+        """The version of a round's state in the store (0 before it is planned): a cheap change check."""
+        return self.store.version(keys.round_state(round_index))
 
     def start_round(self, round_index: int, available: list[int], at_s: float) -> tuple[dict[int, Plan], float]:
         """Trigger ``plan_round``; returns the plans it wrote and the virtual time they were ready."""

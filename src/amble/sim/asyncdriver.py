@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from amble.client import derive_seed, evaluate
+from amble.client import derive_seed
 from amble.config import ExperimentConfig, StrategyEntry, strategy_label
 from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
@@ -35,6 +35,7 @@ from amble.server import ParameterServer, Published
 from amble.server.functions.buffered import Task
 from amble.server.tensors import encode
 from amble.sim.common import ExperimentView, StrategyRun, Tally, apply_deadline, device_row
+from amble.sim.evaluation import Evaluator, score_fields
 from amble.sim.training import Trained, TrainJob
 from amble.strategies import Params, Report
 from amble.strategies.fedbuff import FedBuffSettings, is_asynchronous
@@ -88,8 +89,7 @@ class _BufferedRun:
         self.next_task = 0
         self.draws = 0
         self.published = 0
-        self.eval_model = copy.deepcopy(experiment.model)
-        self.accuracy: float | None = None
+        self.evaluator = Evaluator(experiment.config, copy.deepcopy(experiment.model), experiment.test)
         self.rows: list[dict[str, Any]] = []
         self.samples = 0
         self.train_compute_s = 0.0
@@ -98,7 +98,13 @@ class _BufferedRun:
         self.last_arrival_s = 0.0
 
     def run(self, progress: bool) -> dict[str, Any]:
-        self.bar = tqdm(total=self.config.rounds, desc=f"{self.label:>10}", unit="publish", disable=not progress)
+        self.bar = tqdm(
+            total=self.config.rounds,
+            desc=f"{self.label:>10}",
+            unit="publish",
+            disable=not progress,
+            position=self.experiment.bar_position,
+        )
         self._fill(0.0)
         while self.published < self.config.rounds:
             if not self.queue:
@@ -220,13 +226,12 @@ class _BufferedRun:
         config, tally = self.config, self.tally
         r = outcome.buffer
         tally.now_s = max(tally.now_s, outcome.at_s)
-        loss: float | None = None
-        evaluated = (r + 1) % config.eval.every == 0 or r == config.rounds - 1
-        if evaluated:
-            self.eval_model.load_state_dict(self.server.model(outcome.version))
-            self.accuracy, loss = evaluate(self.eval_model, *self.experiment.test, batch_size=config.eval.batch_size)
-            tally.accuracies.append((r, outcome.at_s, self.accuracy))
-            self.bar.set_postfix(acc=f"{self.accuracy:.3f}", vtime=f"{outcome.at_s:,.0f}s")
+        score = None
+        if self.evaluator.due(r):
+            reached = tally.reached(config.eval.target_accuracy)
+            score = self.evaluator.score(self.server.model(outcome.version), r, reached)
+            tally.accuracies.append((r, outcome.at_s, score.accuracy))
+            self.bar.set_postfix(acc=f"{score.accuracy:.3f}", vtime=f"{outcome.at_s:,.0f}s")
         finalized = outcome.status == "finalized"
         tally.latencies.append(outcome.at_s - self.last_arrival_s)
         tally.rounds_failed += not finalized
@@ -236,8 +241,7 @@ class _BufferedRun:
                 "round": r,
                 "virtual_time_s": outcome.at_s,
                 "wall_time_s": time.perf_counter() - self.began,
-                "accuracy": self.accuracy if evaluated else None,
-                "loss": loss,
+                **score_fields(score),
                 "participants": outcome.counted,
                 "completed": outcome.counted if finalized else 0,
                 "dropped": self.dropped,

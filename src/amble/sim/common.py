@@ -36,6 +36,7 @@ class ExperimentView(Protocol):
     clock: VirtualClock
     device_data: DeviceData
     test: tuple[torch.Tensor, torch.Tensor]
+    bar_position: int | None
 
     def devices(self) -> DeviceTrainers: ...
 
@@ -101,6 +102,10 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     accuracies: list[tuple[int, float, float]] = field(default_factory=list)
     """(round, virtual time, accuracy) at each evaluation."""
+
+    def reached(self, target: float) -> bool:
+        """Whether an evaluation has reached ``target`` (only a full-set score can: see sim.evaluation)."""
+        return any(accuracy >= target for _, _, accuracy in self.accuracies)
 
     def count(self, record: RoundRecord, last_arrival_s: float | None, end_s: float) -> None:
         """Add a decided round: ``last_arrival_s`` its last upload's arrival (None: none arrived)."""

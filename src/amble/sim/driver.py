@@ -18,15 +18,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from amble import raycluster
-from amble.client import derive_seed, evaluate
+from amble.client import derive_seed
 from amble.config import ExperimentConfig, config_from_dict, config_to_dict, strategy_label, trains_on_ray
 from amble.data import Dataset
 from amble.durable import write_atomic
 from amble.errors import AmbleError, ConfigError
 from amble.fleet import DeviceProfile, RoundTiming, VirtualClock, generate_fleet
+from amble.fleet.steptime import StepTime
 from amble.models import ModelFactory
 from amble.problem import reference_step_time
 from amble.report import RunWriter, build_report
@@ -37,6 +39,8 @@ from amble.server.factory import build_server, discard_snapshot, release_server,
 from amble.server.tensors import encode
 from amble.sim.asyncdriver import asynchronous_entry, run_buffered
 from amble.sim.common import RoundRecord, StrategyRun, Tally, apply_deadline, device_row
+from amble.sim.evaluation import Evaluator, score_fields
+from amble.sim.parallel import gather_rows, processes_for, run_parallel, torch_threads
 from amble.sim.raytraining import RayDevices
 from amble.sim.training import DeviceTrainers, TrainJob, local_devices
 from amble.strategies import Params, Report
@@ -44,15 +48,25 @@ from amble.strategies import Params, Report
 Progress = Callable[[str], None]
 UPLOAD_CHUNK = 256
 """Devices a round trains and uploads at a time (the rest of the round's updates are not yet in memory)."""
+GLOBAL_RNG_STREAM = 0x6C0BA1
+"""Seed part of a strategy's draws from torch's global RNG."""
 
 
 class Experiment:
     """What every strategy of one config shares: data, partition, fleet, clock and initial model."""
 
     def __init__(
-        self, config: ExperimentConfig, cache_dir: Path | None = None, model_factory: ModelFactory | None = None
+        self,
+        config: ExperimentConfig,
+        cache_dir: Path | None = None,
+        model_factory: ModelFactory | None = None,
+        step_time: StepTime | None = None,
     ) -> None:
+        """``step_time``: the reference device's step times measured by the run's first process (a
+        strategy played in a process of its own charges the same clock)."""
         self.config = config
+        self.bar_position: int | None = None
+        """Where this process's progress bars go (a strategy in a process of its own: its index)."""
         seed = config.seed
         self.setup = prepare_run(config, model_factory)
         self.dataset: Dataset = self.setup.dataset
@@ -62,7 +76,8 @@ class Experiment:
         self.initial: Params = self.setup.initial
         update_bytes = sum(v.numel() * v.element_size() for v in self.initial.values() if v.is_floating_point())
 
-        step_time = reference_step_time(config, self.dataset, self.setup.build_model, self.model, cache_dir)
+        if step_time is None:
+            step_time = reference_step_time(config, self.dataset, self.setup.build_model, self.model, cache_dir)
         self.step_time = step_time
         self.clock = VirtualClock(step_time, update_bytes, seed)
 
@@ -126,6 +141,9 @@ class Experiment:
         checkpoint = saved_checkpoint(config, space, snapshot) if resume and snapshot is not None else None
         if checkpoint is None:
             wipe_run(config, space)
+        # Whatever a model draws from torch's global RNG (dropout) depends on the strategy alone, not on
+        # which strategies this process played before it (run.parallel plays each in a process of its own).
+        torch.manual_seed(derive_seed(config.seed, GLOBAL_RNG_STREAM, index))
         server = build_server(
             config, index, space, snapshot if checkpoint and config.server.store == "memory" else None
         )
@@ -155,22 +173,22 @@ class Experiment:
         server.initialize(self.initial, self.setup.num_samples, self.setup.settings)
         if checkpoint is not None and checkpoint.get("pool") is not None:
             server.runtime.restore_pool(checkpoint["pool"])
-        eval_model = copy.deepcopy(self.model)
+        evaluator = Evaluator(config, copy.deepcopy(self.model), self.test)
         tally = Tally.from_json(checkpoint["tally"]) if checkpoint else Tally()
         first = checkpoint["round"] + 1 if checkpoint else 0
         began = time.perf_counter() - (checkpoint["wall_time_s"] if checkpoint else 0.0)
-        accuracy: float | None = None
         rounds = range(first, config.rounds)
-        bar = tqdm(rounds, desc=f"{label:>10}", unit="round", disable=not progress, leave=True, initial=first)
+        bar = tqdm(
+            rounds, desc=f"{label:>10}", unit="round", disable=not progress, initial=first, position=self.bar_position
+        )
         for r in bar:
             record = self._play_round(server, label, r, tally)
-            loss: float | None = None
-            evaluated = (r + 1) % config.eval.every == 0 or r == config.rounds - 1
-            if evaluated:
-                eval_model.load_state_dict(server.model(record.outcome.version))
-                accuracy, loss = evaluate(eval_model, *self.test, batch_size=config.eval.batch_size)
-                tally.accuracies.append((r, tally.now_s, accuracy))
-                bar.set_postfix(acc=f"{accuracy:.3f}", vtime=f"{tally.now_s:,.0f}s")
+            score = None
+            if evaluator.due(r):
+                reached = tally.reached(config.eval.target_accuracy)
+                score = evaluator.score(server.model(record.outcome.version), r, reached)
+                tally.accuracies.append((r, tally.now_s, score.accuracy))
+                bar.set_postfix(acc=f"{score.accuracy:.3f}", vtime=f"{tally.now_s:,.0f}s")
             finalized = record.outcome.status == "finalized"
             writer.write_round(
                 {
@@ -178,8 +196,7 @@ class Experiment:
                     "round": r,
                     "virtual_time_s": tally.now_s,
                     "wall_time_s": time.perf_counter() - began,
-                    "accuracy": accuracy if evaluated else None,
-                    "loss": loss,
+                    **score_fields(score),
                     "participants": len(record.devices),
                     "completed": len(record.outcome.counted) if finalized else 0,
                     "dropped": sum(1 for row in record.devices if row["status"] == "dropped"),
@@ -306,23 +323,34 @@ def run_experiment(
         )
     namespace = run_namespace(config, out_dir)
     state_dir = out_dir / "state"
+    processes = processes_for(config, model_factory)
     keep: dict[str, int] = {}
     if resume:
+        gather_rows(out_dir, [strategy_label(s) for s in config.strategies])
         keep = resume_points(config, out_dir)
     else:
         shutil.rmtree(state_dir, ignore_errors=True)
-    experiment = Experiment(config, cache_dir, model_factory)
-    with RunWriter(out_dir, append=resume, keep_rounds=keep) as writer:
-        write_atomic(
-            out_dir / RUN_FILE, json.dumps({"config": config_to_dict(config), "namespace": namespace}).encode()
-        )
-        results = experiment.run(writer, progress, namespace, state_dir, resume)
-        summary = {
-            "config": config_to_dict(config),
-            "calibration": {"t_ref_s": experiment.step_time.to_json()},
-            "strategies": results,
-        }
-        writer.write_summary(summary)
+    # Everything a run computes (data preparation, calibration, training, evaluation) uses run.threads
+    # torch threads: float sums split by thread, so a thread count of the machine's would leak into results.
+    with torch_threads(config.run.threads):
+        experiment = Experiment(config, cache_dir, model_factory)
+        with RunWriter(out_dir, append=resume, keep_rounds=keep) as writer:
+            write_atomic(
+                out_dir / RUN_FILE, json.dumps({"config": config_to_dict(config), "namespace": namespace}).encode()
+            )
+            if processes > 1:
+                results = run_parallel(
+                    config, experiment.step_time.to_json(), processes, progress, namespace, state_dir, resume
+                )
+            else:
+                results = experiment.run(writer, progress, namespace, state_dir, resume)
+            summary = {
+                "config": config_to_dict(config),
+                "calibration": {"t_ref_s": experiment.step_time.to_json()},
+                "strategies": results,
+            }
+            writer.write_summary(summary)
+    gather_rows(out_dir, [strategy_label(s) for s in config.strategies])  # a parallel run's rows
     shutil.rmtree(state_dir, ignore_errors=True)
     build_report(out_dir)
     return summary
