@@ -242,13 +242,16 @@ def experiment_config(store: str, devices: int) -> ExperimentConfig:
 
 
 def published_at(server: ParameterServer) -> float | None:
-    """Unix time (ms resolution) Redis appended the last ``model_published`` event; None when embedded."""
+    """Unix time (ms resolution) Redis appended the last ``model_published`` event; None when embedded,
+    or when the stream was already trimmed (every consumer had acknowledged it)."""
     events = server.events
     if not isinstance(events, RedisEventLog):
         return None
     last: list[tuple[bytes, dict[bytes, bytes]]] = events.client.xrevrange(  # type: ignore[assignment]
         events.stream(keys.PUBLISHED_TOPIC), count=1
     )
+    if not last:
+        return None
     [(event_id, fields)] = last
     event = decode_event(event_id.decode(), keys.PUBLISHED_TOPIC, fields[b"e"], 1)
     if event.type != "model_published":

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from safetensors.torch import load, save
 
 from amble.errors import UpdateRejected
-from amble.server.tensors import all_finite, decode, encode, read_metadata, template_of, validate_update
+from amble.server.tensors import (
+    all_finite,
+    decode,
+    encode,
+    l2_norm,
+    read_metadata,
+    template_of,
+    update_stats,
+    validate_update,
+)
 
 
 def test_encoded_bytes_read_back_with_the_safetensors_library() -> None:
@@ -62,3 +74,65 @@ def test_a_non_finite_update_is_rejected_by_name() -> None:
     with pytest.raises(UpdateRejected, match="'b' holds NaN") as caught:
         validate_update(encode(update), template_of(update), 10**6)
     assert caught.value.reason == "non_finite"
+
+
+def _blob(header: dict[str, object], data: bytes, pad: int = 0) -> bytes:
+    text = json.dumps(header).encode() + b" " * pad
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def test_an_update_is_read_in_place_from_its_bytes_and_a_misaligned_tensor_is_copied() -> None:
+    # Setup: an encoded update, and a hand-made blob whose header puts a float32 at an odd address
+    update = {"w": torch.randn(4, 3), "n": torch.arange(3), "e": torch.zeros(0, 2)}
+    blob = encode(update)
+    header = {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}
+    values = torch.tensor([1.5, -2.0, 3.25])
+    odd = next(_blob(header, values.numpy().tobytes(), p) for p in range(8) if (16 + len(json.dumps(header)) + p) % 4)
+
+    # Act
+    tensors = validate_update(blob, template_of(update), 10**6)
+    shifted = validate_update(odd, template_of({"x": values}), 10**6)
+
+    # Assert: the same values, the non-empty ones inside the blob's own bytes; the odd one aligned
+    base = torch.frombuffer(blob, dtype=torch.uint8).data_ptr()
+    for name, tensor in update.items():
+        assert torch.equal(tensors[name], tensor)
+        if tensor.numel():
+            assert base <= tensors[name].data_ptr() < base + len(blob)
+    assert torch.equal(shifted["x"], values) and shifted["x"].data_ptr() % 4 == 0
+
+
+def test_a_header_the_library_refuses_is_still_refused_as_malformed() -> None:
+    # Setup: a gap between tensors, a byte left over, a size that does not match
+    x = torch.ones(2).numpy().tobytes()
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    blobs = {
+        "gap": _blob({"x": {**entry, "data_offsets": [4, 12]}}, bytes(4) + x),
+        "byte left over": _blob({"x": entry}, x + b"\0"),
+        "size": _blob({"x": {**entry, "shape": [3]}}, x),
+    }
+
+    for what, blob in blobs.items():
+        # Act / Assert
+        with pytest.raises(UpdateRejected) as caught:
+            validate_update(blob, {"x": template_of({"x": torch.ones(2)})["x"]}, 10**6)
+        assert caught.value.reason == "malformed", what
+
+
+def test_update_stats_are_the_norm_and_largest_element_and_refuse_non_finite_values() -> None:
+    # Setup: floats, integers (their largest counts), a float64 whose squares overflow but are finite
+    update = {"w": torch.randn(50, 7), "n": torch.tensor([-9, 2]), "b": torch.randn(3, dtype=torch.float64)}
+    huge = {"h": torch.tensor([1e200, -1e300], dtype=torch.float64)}
+
+    # Act
+    stats, big = update_stats(update), update_stats(huge)
+
+    # Assert: the same float as l2_norm; integers in the largest element, not in the norm
+    assert stats.norm == l2_norm(update)
+    assert stats.largest == max(9.0, float(update["w"].abs().max()), float(update["b"].abs().max()))
+    assert math.isinf(big.norm) and big.largest == 1e300
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = {"w": torch.randn(4), "b": torch.tensor([1.0, bad])}
+        with pytest.raises(UpdateRejected, match="'b' holds NaN") as caught:
+            update_stats(broken)
+        assert caught.value.reason == "non_finite"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,15 @@ SAFETENSORS_DTYPES = {
 }
 _KNOWN_DTYPES = tuple(SAFETENSORS_DTYPES.values())
 """The safetensors dtypes :func:`encode` writes and :func:`decode` reads; any other is refused."""
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+_STATS_CHUNK = 1 << 16
+"""Elements per chunk of :func:`update_stats`: a chunk and its float64 copy (768 KiB) stay in cache."""
+_MAX_HEADER = 100_000_000
+"""The largest header the safetensors library reads: a larger one takes the library's path (and its error)."""
+
+with warnings.catch_warnings():  # once, at import: torch warns only on its first read-only buffer
+    warnings.simplefilter("ignore")
+    torch.frombuffer(bytes(8), dtype=torch.uint8)
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -110,6 +120,79 @@ def _header(blob: bytes) -> dict[str, object]:
     return header
 
 
+def _views(blob: bytes) -> Tensors | None:
+    """The tensors of ``blob`` as read-only views of its bytes, when its header is one the safetensors
+    library accepts for certain (None otherwise, and :func:`decode` decides, with its errors).
+
+    The library's own rules, checked here: the header starts with ``{``, is at most 100 MB of JSON
+    with no key twice, ``__metadata__`` maps strings to strings, every tensor has a known dtype, a
+    shape of non-negative integers and a byte range of exactly its size, and the ranges, in order,
+    tile the data with no gap, overlap or byte left over. Only ``bytes`` (immutable) are viewed, so
+    no tensor can change under the fold; a view that is not aligned for its dtype is copied.
+    """
+    if type(blob) is not bytes or sys.byteorder != "little" or len(blob) < 8:
+        return None
+    header_len = int.from_bytes(blob[:8], "little")
+    if header_len > min(_MAX_HEADER, len(blob) - 8) or blob[8:9] != b"{":
+        return None
+    try:
+        header = json.loads(blob[8 : 8 + header_len], object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(type(v) is str for v in meta.values())):
+        return None
+    entries = []
+    for name, entry in header.items():
+        spec = _entry(entry)
+        if spec is None:
+            return None
+        entries.append((spec[2], spec[3], name, spec[0], spec[1]))
+    entries.sort()
+    base, end = 8 + header_len, 0
+    for start, stop, _, dtype, shape in entries:
+        if start != end or stop - start != math.prod(shape) * dtype.itemsize:
+            return None
+        end = stop
+    if base + end != len(blob):
+        return None
+    return {name: _view(blob, base + start, dtype, shape) for start, _, name, dtype, shape in entries}
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are all distinct (the safetensors library refuses some repeats)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key repeats")
+    return found
+
+
+def _entry(entry: object) -> tuple[torch.dtype, list[int], int, int] | None:
+    """A header entry's dtype, shape and byte range, or None if any is not what the library reads."""
+    if not isinstance(entry, dict):
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _TORCH_DTYPES or not isinstance(shape, list):
+        return None
+    if not all(type(d) is int and 0 <= d < 2**63 for d in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
+        return None
+    return _TORCH_DTYPES[dtype], shape, offsets[0], offsets[1]
+
+
+def _view(blob: bytes, start: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(blob, dtype=dtype, count=count, offset=start)
+    if flat.data_ptr() % dtype.itemsize:
+        flat = flat.clone()  # not aligned for its dtype: a copy is
+    return flat.view(shape)
+
+
 def read_metadata(blob: bytes) -> dict[str, str]:
     """The string metadata of a safetensors blob (its JSON header's ``__metadata__``)."""
     meta = _header(blob).get("__metadata__") or {}
@@ -136,19 +219,23 @@ def template_from_json(text: str | bytes) -> dict[str, TensorSpec]:
     return {name: TensorSpec(tuple(spec["shape"]), spec["dtype"]) for name, spec in data.items()}
 
 
-def validate_update(blob: bytes, template: Mapping[str, TensorSpec], max_bytes: int) -> Tensors:
+def validate_update(blob: bytes, template: Mapping[str, TensorSpec], max_bytes: int, *, finite: bool = True) -> Tensors:
     """Decode an update and check it against the model: size, names, shapes, dtypes, finiteness.
 
     Raises :class:`UpdateRejected` with a reason code (``too_large``, ``malformed``,
     ``missing_tensor``, ``unexpected_tensor``, ``shape``, ``dtype``, ``non_finite``) and a message
-    that names the tensor at fault.
+    that names the tensor at fault. The tensors are read-only views of ``blob`` (see :func:`_views`):
+    never write to them. With ``finite=False`` finiteness is left to the caller, who reads the
+    update anyway (:func:`update_stats` checks it in the same reads as the norm and the largest element).
     """
     if len(blob) > max_bytes:
         raise UpdateRejected(
             "too_large",
             f"update is {len(blob):,} bytes, over the limit of {max_bytes:,} (server.max_update_mb)",
         )
-    tensors = decode(blob)
+    tensors = _views(blob)
+    if tensors is None:
+        tensors = decode(blob)
     missing = sorted(set(template) - set(tensors))
     if missing:
         raise UpdateRejected("missing_tensor", f"update lacks tensor(s) {missing[:5]} of the model")
@@ -164,18 +251,70 @@ def validate_update(blob: bytes, template: Mapping[str, TensorSpec], max_bytes: 
             raise UpdateRejected(
                 "shape", f"tensor '{name}' has shape {list(tensor.shape)}, the model expects {list(spec.shape)}"
             )
-        if tensor.is_floating_point() and not all_finite(tensor):
-            raise UpdateRejected("non_finite", f"tensor '{name}' holds NaN or infinite values")
+        if finite and tensor.is_floating_point() and not all_finite(tensor):
+            raise _non_finite(name)
     return tensors
+
+
+def _non_finite(name: str) -> UpdateRejected:
+    return UpdateRejected("non_finite", f"tensor '{name}' holds NaN or infinite values")
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What a fold needs to know of an update before folding it."""
+
+    norm: float
+    """:func:`l2_norm` of the update, the same float."""
+    largest: float
+    """The largest ``|element|`` of its tensors (0.0 for none)."""
+
+
+def update_stats(tensors: Mapping[str, torch.Tensor]) -> UpdateStats:
+    """The update's L2 norm and largest element, refusing NaN and infinities as ``non_finite``, in one
+    read of the update: the norm and ``aminmax`` read each chunk (:func:`_chunks`) while it is in cache.
+
+    A chunk's float64 sum of squares is finite exactly when the chunk is, except when the squares of
+    finite float64 values overflow: only then is it checked element by element.
+    """
+    squares, largest = [], 0.0
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            parts: Iterator[tuple[torch.Tensor, float]] = iter([(tensor, 0.0)] if tensor.numel() else [])
+        else:
+            parts = _chunks(tensor)
+        for chunk, square in parts:
+            if not math.isfinite(square) and not bool(torch.isfinite(chunk).all()):
+                raise _non_finite(name)
+            squares.append(square)
+            low, high = torch.aminmax(chunk)
+            largest = max(largest, -float(low), float(high))
+    return UpdateStats(math.sqrt(math.fsum(squares)), largest)
 
 
 def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of all the floating-point tensors together, computed in float64 (so the squares of
-    float32 values cannot overflow)."""
-    squares = [
-        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values() if t.is_floating_point()
-    ]
+    float32 values cannot overflow): the exact sum (``math.fsum``) of the chunks' float64 sums of
+    squares (:func:`_chunks`), so the same float for the same tensors whatever their order."""
+    squares = [square for t in tensors.values() if t.is_floating_point() for _, square in _chunks(t)]
     return math.sqrt(math.fsum(squares))
+
+
+def _chunks(tensor: torch.Tensor) -> Iterator[tuple[torch.Tensor, float]]:
+    """A floating-point tensor in chunks of :data:`_STATS_CHUNK` elements, each with its sum of squares
+    in float64 (as the square of its float64 norm).
+
+    In chunks rather than whole: the norm of a whole float32 tensor in float64 converts it into a
+    fresh buffer twice its size, and in the aggregation benchmark (cProfile, CNN, embedded) that norm
+    cost as much as the fold itself, the chunks a sixth of it. A chunk is converted into one reused
+    buffer that stays in cache while ``aminmax`` reads it too.
+    """
+    flat = tensor.reshape(-1)
+    wide = torch.empty(min(_STATS_CHUNK, flat.numel()), dtype=torch.float64)
+    for start in range(0, flat.numel(), _STATS_CHUNK):
+        chunk = flat[start : start + _STATS_CHUNK]
+        part = chunk if chunk.dtype == torch.float64 else wide[: chunk.numel()].copy_(chunk)
+        yield chunk, float(torch.linalg.vector_norm(part)) ** 2
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ from amble.server.records.partialsum import FoldRecord, PartialSum
 from amble.server.records.settings import RunSettings, load_model, norm_reference, read_settings
 from amble.server.runtime.base import Invocation
 from amble.server.store.base import Store, Value, read_json
-from amble.server.tensors import TensorSpec, all_finite, encode, l2_norm, template_from_json, validate_update
+from amble.server.tensors import TensorSpec, all_finite, encode, template_from_json, update_stats, validate_update
 from amble.strategies.base import Aggregator, Contribution, Params, Report, Strategy
 
 CAS_RETRIES = 100
@@ -183,6 +183,8 @@ class FunctionsBase:
         return params
 
     def load_update(self, inv: Invocation, device: int, update_key: str | None, payload: Any) -> Params:
+        """The stored update, checked against the model except for finiteness (the fold's
+        :func:`update_stats` checks that), as read-only views of the blob's bytes."""
         settings = self.settings(inv)
         if update_key is None:
             size, limit = payload.get("size", 0), settings.max_update_bytes
@@ -190,7 +192,8 @@ class FunctionsBase:
         blob = self.store.get(update_key)
         if blob is None:
             raise UpdateRejected("missing_update", f"no update blob was stored for device {device}")
-        return validate_update(blob, self.template(inv), settings.max_update_bytes)
+        # Finiteness is checked by the fold's own reads of the update (update_stats), not here.
+        return validate_update(blob, self.template(inv), settings.max_update_bytes, finite=False)
 
     def check_update_norm(self, inv: Invocation, base_version: int, norm: float) -> None:
         """:func:`check_norm`, with the reference of ``base_version`` read once per warm instance."""
@@ -269,7 +272,8 @@ class FunctionsBase:
         on_delta: Callable[[FoldTarget, Params], None] | None,
     ) -> _Folded:
         delta = self.load_update(inv, target.device, update_key, payload)
-        norm = l2_norm(delta)
+        stats = update_stats(delta)
+        norm = stats.norm
         self.check_update_norm(inv, target.base_version, norm)
         if on_delta is not None:
             on_delta(target, delta)
@@ -278,7 +282,7 @@ class FunctionsBase:
         # In place, so the warm copy leaves the cache until the commit puts it back: no path that
         # ends without committing (a duplicate, a late fold, a crash) can reuse it.
         inv.cache.pop("shard", None)
-        if not sums.add(target.item, delta, weight, FoldRecord(norm, target.contribution.stats)):
+        if not sums.add(target.item, delta, weight, FoldRecord(norm, target.contribution.stats), stats.largest):
             raise UpdateRejected(
                 "overflow",
                 f"update (L2 norm {norm:.4g}, weight {weight:g}) would make the sum of {target.what} non-finite: "

@@ -134,14 +134,25 @@ class PartialSum:
     def zeros(cls, template: Mapping[str, TensorSpec]) -> PartialSum:
         return cls({name: tuple(spec.shape) for name, spec in template.items()})
 
-    def add(self, device: int, update: Mapping[str, torch.Tensor], weight: float, record: FoldRecord) -> bool:
+    def add(
+        self,
+        device: int,
+        update: Mapping[str, torch.Tensor],
+        weight: float,
+        record: FoldRecord,
+        largest: float | None = None,
+    ) -> bool:
         """Fold ``weight * update``; False (and this sum must be discarded) if it would overflow.
 
-        The fold's scale is ``|weight|`` times the update's largest element (one read of the update,
-        which also refuses a NaN); ``record`` is kept for the statistics and the norms. The blocks are
-        replaced by new ones, never changed in place (see the module's docstring).
+        The fold's scale is ``|weight|`` times the update's largest element: ``largest`` when the
+        caller has it (:func:`~amble.server.tensors.update_stats`, which refuses NaN), else one read of
+        the update (a NaN makes the scale infinite: refused). ``record`` is kept for the statistics
+        and the norms. The blocks are replaced by new ones, never changed in place (see the module's
+        docstring).
         """
-        scale = abs(weight) * max((_max_abs(update[name]) for name in self.template), default=0.0)
+        if largest is None:
+            largest = max((_max_abs(update[name]) for name in self.template), default=0.0)
+        scale = abs(weight) * largest
         if not math.isfinite(scale):
             return False
         self.folds[device] = record
@@ -328,9 +339,14 @@ def _fold_into(acc: torch.Tensor | None, widen: int, update: torch.Tensor, facto
     """``acc * 2**widen + trunc(update * factor) * 2**shift`` as a new int64 tensor, in cache-sized passes.
 
     ``update * factor`` is formed in float64 (the update converted exactly) and truncated toward zero
-    when converted to int64; with a ``shift``, truncated first and then scaled by the power of two,
-    so the integer a fold adds never depends on the block it lands in.
+    when converted to int64; then scaled by ``2**shift`` as an integer (exact: the bound keeps it
+    below ``2**62``), so the integer a fold adds never depends on the block it lands in. Per element:
+    one conversion and one product in float64, one conversion to int64 and one integer
+    multiply-add. At most one of ``widen`` and ``shift`` is nonzero (the finer of the block and
+    the fold sets the exponent).
     """
+    if widen and shift:
+        raise ValueError(f"a fold widens its block ({widen}) or is shifted into it ({shift}), not both")
     out = torch.empty(update.shape, dtype=torch.int64)
     flat_out, flat_update = out.view(-1), update.reshape(-1)
     flat_acc = None if acc is None else acc.view(-1)
@@ -341,15 +357,15 @@ def _fold_into(acc: torch.Tensor | None, widen: int, update: torch.Tensor, facto
         end = min(start + _CHUNK, count)
         r = real[: end - start]
         r.copy_(flat_update[start:end]).mul_(factor)
-        if shift:
-            r.trunc_().mul_(2.0**shift)
         if flat_acc is None:
             flat_out[start:end].copy_(r)
+            if shift:
+                flat_out[start:end].mul_(1 << shift)
             continue
         w = whole[: end - start]
         w.copy_(r)
         if widen:
             torch.add(w, flat_acc[start:end], alpha=1 << widen, out=flat_out[start:end])
         else:
-            torch.add(flat_acc[start:end], w, out=flat_out[start:end])
+            torch.add(flat_acc[start:end], w, alpha=1 << shift, out=flat_out[start:end])
     return out
