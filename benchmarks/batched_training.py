@@ -17,16 +17,14 @@ both alike); the figure is the fastest repetition and the median, with vectorise
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import write_record
 
 from amble.client import LocalTrainer
 from amble.data import make_synthetic
@@ -91,17 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     command = "python benchmarks/batched_training.py " + " ".join(argv)
-    record = {
-        "benchmark": "batched_training",
-        "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "provenance": provenance(command, torch=torch.__version__, wall_s=time.perf_counter() - began),
-        "model": args.model,
-        "devices": args.devices,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, "batched_training", command, began, model=args.model, devices=args.devices, results=results)
     return 0
 
 

@@ -23,18 +23,16 @@ all alike; the figure is the median over blocks of the per-step mean.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from provenance import provenance
+from provenance import write_record
 
 from amble.models import build_model
 
@@ -122,16 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     command = "python benchmarks/cpu_training.py " + " ".join(argv)
-    record = {
-        "benchmark": "cpu_training",
-        "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "provenance": provenance(command, torch=torch.__version__, wall_s=time.perf_counter() - began),
-        "threads": args.threads,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, "cpu_training", command, began, threads=args.threads, results=results)
     return 0
 
 

@@ -45,3 +45,23 @@ def provenance(command: str, **extra: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         **extra,
     }
+
+
+def write_record(path: Path, benchmark: str, command: str, began: float, **fields: Any) -> None:
+    """Write a benchmark's results as JSON with when, where and by what command they were measured
+    (``began``: its ``time.perf_counter()`` at the start)."""
+    import json
+    import time
+    from datetime import UTC, datetime
+
+    import torch
+
+    record = {
+        "benchmark": benchmark,
+        "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "provenance": provenance(command, torch=torch.__version__, wall_s=time.perf_counter() - began),
+        **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
