@@ -75,7 +75,11 @@ from provenance import commit, cpu_name
 import amble
 from amble.config import ExperimentConfig, config_from_dict
 from amble.live.serve import Served, prepare
-from amble.server.records.reports import num_samples
+
+try:
+    from amble.server.records.reports import num_samples
+except ImportError:  # the code before issue 23's re-cut of server/, run as a baseline by gateway_compare.py
+    from amble.server.reports import num_samples  # type: ignore[import-not-found,no-redef]
 from amble.server.runtime.base import RuntimeStats
 from amble.server.tensors import encode
 from amble.strategies.base import Params
