@@ -21,7 +21,7 @@ from amble.server.functions import controlvariates
 from amble.server.functions.buffered import Task, read_task
 from amble.server.records.live import LiveRecords
 from amble.server.records.partialsum import BYTES_PER_WEIGHT, shard_size_bound
-from amble.server.records.settings import RunSettings, load_model
+from amble.server.records.settings import RunSettings, load_model, read_settings
 from amble.server.records.state import RoundState
 from amble.server.runtime.base import FUNCTIONS_TOPIC, Runtime
 from amble.server.store.base import Store, read_json
@@ -205,10 +205,10 @@ class ParameterServer:
 
     def _max_update_bytes(self) -> int:
         if self._settings is None:
-            blob = self.store.get(keys.SETTINGS)
-            if blob is None:
-                raise AmbleError("the parameter server is not initialised: call initialize() first")
-            self._settings = RunSettings.from_json(blob)
+            try:
+                self._settings = read_settings(self.store)
+            except LookupError:
+                raise AmbleError("the parameter server is not initialised: call initialize() first") from None
         return self._settings.max_update_bytes
 
     def run_functions(self) -> None:

@@ -13,11 +13,11 @@ from typing import Any
 
 from amble.server import keys
 from amble.server.records.reports import check_report
-from amble.server.records.settings import RunSettings
+from amble.server.records.settings import RunSettings, read_settings, read_template
 from amble.server.records.state import RoundState
 from amble.server.runtime.base import RuntimeStats
 from amble.server.store.base import Store, read_json
-from amble.server.tensors import TensorSpec, template_from_json
+from amble.server.tensors import TensorSpec
 
 
 def token_hash(token: str) -> str:
@@ -117,10 +117,10 @@ class LiveRecords:
         check_report(self.store, round_index, device, raw, state)
 
     def settings(self) -> RunSettings:
-        return RunSettings.from_json(self.store.get(keys.SETTINGS) or b"{}")
+        return read_settings(self.store)
 
     def template(self) -> dict[str, TensorSpec]:
-        return template_from_json(self.store.get(keys.TEMPLATE) or b"{}")
+        return read_template(self.store)
 
     def model_blob(self, version: int) -> bytes:
         """Model ``version`` as the bytes devices download (empty if it is no longer kept)."""

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from amble.server import keys
 from amble.server.store.base import Store, read_json
-from amble.server.tensors import decode
+from amble.server.tensors import TensorSpec, decode, template_from_json
 from amble.strategies.base import Params
 
 
@@ -40,6 +40,14 @@ def read_settings(store: Store) -> RunSettings:
     if blob is None:
         raise LookupError("run settings are missing: initialise the parameter server first")
     return RunSettings.from_json(blob)
+
+
+def read_template(store: Store) -> dict[str, TensorSpec]:
+    """The shapes and dtypes every update must have (written once, by ``initialize``)."""
+    blob = store.get(keys.TEMPLATE)
+    if blob is None:
+        raise LookupError("model template is missing: initialise the parameter server first")
+    return template_from_json(blob)
 
 
 def load_model(store: Store, version: int) -> Params:
