@@ -33,10 +33,10 @@ from amble.errors import UpdateRejected
 from amble.server import keys
 from amble.server.functions.planning import PEER_ROUNDS, Planner
 from amble.server.records.partialsum import FoldRecord, PartialSum
-from amble.server.records.settings import RunSettings, load_model, norm_reference, read_settings
+from amble.server.records.settings import RunSettings, load_model, norm_reference, read_settings, read_template
 from amble.server.runtime.base import Invocation
 from amble.server.store.base import Store, Value, read_json
-from amble.server.tensors import TensorSpec, all_finite, encode, template_from_json, update_stats, validate_update
+from amble.server.tensors import TensorSpec, all_finite, encode, update_stats, validate_update
 from amble.strategies.base import Aggregator, Contribution, Params, Report, Strategy
 
 CAS_RETRIES = 100
@@ -167,10 +167,7 @@ class FunctionsBase:
 
     def template(self, inv: Invocation) -> dict[str, TensorSpec]:
         if "template" not in inv.cache:
-            blob = self.store.get(keys.TEMPLATE)
-            if blob is None:
-                raise LookupError("model template is missing: initialise the parameter server first")
-            inv.cache["template"] = template_from_json(blob)
+            inv.cache["template"] = read_template(self.store)
         template: dict[str, TensorSpec] = inv.cache["template"]
         return template
 
@@ -356,23 +353,32 @@ class FunctionsBase:
     def advance_mark(self, key: str, below: int, drop: Callable[[int], None]) -> None:
         """Move a compaction mark up to ``below`` and ``drop`` what it passes.
 
-        The mark (JSON ``{"from", "below"}``) is written before the drops, so a redelivered event of a
-        dropped round finds it stale instead of planning it anew; the last window's drops are redone
-        on every call (drops are idempotent), so a crash between the mark and its drops loses nothing.
+        The mark (JSON ``{"from", "below"}``: ``from`` the first not known to be dropped) is written
+        before the drops, so a redelivered event of a dropped round finds it stale instead of planning
+        it anew, and again after them; a call that finds ``from < below`` redoes that window first
+        (drops are idempotent), so a crash between the mark and its drops loses nothing.
         """
         stored = read_json(self.store, key) or {"from": 0, "below": 0}
         done_from, start = int(stored.get("from", 0)), int(stored["below"])
-        for old in range(done_from, start):
+        for old in range(done_from, start):  # a crash cut the last window's drops: finish them
             drop(old)
         if below <= start:
+            if done_from < start:
+                self._set_mark(key, start, start)
             return
-
-        def advance(current: Any) -> Any:
-            return None if current and int(current["below"]) >= below else {"from": start, "below": below}
-
-        update_json(self.store, key, advance, f"the compaction mark {key}")
+        self._set_mark(key, start, below)
         for old in range(start, below):
             drop(old)
+        self._set_mark(key, below, below)  # every drop done: the next call has nothing to redo
+
+    def _set_mark(self, key: str, done_from: int, below: int) -> None:
+        def advance(current: Any) -> Any:
+            moved = {"from": done_from, "below": below}
+            if current and (int(current["below"]), int(current.get("from", 0))) >= (below, done_from):
+                return None  # another invocation moved it as far already
+            return moved
+
+        update_json(self.store, key, advance, f"the compaction mark {key}")
 
     def _drop_round(self, round_index: int) -> None:
         meta_key = keys.round_meta(round_index)
